@@ -1,0 +1,25 @@
+"""wtcore: the IR of canonical units and the compiler of structured-sparsity programs.
+
+wtcore knows the IR and tensors only; it never imports wtfront, torch_pruning, fvcore, timm or transformers.
+"""
+
+from .errors import ParamsError, SpecError, StaleProgramError, StructureError, TraceError, WtError
+from .ir import CostAxis, CostOp, Param, Run, Slice, Structure, UnitGroup, runs_from_list, runs_to_list
+
+__all__ = [
+    "CostAxis",
+    "CostOp",
+    "Param",
+    "ParamsError",
+    "Run",
+    "Slice",
+    "SpecError",
+    "StaleProgramError",
+    "Structure",
+    "StructureError",
+    "TraceError",
+    "UnitGroup",
+    "WtError",
+    "runs_from_list",
+    "runs_to_list",
+]

@@ -1,0 +1,403 @@
+"""The static IR: canonical unit groups, the slices that tie parameters to units, and cost ops.
+
+Everything here is a frozen dataclass of plain Python values, so a `Structure` can be printed,
+hashed, compared, serialized to JSON and fingerprinted without touching a model or a tensor.
+Index vectors are stored as *runs* and only materialized as tensors by the compiler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+
+import torch
+
+from .errors import StructureError
+
+__all__ = [
+    "Run",
+    "Slice",
+    "UnitGroup",
+    "Param",
+    "CostAxis",
+    "CostOp",
+    "Structure",
+    "runs_from_list",
+    "runs_to_list",
+    "runs_length",
+]
+
+
+@dataclass(frozen=True)
+class Run:
+    """`length` consecutive index entries; entry `i` maps to unit `start + (i // repeat) * step`.
+
+    `start == -1` with `step == 0` marks entries that belong to no unit of the group.
+    One run covers an identity mapping (`step=1, repeat=1`), an offset (concat), a constant,
+    and `repeat_interleave` patterns such as the `head_dim` rows of one attention head.
+    """
+
+    length: int
+    start: int
+    step: int = 1
+    repeat: int = 1
+
+    def values(self) -> list[int]:
+        if self.start < 0:
+            return [-1] * self.length
+        return [self.start + (i // self.repeat) * self.step for i in range(self.length)]
+
+
+def runs_length(runs: Iterable[Run]) -> int:
+    return sum(r.length for r in runs)
+
+
+def runs_to_list(runs: Iterable[Run]) -> list[int]:
+    out: list[int] = []
+    for r in runs:
+        out.extend(r.values())
+    return out
+
+
+def runs_to_tensor(runs: Iterable[Run]) -> torch.Tensor:
+    """Materialize an index (compile time only)."""
+    parts = []
+    for r in runs:
+        if r.start < 0:
+            parts.append(torch.full((r.length,), -1, dtype=torch.long))
+        else:
+            i = torch.arange(r.length, dtype=torch.long)
+            parts.append(r.start + torch.div(i, r.repeat, rounding_mode="floor") * r.step)
+    if not parts:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat(parts)
+
+
+def runs_from_list(values: Sequence[int]) -> tuple[Run, ...]:
+    """Compress an index list into runs (the inverse of `runs_to_list`)."""
+    vals = [int(v) if int(v) >= 0 else -1 for v in values]
+    # 1. collapse repeated values into (value, count) pairs
+    pairs: list[list[int]] = []
+    for v in vals:
+        if pairs and pairs[-1][0] == v:
+            pairs[-1][1] += 1
+        else:
+            pairs.append([v, 1])
+    # 2. merge pairs with equal counts and a constant step into one run
+    runs: list[Run] = []
+    i = 0
+    while i < len(pairs):
+        v, c = pairs[i]
+        if v < 0:
+            runs.append(Run(c, -1, 0, 1))
+            i += 1
+            continue
+        j = i + 1
+        step = None
+        while j < len(pairs) and pairs[j][1] == c and pairs[j][0] >= 0:
+            s = pairs[j][0] - pairs[j - 1][0]
+            if step is None:
+                step = s
+            elif s != step:
+                break
+            j += 1
+        n = j - i
+        runs.append(Run(n * c, v, step if (step is not None and n > 1) else 1, c))
+        i = j
+    return tuple(runs)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """How one parameter takes part in one unit group.
+
+    `index[i]` is the unit (within the group) of entry `i` along `axis`, or -1 for none.
+    For a grouped convolution's channel axis (`groups > 1`) the index runs over the *full*
+    channel count `groups * shape[axis]`: the element at position `j` of `axis` whose position
+    along `group_axis` falls into group `g` belongs to channel `g * shape[axis] + j`.
+    """
+
+    param: str
+    axis: int
+    index: tuple[Run, ...]
+    groups: int = 1
+    group_axis: int = 0
+
+    def index_list(self) -> list[int]:
+        return runs_to_list(self.index)
+
+    def index_tensor(self) -> torch.Tensor:
+        return runs_to_tensor(self.index)
+
+    def units(self) -> set[int]:
+        return {u for u in self.index_list() if u >= 0}
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """A set of canonical units that are pruned together, with every parameter slice coupled to them."""
+
+    name: str
+    kind: str
+    size: int
+    slices: tuple[Slice, ...]
+    prunable: bool = True
+    root: str = ""
+    baseline_size: int = -1
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.baseline_size < 0:
+            object.__setattr__(self, "baseline_size", self.size)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s.param for s in self.slices))
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter by canonical name (the first name under which the tensor is reachable)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    module: str = ""
+    module_type: str = ""
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class CostAxis:
+    """One axis of a costed op. Active size = (active units of `group`) * `scale`; static if no group."""
+
+    name: str
+    size: int
+    group: str | None = None
+    scale: int = 1
+
+
+@dataclass(frozen=True)
+class CostOp:
+    """A costed computation of the example forward pass (1 MAC = one multiply-add)."""
+
+    name: str
+    module: str
+    kind: str
+    macs: int
+    axes: tuple[CostAxis, ...] = ()
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The model-level IR: parameters, unit groups and cost ops. Frozen, printable, JSON round-trip."""
+
+    params: tuple[Param, ...]
+    groups: tuple[UnitGroup, ...]
+    ops: tuple[CostOp, ...] = ()
+    model: str = ""
+    uncoupled: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ lookups
+    @cached_property
+    def param_map(self) -> dict[str, Param]:
+        return {p.name: p for p in self.params}
+
+    @cached_property
+    def group_map(self) -> dict[str, UnitGroup]:
+        return {g.name: g for g in self.groups}
+
+    @cached_property
+    def offsets(self) -> dict[str, int]:
+        """Offset of each group in the global unit vector."""
+        out, o = {}, 0
+        for g in self.groups:
+            out[g.name] = o
+            o += g.size
+        return out
+
+    @property
+    def num_units(self) -> int:
+        return sum(g.size for g in self.groups)
+
+    def group_index(self, name: str) -> int:
+        for i, g in enumerate(self.groups):
+            if g.name == name:
+                return i
+        raise StructureError(f"unknown unit group {name!r}; known groups: {[g.name for g in self.groups][:8]}...")
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> None:
+        names: set[str] = set()
+        for p in self.params:
+            if p.name in names:
+                raise StructureError(f"parameter {p.name!r} appears twice in the structure")
+            names.add(p.name)
+        seen_groups: set[str] = set()
+        for g in self.groups:
+            if g.name in seen_groups:
+                raise StructureError(f"unit group {g.name!r} appears twice")
+            seen_groups.add(g.name)
+            if g.size <= 0:
+                raise StructureError(f"unit group {g.name!r} has size {g.size}; groups must have at least one unit")
+            keys = set()
+            for s in g.slices:
+                p = self.param_map.get(s.param) if names else None
+                if p is None:
+                    raise StructureError(f"group {g.name!r} has a slice of unknown parameter {s.param!r}")
+                if not 0 <= s.axis < len(p.shape):
+                    raise StructureError(f"group {g.name!r}: axis {s.axis} out of range for {s.param!r} {p.shape}")
+                if (s.param, s.axis) in keys:
+                    raise StructureError(f"group {g.name!r} has two slices of {s.param!r} on axis {s.axis}")
+                keys.add((s.param, s.axis))
+                want = p.shape[s.axis] * s.groups
+                if runs_length(s.index) != want:
+                    raise StructureError(
+                        f"group {g.name!r}: slice of {s.param!r} axis {s.axis} has {runs_length(s.index)} entries, "
+                        f"expected {want}"
+                    )
+                if s.groups > 1 and (s.group_axis == s.axis or p.shape[s.group_axis] % s.groups):
+                    raise StructureError(f"group {g.name!r}: bad grouping of {s.param!r} ({s.groups} groups)")
+                for r in s.index:
+                    hi = r.start + ((r.length - 1) // r.repeat) * r.step if r.length else r.start
+                    if r.start >= 0 and not (0 <= min(r.start, hi) and max(r.start, hi) < g.size):
+                        raise StructureError(f"group {g.name!r}: slice of {s.param!r} maps to units outside 0..{g.size - 1}")
+        for op in self.ops:
+            for a in op.axes:
+                if a.group is not None and a.group not in seen_groups:
+                    raise StructureError(f"cost op {op.name!r} axis {a.name!r} refers to unknown group {a.group!r}")
+
+    # ------------------------------------------------------------ serialization
+    def to_dict(self) -> dict:
+        return {
+            "format": "wt.structure/1",
+            "model": self.model,
+            "params": [asdict(p) for p in self.params],
+            "groups": [
+                {
+                    **{k: v for k, v in asdict(g).items() if k != "slices"},
+                    "slices": [
+                        {
+                            "param": s.param,
+                            "axis": s.axis,
+                            "index": [[r.length, r.start, r.step, r.repeat] for r in s.index],
+                            "groups": s.groups,
+                            "group_axis": s.group_axis,
+                        }
+                        for s in g.slices
+                    ],
+                }
+                for g in self.groups
+            ],
+            "ops": [asdict(o) for o in self.ops],
+            "uncoupled": list(self.uncoupled),
+        }
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Structure:
+        if d.get("format") != "wt.structure/1":
+            raise StructureError(f"not a wt structure (format={d.get('format')!r})")
+        params = tuple(
+            Param(p["name"], tuple(p["shape"]), p["dtype"], p["module"], p["module_type"], tuple(p["aliases"]))
+            for p in d["params"]
+        )
+        groups = tuple(
+            UnitGroup(
+                name=g["name"],
+                kind=g["kind"],
+                size=g["size"],
+                slices=tuple(
+                    Slice(s["param"], s["axis"], tuple(Run(*r) for r in s["index"]), s["groups"], s["group_axis"])
+                    for s in g["slices"]
+                ),
+                prunable=g["prunable"],
+                root=g["root"],
+                baseline_size=g["baseline_size"],
+                reason=g["reason"],
+            )
+            for g in d["groups"]
+        )
+        ops = tuple(
+            CostOp(o["name"], o["module"], o["kind"], o["macs"], tuple(CostAxis(**a) for a in o["axes"]))
+            for o in d["ops"]
+        )
+        return cls(params, groups, ops, d.get("model", ""), tuple(d.get("uncoupled", ())))
+
+    @classmethod
+    def from_json(cls, s: str) -> Structure:
+        return cls.from_dict(json.loads(s))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Stable hash of the IR (independent of Python's hash seed); keys the compile cache."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+    # ----------------------------------------------------------------- printing
+    def __str__(self) -> str:
+        return format_structure(self)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[int] = ()) -> str:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def fmt(r: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    return "\n".join([fmt(list(headers)), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells])
+
+
+def _members(g: UnitGroup, limit: int = 3) -> str:
+    mods = list(dict.fromkeys(p.rsplit(".", 1)[0] if "." in p else p for p in g.params))
+    head = ", ".join(mods[:limit])
+    return head + (f", ... (+{len(mods) - limit})" if len(mods) > limit else "")
+
+
+def format_structure(s: Structure, max_rows: int | None = None) -> str:
+    n_params = sum(p.numel for p in s.params)
+    lines = [
+        f"Structure of {s.model or 'model'}: {len(s.groups)} unit groups, {s.num_units} units, "
+        f"{len(s.params)} parameters ({n_params:,} elements), {len(s.ops)} cost ops  [fingerprint {s.fingerprint}]"
+    ]
+    rows = []
+    for i, g in enumerate(s.groups):
+        if max_rows is not None and i >= max_rows:
+            rows.append(["...", f"({len(s.groups) - max_rows} more)", "", "", "", "", ""])
+            break
+        size = f"{g.size}" if g.size == g.baseline_size else f"{g.size}/{g.baseline_size}"
+        rows.append(
+            [i, g.name, g.kind, size, "yes" if g.prunable else "no", len(g.slices), _members(g)]
+        )
+    lines.append(_table(["#", "group", "kind", "units", "prunable", "slices", "members"], rows, right=(0, 3, 5)))
+    if s.ops:
+        total = sum(o.macs for o in s.ops) or 1
+        orows = [
+            [o.name, o.kind, f"{o.macs:,}", f"{100 * o.macs / total:.1f}%", " x ".join(f"{a.name}={a.size}" for a in o.axes)]
+            for o in s.ops
+        ]
+        lines.append("")
+        lines.append(f"Cost ops (1 MAC = one multiply-add), total {total:,} MACs")
+        lines.append(_table(["op", "kind", "MACs", "share", "axes"], orows, right=(2, 3)))
+    if s.uncoupled:
+        lines.append("")
+        lines.append(f"Parameters in no unit group ({len(s.uncoupled)}): " + ", ".join(s.uncoupled[:10]))
+    return "\n".join(lines)

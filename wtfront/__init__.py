@@ -1,0 +1,1 @@
+"""wtfront: lowers nn.Module models to the wt IR and binds programs to live models."""
