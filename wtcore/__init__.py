@@ -23,3 +23,12 @@ __all__ = [
     "runs_from_list",
     "runs_to_list",
 ]
+
+from . import specs as _builtin_specs  # noqa: F401  (registers the built-in specs)
+from .compiler import Context, clear_cache, compile, select_slices
+from .lang import Builder, Var
+from .program import Program
+from .spec import REGISTRY, Spec, define_spec
+
+__all__ += ["REGISTRY", "Builder", "Context", "Program", "Spec", "Var", "clear_cache", "compile", "define_spec",
+            "select_slices"]

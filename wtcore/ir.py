@@ -18,16 +18,16 @@ import torch
 from .errors import StructureError
 
 __all__ = [
-    "Run",
-    "Slice",
-    "UnitGroup",
-    "Param",
     "CostAxis",
     "CostOp",
+    "Param",
+    "Run",
+    "Slice",
     "Structure",
+    "UnitGroup",
     "runs_from_list",
-    "runs_to_list",
     "runs_length",
+    "runs_to_list",
 ]
 
 

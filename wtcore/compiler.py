@@ -1,0 +1,470 @@
+"""Compile calculation specs over a `Structure` into a `Program`.
+
+Passes (see DESIGN.md, "The compiler"):
+1. resolve the requested specs and their declared dependencies as a DAG (networkx, topological order);
+2. emit equations through a hash-consing builder (common subexpressions are shared across specs);
+3. lower every per-unit reduction (`unit_reduce`) into dense per-parameter reductions whose small
+   per-slice vectors are concatenated and scattered with ONE out-of-place `index_add`;
+4. fold constants (everything that depends only on the IR) and drop dead equations;
+5. generate a Python function from the equations (optionally wrapped in `torch.compile`);
+6. cache the result by (structure fingerprint, specs, filters, backend).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+
+from .errors import SpecError, StructureError
+from .ir import Slice, Structure
+from .lang import PRIMITIVES, Builder, Eqn, Var, runtime_namespace
+from .program import Program
+from .spec import REGISTRY, Spec, as_spec
+
+__all__ = ["Context", "clear_cache", "compile", "select_slices"]
+
+RUNTIME_KINDS = ("sumsq", "abssum", "nnz")
+CONST_KINDS = ("count",)
+
+
+# ----------------------------------------------------------------------------- filters
+def _matches(patterns: Sequence[str], param: str, module: str) -> bool:
+    for pat in patterns:
+        for name in (param, module):
+            if fnmatch.fnmatchcase(name, pat) or (name and (name.startswith(pat + ".") or name == pat)):
+                return True
+    return False
+
+
+def select_slices(
+    structure: Structure, include: Iterable[str] | None = None, ignore: Iterable[str] | None = None
+) -> dict[str, tuple[Slice, ...]]:
+    """The slices kept by the filters, per group. Patterns are parameter or module names, or fnmatch globs;
+    a module name also selects everything below it."""
+    inc = list(include) if include is not None else None
+    ign = list(ignore or ())
+    out: dict[str, tuple[Slice, ...]] = {}
+    any_included = inc is None
+    for g in structure.groups:
+        kept = []
+        for s in g.slices:
+            p = structure.param_map[s.param]
+            if inc is not None and not _matches(inc, p.name, p.module):
+                continue
+            any_included = True
+            if ign and _matches(ign, p.name, p.module):
+                continue
+            kept.append(s)
+        out[g.name] = tuple(kept)
+    if not any_included:
+        raise SpecError(f"include={inc!r} matches no parameter or module of the structure")
+    return out
+
+
+# ----------------------------------------------------------------------------- spec context
+@dataclass
+class Context:
+    """What a spec sees while emitting: the builder, the structure, its filtered slices, and dependencies."""
+
+    b: Builder
+    structure: Structure
+    slices: dict[str, tuple[Slice, ...]]
+    _memo: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = field(default_factory=dict)
+
+    def dep(self, name: str, **options: Any) -> Any:
+        """Output of another spec (emitted once per distinct options, thanks to memoization and hash-consing)."""
+        spec = Spec(name, **options)
+        d, opts = spec.resolved()
+        key = (d.name, tuple(sorted(opts.items())))
+        if key not in self._memo:
+            self._memo[key] = d.fn(self, **opts)
+        return self._memo[key]
+
+    # constants every spec may want (built once per compile via the builder's const cache)
+    def params_per_unit(self) -> Var:
+        """Number of distinct parameter elements in each unit (after filters), float64 constant."""
+        return self.b.unit_reduce("count")
+
+    def unit_group_ids(self) -> Var:
+        return self._cached_const("unit_group_ids", lambda: torch.repeat_interleave(
+            torch.arange(len(self.structure.groups)), torch.tensor([g.size for g in self.structure.groups])
+        ))
+
+    def group_ends(self) -> Var:
+        return self._cached_const(
+            "group_ends", lambda: torch.cumsum(torch.tensor([g.size for g in self.structure.groups]), 0)
+        )
+
+    def prunable_units(self) -> Var:
+        return self._cached_const("prunable_units", lambda: torch.cat(
+            [torch.full((g.size,), g.prunable, dtype=torch.bool) for g in self.structure.groups]
+        ))
+
+    def _cached_const(self, label: str, make: Any) -> Var:
+        key = ("__const__", label)
+        if key not in self._memo:
+            self._memo[key] = self.b.const(make(), label)
+        return self._memo[key]
+
+
+# ----------------------------------------------------------------------------- lowering of unit_reduce
+@dataclass
+class _ParamPlan:
+    name: str
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]  # axes kept by the dense reduction (R's dims, ascending)
+    slices: list[tuple[Slice, int]]  # (slice, group offset)
+    corrections: list[tuple[torch.Tensor, torch.Tensor]]  # (flat positions in R, global unit ids) to subtract
+
+
+def _unit_map(s: Slice, axes: tuple[int, ...], shape: tuple[int, ...], offset: int) -> torch.Tensor:
+    """Global unit id (or -1) of every cell of R (the param reduced to `axes`), as an int64 tensor."""
+    idx = s.index_tensor()
+    glob = torch.where(idx >= 0, idx + offset, idx)
+    if len(axes) == 1:
+        return glob
+    r_shape = tuple(shape[a] for a in axes)
+    if s.groups == 1:
+        d = axes.index(s.axis)
+        view = [1, 1]
+        view[d] = -1
+        return glob.view(view).expand(r_shape)
+    n_g = shape[s.group_axis] // s.groups
+    length = shape[s.axis]
+    g_of = torch.arange(shape[s.group_axis]) // n_g  # group of each position along group_axis
+    table = glob.view(s.groups, length)[g_of]  # [group_axis_len, axis_len]
+    return table if axes.index(s.group_axis) == 0 else table.t()
+
+
+def _plan(structure: Structure, slices: Mapping[str, tuple[Slice, ...]]) -> list[_ParamPlan]:
+    by_param: dict[str, list[tuple[Slice, int]]] = {}
+    group_of: dict[int, str] = {}
+    for g in structure.groups:
+        for s in slices[g.name]:
+            by_param.setdefault(s.param, []).append((s, structure.offsets[g.name]))
+            group_of[id(s)] = g.name
+    plans = []
+    for p in structure.params:
+        items = by_param.get(p.name)
+        if not items:
+            continue
+        axes = sorted({s.axis for s, _ in items} | {s.group_axis for s, _ in items if s.groups > 1})
+        if len(axes) > 2:
+            raise StructureError(
+                f"parameter {p.name!r} is sliced on {len(axes)} axes {axes}; wt supports at most two per parameter"
+            )
+        plan = _ParamPlan(p.name, p.shape, tuple(axes), [], [])
+        # de-duplicate elements that two slices of this parameter map to the same unit
+        kept: list[tuple[Slice, int]] = []
+        maps: list[torch.Tensor] = []
+        for s, off in items:
+            u = _unit_map(s, plan.axes, p.shape, off)
+            dropped = False
+            for u_prev in maps:
+                same = (u == u_prev) & (u >= 0)
+                if not same.any():
+                    continue
+                if bool((same | (u < 0)).all()):
+                    dropped = True  # every element of this slice is already counted by an earlier one
+                    break
+                pos = same.flatten().nonzero().squeeze(1)
+                plan.corrections.append((pos, u.flatten()[pos]))
+            if not dropped:
+                kept.append((s, off))
+                maps.append(u)
+        plan.slices = kept
+        plans.append(plan)
+    return plans
+
+
+def _kind_value(b: Builder, kind: str, options: tuple[Any, ...], p: Var, shape: tuple[int, ...]) -> Var:
+    if kind == "sumsq":
+        return b.square(b.emit("acc", p))
+    if kind == "abssum":
+        return b.abs(b.emit("acc", p))
+    if kind == "nnz":
+        tol = float(options[0]) if options else 0.0
+        hit = b.emit("ne", p, 0) if tol == 0.0 else b.gt(b.abs(p), tol)
+        return b.cast_like(hit, b.emit("acc", p))
+    if kind == "count":
+        return b.const(torch.ones((), dtype=torch.float64).expand(shape), f"ones{list(shape)}")
+    raise SpecError(f"unknown unit_reduce kind {kind!r}; known: {RUNTIME_KINDS + CONST_KINDS}")
+
+
+def _emit_scatter(
+    b: Builder, plans: list[_ParamPlan], kinds: list[tuple[str, tuple[Any, ...]]], num_units: int
+) -> dict[tuple[str, tuple[Any, ...]], Var]:
+    """Emit the dense reductions for `kinds` and ONE index_add; return a [num_units] vector per kind."""
+    vectors: dict[tuple[str, tuple[Any, ...]], list[Var]] = {k: [] for k in kinds}
+    index_parts: list[torch.Tensor] = []
+
+    def slice_vectors(r: Var, plan: _ParamPlan, out: list[Var]) -> None:
+        for s, _ in plan.slices:
+            if len(plan.axes) == 1:
+                out.append(r)
+                continue
+            pos = plan.axes.index(s.axis)
+            if s.groups == 1:
+                out.append(b.sum(r, (1 - pos,)))
+                continue
+            rt = r if pos == 1 else b.emit("transpose", r, 0, 1)  # [group_axis_len, axis_len]
+            n_g = plan.shape[s.group_axis] // s.groups
+            length = plan.shape[s.axis]
+            blocks = b.emit("reshape", rt, (s.groups, n_g, length))
+            out.append(b.emit("reshape", b.sum(blocks, (1,)), (-1,)))
+        for flat_pos, _ in plan.corrections:
+            out.append(b.emit("neg", b.take(b.emit("reshape", r, (-1,)), b.const(flat_pos, "overlap_positions"))))
+
+    def slice_indices(plan: _ParamPlan) -> None:
+        for s, off in plan.slices:
+            idx = s.index_tensor()
+            index_parts.append(torch.where(idx >= 0, idx + off, idx))
+        for _, units in plan.corrections:
+            index_parts.append(units)
+
+    # 1-D parameters with a single slice are concatenated first: one elementwise op for all of them.
+    flat = [pl for pl in plans if len(pl.shape) == 1 and len(pl.slices) == 1 and not pl.corrections]
+    flat_names = {pl.name for pl in flat}
+    if len(flat) > 1:
+        cat = b.emit("cat", *[b.param(pl.name) for pl in flat])
+        total = sum(pl.shape[0] for pl in flat)
+        for k in kinds:
+            vectors[k].append(_kind_value(b, k[0], k[1], cat, (total,)))
+        for pl in flat:
+            slice_indices(pl)
+    else:
+        flat_names = set()
+    for pl in plans:
+        if pl.name in flat_names:
+            continue
+        p = b.param(pl.name)
+        dims = tuple(d for d in range(len(pl.shape)) if d not in pl.axes)
+        for k in kinds:
+            v = _kind_value(b, k[0], k[1], p, pl.shape)
+            r = b.sum(v, dims) if dims else v
+            slice_vectors(r, pl, vectors[k])
+        slice_indices(pl)
+
+    index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.long)
+    index = torch.where(index >= 0, index, torch.full_like(index, num_units))  # -1 -> dump row, dropped below
+    idx = b.const(index, "unit_index")
+    out: dict[tuple[str, tuple[Any, ...]], Var] = {}
+    if not index_parts:
+        zeros = b.const(torch.zeros(num_units, dtype=torch.float64), "zeros")
+        return {k: zeros for k in kinds}
+    cols = [b.emit("cat", *vectors[k]) if len(vectors[k]) > 1 else vectors[k][0] for k in kinds]
+    if len(cols) == 1:
+        out[kinds[0]] = b.emit("head", b.emit("scatter_add", idx, cols[0], num_units + 1), num_units)
+    else:
+        acc = b.emit("head", b.emit("scatter_add", idx, b.emit("stack", *cols), num_units + 1), num_units)
+        for i, k in enumerate(kinds):
+            out[k] = b.emit("column", acc, i)
+    return out
+
+
+def _lower_unit_reduce(
+    b: Builder, structure: Structure, slices: Mapping[str, tuple[Slice, ...]]
+) -> dict[Var, Var]:
+    """Replace every `unit_reduce` placeholder by its lowering; return the substitution applied."""
+    lazy = [e for e in b.eqns if e.prim == "unit_reduce"]
+    if not lazy:
+        return {}
+    plans = _plan(structure, slices)
+    requested = list(dict.fromkeys((e.args[0], tuple(e.args[1:])) for e in lazy))
+    runtime = [k for k in requested if k[0] != "count"]
+    const = [k for k in requested if k[0] == "count"]
+    results: dict[tuple[str, tuple[Any, ...]], Var] = {}
+    # constant kinds get their own scatter, which constant folding evaluates at compile time
+    for group in (runtime, const):
+        if group:
+            results.update(_emit_scatter(b, plans, group, structure.num_units))
+    replace = {e.out: results[(e.args[0], tuple(e.args[1:]))] for e in lazy}
+    _substitute(b, replace)
+    return replace
+
+
+def _substitute(b: Builder, replace: Mapping[Var, Var]) -> None:
+    """Drop the equations defining `replace`'s keys and rewrite their uses; keep a valid topological order."""
+
+    def sub(a: Any) -> Any:
+        if isinstance(a, Var):
+            return replace.get(a, a)
+        if isinstance(a, tuple):
+            return tuple(sub(x) for x in a)
+        return a
+
+    body = [Eqn(e.out, e.prim, sub(e.args)) for e in b.eqns if e.out not in replace]
+    # lowered equations were appended at the end; order by dependencies so every use follows its definition
+    defined_at = {e.out: i for i, e in enumerate(body)}
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(len(body)))
+    for i, e in enumerate(body):
+        for a in _vars(e.args):
+            graph.add_edge(defined_at[a], i)
+    order = list(nx.lexicographical_topological_sort(graph))
+    b.eqns = [body[i] for i in order]
+
+
+def _vars(args: Any) -> list[Var]:
+    out: list[Var] = []
+    for a in args:
+        if isinstance(a, Var):
+            out.append(a)
+        elif isinstance(a, tuple):
+            out.extend(_vars(a))
+    return out
+
+
+# ----------------------------------------------------------------------------- folding, DCE, codegen
+def _line(e: Eqn, param_pos: Mapping[str, int], const_pos: Mapping[Var, int]) -> str:
+    if e.prim == "param":
+        return f"{e.out!r} = P[{param_pos[e.args[0]]}]  # {e.args[0]}"
+    if e.prim == "const":
+        return f"{e.out!r} = C[{const_pos[e.out]}]"
+    return f"{e.out!r} = {PRIMITIVES[e.prim].template(*[repr(a) for a in e.args])}"
+
+
+def _fold_constants(b: Builder) -> None:
+    ns = runtime_namespace()
+    env: dict[Var, torch.Tensor] = dict(b.consts)
+    new_eqns = []
+    for e in b.eqns:
+        vs = _vars(e.args)
+        if e.prim not in ("param", "const") and vs and all(v in env for v in vs):
+            local = {repr(v): env[v] for v in vs}
+            with torch.no_grad():
+                val = eval(PRIMITIVES[e.prim].template(*[repr(a) for a in e.args]), ns, local)
+            env[e.out] = val
+            b.consts[e.out] = val
+            b.const_labels[e.out] = f"folded {e.prim}"
+            new_eqns.append(Eqn(e.out, "const", (f"folded {e.prim}",)))
+        else:
+            new_eqns.append(e)
+    b.eqns = new_eqns
+
+
+def _dce(b: Builder, outputs: Iterable[Var]) -> None:
+    live = set(outputs)
+    keep = []
+    for e in reversed(b.eqns):
+        if e.out in live:
+            keep.append(e)
+            live.update(_vars(e.args))
+    b.eqns = keep[::-1]
+    b.consts = {v: t for v, t in b.consts.items() if v in live}
+
+
+def _codegen(b: Builder, outputs: list[tuple[str, Var]]) -> tuple[str, list[str], list[torch.Tensor]]:
+    param_names = list(dict.fromkeys(e.args[0] for e in b.eqns if e.prim == "param"))
+    param_pos = {n: i for i, n in enumerate(param_names)}
+    const_vars = [e.out for e in b.eqns if e.prim == "const"]
+    const_pos = {v: i for i, v in enumerate(const_vars)}
+    lines = ["def wt_program(P, C):"]
+    lines += ["    " + _line(e, param_pos, const_pos) for e in b.eqns]
+    lines.append("    return (" + "".join(f"{v!r}, " for _, v in outputs) + ")")
+    return "\n".join(lines) + "\n", param_names, [b.consts[v] for v in const_vars]
+
+
+# ----------------------------------------------------------------------------- entry point
+_CACHE: dict[tuple[Any, ...], Program] = {}
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def _spec_dag(requests: Sequence[Spec]) -> list[str]:
+    graph = nx.DiGraph()
+    todo = [r.name for r in requests]
+    while todo:
+        name = todo.pop()
+        if name in graph and graph.nodes[name].get("seen"):
+            continue
+        d = REGISTRY.get(name)
+        if d is None:
+            raise SpecError(f"unknown spec {name!r}; known specs: {', '.join(sorted(REGISTRY))}")
+        graph.add_node(name, seen=True)
+        for dep in d.deps:
+            graph.add_edge(dep, name)
+            todo.append(dep)
+    if not nx.is_directed_acyclic_graph(graph):
+        cycle = nx.find_cycle(graph)
+        raise SpecError(f"spec dependencies form a cycle: {cycle}")
+    return list(nx.lexicographical_topological_sort(graph))
+
+
+def compile(
+    structure: Structure,
+    specs: Sequence[str | Spec] | str | Spec,
+    include: Iterable[str] | None = None,
+    ignore: Iterable[str] | None = None,
+    backend: str | None = None,
+) -> Program:
+    """Compile `specs` over `structure` into a pure function of the parameter dict.
+
+    `include`/`ignore` select slices by parameter or module name (fnmatch globs; a module selects its
+    submodules). `backend="inductor"` (or any `torch.compile` backend) wraps the generated function in
+    `torch.compile(fullgraph=True)`.
+    """
+    if isinstance(specs, (str, Spec)):
+        specs = [specs]
+    requests = [as_spec(s) for s in specs]
+    if not requests:
+        raise SpecError("compile() needs at least one spec")
+    keys = [r.key for r in requests]
+    if len(set(keys)) != len(keys):
+        raise SpecError(f"two requested specs share an output key: {keys}; pass key= to tell them apart")
+    resolved = [r.resolved() for r in requests]  # validates names and options
+    inc = tuple(include) if include is not None else None
+    ign = tuple(ignore or ())
+    cache_key = (
+        structure.fingerprint,
+        tuple((r.name, r.options, r.key, id(REGISTRY[r.name].fn)) for r in requests),
+        inc,
+        ign,
+        backend,
+    )
+    hit = _CACHE.get(cache_key)
+    if hit is not None:
+        return hit
+
+    order = _spec_dag(requests)
+    slices = select_slices(structure, inc, ign)
+    b = Builder()
+    ctx = Context(b, structure, slices)
+    rank = {n: i for i, n in enumerate(order)}
+    outs_by_req: dict[str, Any] = {}
+    for r, (d, opts) in sorted(zip(requests, resolved), key=lambda x: rank[x[0].name]):
+        outs_by_req[r.key] = ctx.dep(d.name, **opts)
+    outputs: list[tuple[str, Var]] = []
+    for r in requests:
+        val = outs_by_req[r.key]
+        if isinstance(val, Var):
+            outputs.append((r.key, val))
+        elif isinstance(val, Mapping):
+            outputs.extend((f"{r.key}/{k}", v) for k, v in val.items())
+        else:
+            raise SpecError(f"spec {r.name!r} returned {type(val).__name__}; a spec returns a Var or a dict of Vars")
+
+    replace = _lower_unit_reduce(b, structure, slices)
+    outputs = [(k, replace.get(v, v)) for k, v in outputs]
+    _fold_constants(b)
+    _dce(b, [v for _, v in outputs])
+    code, param_names, consts = _codegen(b, outputs)
+    program = Program(
+        structure=structure,
+        code=code,
+        param_names=param_names,
+        consts=consts,
+        output_keys=[k for k, _ in outputs],
+        eqns=list(b.eqns),
+        const_labels=[b.const_labels.get(e.out, "") for e in b.eqns if e.prim == "const"],
+        backend=backend,
+    )
+    _CACHE[cache_key] = program
+    return program

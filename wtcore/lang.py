@@ -1,0 +1,280 @@
+"""The program language: a straight-line list of equations over named values (in the spirit of a jaxpr).
+
+Specs emit equations through a `Builder`. The builder hash-conses: emitting the same primitive on the
+same arguments twice returns the same `Var`, so a reduction requested by several specs is computed once.
+Every primitive is a line of Python over torch ops (its `template`), so the code generator, the constant
+folder and `print(program)` share one definition, and the generated code runs under autograd,
+`torch.func.vmap`, `torch.func.grad` and `torch.compile`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import SpecError
+
+__all__ = ["PRIMITIVES", "Builder", "Eqn", "Primitive", "Var", "runtime_namespace"]
+
+
+@dataclass(frozen=True)
+class Var:
+    id: int
+
+    def __repr__(self) -> str:
+        return f"v{self.id}"
+
+
+@dataclass(frozen=True)
+class Eqn:
+    out: Var
+    prim: str
+    args: tuple[Any, ...]
+
+    def __str__(self) -> str:
+        return f"{self.out!r} = {self.prim}({', '.join(_fmt_arg(a) for a in self.args)})"
+
+
+def _fmt_arg(a: Any) -> str:
+    if isinstance(a, Var):
+        return repr(a)
+    if isinstance(a, (tuple, list)):
+        return "(" + ", ".join(_fmt_arg(x) for x in a) + ("," if len(a) == 1 else "") + ")"
+    return repr(a)
+
+
+@dataclass(frozen=True)
+class Primitive:
+    """`template` formats a Python expression from the argument sources; `n_var_args` is informative."""
+
+    name: str
+    template: Callable[..., str]
+    doc: str = ""
+
+
+def _f(fmt: str) -> Callable[..., str]:
+    return lambda *a: fmt.format(*a)
+
+
+def _list(xs: Sequence[str]) -> str:
+    return "[" + ", ".join(xs) + "]"
+
+
+PRIMITIVES: dict[str, Primitive] = {
+    # inputs
+    "param": Primitive("param", lambda name: f"P[{name}]", "a parameter tensor (index into the call's parameter list)"),
+    "const": Primitive("const", lambda k: f"C[{k}]", "a tensor computed at compile time"),
+    # dtype
+    "acc": Primitive("acc", _f("wt_acc({})"), "upcast half/bfloat16 to float32 for accumulation; keep fp32/fp64"),
+    "to_float": Primitive("to_float", _f("{}.to(torch.float32)"), "cast to float32"),
+    "to_long": Primitive("to_long", _f("{}.to(torch.int64)"), "cast to int64"),
+    "cast_like": Primitive("cast_like", _f("{}.to({}.dtype)"), "cast the first argument to the second's dtype"),
+    # elementwise
+    "square": Primitive("square", _f("{}.square()")),
+    "abs": Primitive("abs", _f("{}.abs()")),
+    "sqrt": Primitive("sqrt", _f("{}.sqrt()")),
+    "safe_sqrt": Primitive("safe_sqrt", _f("wt_safe_sqrt({})"), "sqrt with gradient 0 (not inf/nan) at 0"),
+    "neg": Primitive("neg", _f("(-{})")),
+    "add": Primitive("add", _f("({} + {})")),
+    "sub": Primitive("sub", _f("({} - {})")),
+    "mul": Primitive("mul", _f("({} * {})")),
+    "div": Primitive("div", _f("({} / {})")),
+    "maximum": Primitive("maximum", _f("torch.maximum({}, {})")),
+    "gt": Primitive("gt", _f("({} > {})")),
+    "ge": Primitive("ge", _f("({} >= {})")),
+    "lt": Primitive("lt", _f("({} < {})")),
+    "le": Primitive("le", _f("({} <= {})")),
+    "eq": Primitive("eq", _f("({} == {})")),
+    "ne": Primitive("ne", _f("({} != {})")),
+    "logical_and": Primitive("logical_and", _f("({} & {})")),
+    "logical_or": Primitive("logical_or", _f("({} | {})")),
+    "logical_not": Primitive("logical_not", _f("(~{})")),
+    "where": Primitive("where", _f("torch.where({}, {}, {})")),
+    # shape and reductions
+    "sum": Primitive("sum", lambda x, dims: f"{x}.sum()" if dims == "None" else f"{x}.sum({dims})"),
+    "reshape": Primitive("reshape", _f("{}.reshape({})")),
+    "transpose": Primitive("transpose", _f("{}.transpose({}, {})")),
+    "cat": Primitive("cat", lambda *xs: f"torch.cat({_list(xs)})"),
+    "stack": Primitive("stack", lambda *xs: f"torch.stack({_list(xs)}, 1)", "stack vectors as columns"),
+    "column": Primitive("column", _f("{}[:, {}]")),
+    "take": Primitive("take", _f("{}.index_select(0, {})"), "gather entries of a vector by a constant index"),
+    "head": Primitive("head", _f("{}[:{}]"), "the first n rows"),
+    "scatter_add": Primitive(
+        "scatter_add",
+        _f("{1}.new_zeros(({2},) + tuple({1}.shape[1:])).index_add(0, {0}, {1})"),
+        "one out-of-place index_add into a zero buffer of `size` rows",
+    ),
+    "segment_sum_sorted": Primitive(
+        "segment_sum_sorted", _f("wt_segment_sum_sorted({}, {})"), "sums of contiguous segments ending at `ends`"
+    ),
+}
+
+
+def wt_acc(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def wt_safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+def wt_segment_sum_sorted(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Sums of the contiguous segments `[ends[k-1], ends[k])` via a cumulative sum (no scatter)."""
+    cs = x.cumsum(0).index_select(0, ends - 1)
+    return torch.cat([cs[:1], cs[1:] - cs[:-1]])
+
+
+def runtime_namespace() -> dict[str, Any]:
+    """Names the generated code may use."""
+    return {
+        "torch": torch,
+        "wt_acc": wt_acc,
+        "wt_safe_sqrt": wt_safe_sqrt,
+        "wt_segment_sum_sorted": wt_segment_sum_sorted,
+    }
+
+
+class Builder:
+    """Emits equations with hash-consing. Specs use it; the compiler lowers and folds what they emit.
+
+    Values are `Var`s; Python numbers may be passed where a primitive takes a scalar.
+    """
+
+    def __init__(self) -> None:
+        self.eqns: list[Eqn] = []
+        self.consts: dict[Var, torch.Tensor] = {}
+        self.const_labels: dict[Var, str] = {}
+        self._memo: dict[tuple[Any, ...], Var] = {}
+        self._const_ids: dict[int, Var] = {}
+        self._next = 0
+
+    # -------------------------------------------------------------- plumbing
+    def _new(self) -> Var:
+        v = Var(self._next)
+        self._next += 1
+        return v
+
+    def emit(self, prim: str, *args: Any) -> Var:
+        if prim not in PRIMITIVES:
+            raise SpecError(f"unknown primitive {prim!r}; known: {sorted(PRIMITIVES)}")
+        key = (prim, *args)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        v = self._new()
+        self.eqns.append(Eqn(v, prim, tuple(args)))
+        self._memo[key] = v
+        return v
+
+    def param(self, name: str) -> Var:
+        """The parameter with this canonical name."""
+        return self.emit("param", name)
+
+    def const(self, value: torch.Tensor | float | int, label: str = "") -> Var:
+        """A compile-time tensor (kept on the program, moved to the parameters' device on first use)."""
+        t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+        hit = self._const_ids.get(id(t))
+        if hit is not None:
+            return hit
+        v = self._new()
+        self.consts[v] = t
+        self.const_labels[v] = label
+        self._const_ids[id(t)] = v
+        self.eqns.append(Eqn(v, "const", (label,)))
+        return v
+
+    def unit_reduce(self, kind: str, *options: Any) -> Var:
+        """Per-unit reduction over every (filtered) slice: a `[num_units]` vector.
+
+        kinds: "sumsq" (sum of squares), "abssum", "nnz" (count of |w| > tolerance, option 1),
+        "count" (number of parameter elements, constant). Lowered by the compiler into dense
+        per-parameter reductions and a single `index_add` shared by all kinds in the program.
+        """
+        return self._lazy("unit_reduce", kind, *options)
+
+    def _lazy(self, prim: str, *args: Any) -> Var:
+        key = (prim, *args)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        v = self._new()
+        self.eqns.append(Eqn(v, prim, tuple(args)))
+        self._memo[key] = v
+        return v
+
+    # ------------------------------------------------------- convenience ops
+    def _bin(self, prim: str, a: Any, b: Any) -> Var:
+        return self.emit(prim, a, b)
+
+    def add(self, a: Any, b: Any) -> Var:
+        return self._bin("add", a, b)
+
+    def sub(self, a: Any, b: Any) -> Var:
+        return self._bin("sub", a, b)
+
+    def mul(self, a: Any, b: Any) -> Var:
+        return self._bin("mul", a, b)
+
+    def div(self, a: Any, b: Any) -> Var:
+        return self._bin("div", a, b)
+
+    def maximum(self, a: Any, b: Any) -> Var:
+        return self._bin("maximum", a, b)
+
+    def gt(self, a: Any, b: Any) -> Var:
+        return self._bin("gt", a, b)
+
+    def ge(self, a: Any, b: Any) -> Var:
+        return self._bin("ge", a, b)
+
+    def lt(self, a: Any, b: Any) -> Var:
+        return self._bin("lt", a, b)
+
+    def eq(self, a: Any, b: Any) -> Var:
+        return self._bin("eq", a, b)
+
+    def logical_or(self, a: Any, b: Any) -> Var:
+        return self._bin("logical_or", a, b)
+
+    def logical_and(self, a: Any, b: Any) -> Var:
+        return self._bin("logical_and", a, b)
+
+    def logical_not(self, a: Var) -> Var:
+        return self.emit("logical_not", a)
+
+    def where(self, c: Var, a: Any, b: Any) -> Var:
+        return self.emit("where", c, a, b)
+
+    def square(self, x: Var) -> Var:
+        return self.emit("square", x)
+
+    def abs(self, x: Var) -> Var:
+        return self.emit("abs", x)
+
+    def sqrt(self, x: Var) -> Var:
+        return self.emit("sqrt", x)
+
+    def safe_sqrt(self, x: Var) -> Var:
+        return self.emit("safe_sqrt", x)
+
+    def sum(self, x: Var, dims: tuple[int, ...] | None = None) -> Var:
+        return self.emit("sum", x, dims)
+
+    def to_float(self, x: Var) -> Var:
+        return self.emit("to_float", x)
+
+    def to_long(self, x: Var) -> Var:
+        return self.emit("to_long", x)
+
+    def cast_like(self, x: Var, like: Var) -> Var:
+        return self.emit("cast_like", x, like)
+
+    def take(self, x: Var, index: Var) -> Var:
+        return self.emit("take", x, index)
+
+    def segment_sum_sorted(self, x: Var, ends: Var) -> Var:
+        return self.emit("segment_sum_sorted", x, ends)
