@@ -274,7 +274,9 @@ class Structure:
                 for r in s.index:
                     hi = r.start + ((r.length - 1) // r.repeat) * r.step if r.length else r.start
                     if r.start >= 0 and not (0 <= min(r.start, hi) and max(r.start, hi) < g.size):
-                        raise StructureError(f"group {g.name!r}: slice of {s.param!r} maps to units outside 0..{g.size - 1}")
+                        raise StructureError(
+                            f"group {g.name!r}: slice of {s.param!r} maps to units outside 0..{g.size - 1}"
+                        )
         for op in self.ops:
             for a in op.axes:
                 if a.group is not None and a.group not in seen_groups:
@@ -366,6 +368,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequ
     return "\n".join([fmt(list(headers)), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells])
 
 
+def _axes(o: CostOp) -> str:
+    return " x ".join(f"{a.name}={a.size}" + (f"[{a.group}]" if a.group else "") for a in o.axes)
+
+
 def _members(g: UnitGroup, limit: int = 3) -> str:
     mods = list(dict.fromkeys(p.rsplit(".", 1)[0] if "." in p else p for p in g.params))
     head = ", ".join(mods[:limit])
@@ -391,7 +397,7 @@ def format_structure(s: Structure, max_rows: int | None = None) -> str:
     if s.ops:
         total = sum(o.macs for o in s.ops) or 1
         orows = [
-            [o.name, o.kind, f"{o.macs:,}", f"{100 * o.macs / total:.1f}%", " x ".join(f"{a.name}={a.size}" for a in o.axes)]
+            [o.name, o.kind, f"{o.macs:,}", f"{100 * o.macs / total:.1f}%", _axes(o)]
             for o in s.ops
         ]
         lines.append("")
