@@ -48,21 +48,19 @@ def select_slices(
     a module name also selects everything below it."""
     inc = list(include) if include is not None else None
     ign = list(ignore or ())
+    if inc is not None and not any(_matches(inc, p.name, p.module) for p in structure.params):
+        raise SpecError(f"include={inc!r} matches no parameter or module of the structure")
     out: dict[str, tuple[Slice, ...]] = {}
-    any_included = inc is None
     for g in structure.groups:
         kept = []
         for s in g.slices:
             p = structure.param_map[s.param]
             if inc is not None and not _matches(inc, p.name, p.module):
                 continue
-            any_included = True
             if ign and _matches(ign, p.name, p.module):
                 continue
             kept.append(s)
         out[g.name] = tuple(kept)
-    if not any_included:
-        raise SpecError(f"include={inc!r} matches no parameter or module of the structure")
     return out
 
 
@@ -255,7 +253,8 @@ def _emit_scatter(
     idx = b.const(index, "unit_index")
     out: dict[tuple[str, tuple[Any, ...]], Var] = {}
     if not index_parts:
-        zeros = b.const(torch.zeros(num_units, dtype=torch.float64), "zeros")
+        dtype = torch.float64 if kinds[0][0] in CONST_KINDS else torch.float32
+        zeros = b.const(torch.zeros(num_units, dtype=dtype), "zeros")
         return {k: zeros for k in kinds}
     cols = [b.emit("cat", *vectors[k]) if len(vectors[k]) > 1 else vectors[k][0] for k in kinds]
     if len(cols) == 1:

@@ -82,7 +82,7 @@ PRIMITIVES: dict[str, Primitive] = {
     "sub": Primitive("sub", _f("({} - {})")),
     "mul": Primitive("mul", _f("({} * {})")),
     "div": Primitive("div", _f("({} / {})")),
-    "maximum": Primitive("maximum", _f("torch.maximum({}, {})")),
+    "maximum": Primitive("maximum", _f("{}.clamp(min={})")),
     "gt": Primitive("gt", _f("({} > {})")),
     "ge": Primitive("ge", _f("({} >= {})")),
     "lt": Primitive("lt", _f("({} < {})")),

@@ -1,0 +1,206 @@
+"""Per-module-type lowering of one Torch-Pruning group item to parameter slices.
+
+Each rule mirrors the matching pruner in `torch_pruning/pruner/function.py`: a slice is emitted for
+exactly the parameter axes that Torch-Pruning would cut when the item's channels are pruned, so the
+IR and physical pruning agree on what a unit is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from wtcore.errors import TraceError
+
+__all__ = ["KNOWN_PARAMS", "RawSlice", "UnloweredModule", "is_depthwise", "lower_item"]
+
+
+class UnloweredModule(TraceError):
+    """A module in a coupled group whose parameters wt cannot map to units (unsupported type or layout)."""
+
+
+@dataclass
+class RawSlice:
+    """One parameter axis touched by one group item, before names are canonicalized and items merged.
+
+    `attr` is the parameter's path relative to `owner` (e.g. "weight", "out_proj.bias"); for an unwrapped
+    parameter `owner` is None and `tensor` identifies it. `entries` are (position along the axis, unit)
+    pairs; for a grouped axis the positions run over the full `groups * shape[axis]` channels.
+    """
+
+    owner: nn.Module | None
+    attr: str
+    tensor: torch.Tensor
+    axis: int
+    length: int
+    entries: list[tuple[int, int]] = field(default_factory=list)
+    groups: int = 1
+    group_axis: int = 0
+
+
+#: Direct parameters each supported module type may own; anything else on a module in a group is an error,
+#: because Torch-Pruning would leave it unpruned and break the model. `<name>_orig` (torch.nn.utils.prune)
+#: is accepted for every name.
+KNOWN_PARAMS: dict[type[nn.Module], frozenset[str]] = {
+    nn.modules.conv._ConvNd: frozenset({"weight", "bias"}),
+    nn.Linear: frozenset({"weight", "bias"}),
+    nn.modules.batchnorm._BatchNorm: frozenset({"weight", "bias"}),
+    nn.modules.instancenorm._InstanceNorm: frozenset({"weight", "bias"}),
+    nn.GroupNorm: frozenset({"weight", "bias"}),
+    nn.LayerNorm: frozenset({"weight", "bias"}),
+    nn.PReLU: frozenset({"weight"}),
+    nn.Embedding: frozenset({"weight"}),
+    nn.MultiheadAttention: frozenset(
+        {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"}
+    ),
+}
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    """Torch-Pruning's definition (ops.module2type): groups == out_channels > 1, regardless of in_channels."""
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels and m.out_channels > 1
+
+
+def _axis_slice(
+    owner: nn.Module | None,
+    attr: str,
+    tensor: torch.Tensor | None,
+    axis: int,
+    pairs: Sequence[tuple[int, int]],
+    *,
+    groups: int = 1,
+    group_axis: int = 0,
+    repeat: int = 1,
+) -> list[RawSlice]:
+    """A slice of `tensor` on `axis`; with `repeat > 1` the axis holds `repeat` stacked copies (fused QKV)."""
+    if tensor is None:
+        return []
+    axis = axis % tensor.dim()
+    length = tensor.shape[axis] * groups
+    block = length // repeat
+    entries = [(pos + k * block, unit) for k in range(repeat) for pos, unit in pairs]
+    return [RawSlice(owner, attr, tensor, axis, length, entries, groups, group_axis)]
+
+
+def _conv(m: nn.modules.conv._ConvNd, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+    if is_depthwise(m):
+        # DepthwiseConvPruner: prune_in == prune_out, weight axis 0 only (+ bias); one unit per channel.
+        return _axis_slice(m, "weight", m.weight, 0, pairs) + _axis_slice(m, "bias", m.bias, 0, pairs)
+    g = m.groups
+    if out:
+        if m.transposed:  # weight is [in, out/groups, *k]: out channels live on axis 1, grouped along axis 0
+            w = _axis_slice(m, "weight", m.weight, 1, pairs, groups=g, group_axis=0)
+        else:
+            w = _axis_slice(m, "weight", m.weight, 0, pairs)
+        return w + _axis_slice(m, "bias", m.bias, 0, pairs)
+    if m.transposed:
+        return _axis_slice(m, "weight", m.weight, 0, pairs)
+    # weight is [out, in/groups, *k]: in channels live on axis 1, grouped along axis 0
+    return _axis_slice(m, "weight", m.weight, 1, pairs, groups=g, group_axis=0)
+
+
+def _linear(m: nn.Linear, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+    if out:
+        return _axis_slice(m, "weight", m.weight, 0, pairs) + _axis_slice(m, "bias", m.bias, 0, pairs)
+    return _axis_slice(m, "weight", m.weight, 1, pairs)
+
+
+def _channel_vector(m: nn.Module, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+    """BatchNorm, InstanceNorm, GroupNorm: per-channel affine vectors (None when affine=False)."""
+    return _axis_slice(m, "weight", getattr(m, "weight", None), 0, pairs) + _axis_slice(
+        m, "bias", getattr(m, "bias", None), 0, pairs
+    )
+
+
+def _layernorm(m: nn.LayerNorm, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+    # LayernormPruner prunes normalized_shape[-1] (its pruning_dim is -1): the last axis of weight/bias.
+    return _axis_slice(m, "weight", m.weight, -1, pairs) + _axis_slice(m, "bias", m.bias, -1, pairs)
+
+
+def _prelu(m: nn.PReLU, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+    if m.num_parameters == 1:  # PReLUPruner leaves a shared slope alone
+        return []
+    return _axis_slice(m, "weight", m.weight, 0, pairs)
+
+
+def _embedding(m: nn.Embedding, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+    return _axis_slice(m, "weight", m.weight, 1, pairs)
+
+
+def _mha(m: nn.MultiheadAttention, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+    """MultiheadAttentionPruner: embed_dim is cut everywhere (q/k/v rows, input columns, out_proj both ways)."""
+    s: list[RawSlice] = []
+    s += _axis_slice(m, "q_proj_weight", m.q_proj_weight, 0, pairs)
+    s += _axis_slice(m, "k_proj_weight", m.k_proj_weight, 0, pairs)
+    s += _axis_slice(m, "v_proj_weight", m.v_proj_weight, 0, pairs)
+    s += _axis_slice(m, "in_proj_weight", m.in_proj_weight, 0, pairs, repeat=3)
+    s += _axis_slice(m, "in_proj_weight", m.in_proj_weight, 1, pairs)
+    s += _axis_slice(m, "in_proj_bias", m.in_proj_bias, 0, pairs, repeat=3)
+    s += _axis_slice(m, "bias_k", m.bias_k, 2, pairs)
+    s += _axis_slice(m, "bias_v", m.bias_v, 2, pairs)
+    s += _axis_slice(m, "out_proj.weight", m.out_proj.weight, 0, pairs)
+    s += _axis_slice(m, "out_proj.weight", m.out_proj.weight, 1, pairs)
+    s += _axis_slice(m, "out_proj.bias", m.out_proj.bias, 0, pairs)
+    return s
+
+
+_Rule = Callable[[nn.Module, bool, Sequence[tuple[int, int]]], list[RawSlice]]
+
+# Order matters: the first isinstance match wins (NonDynamicallyQuantizableLinear is a Linear, LayerNorm2d a
+# LayerNorm, ...). This mirrors ops.module2type.
+_RULES: tuple[tuple[type[nn.Module], _Rule], ...] = (
+    (nn.modules.conv._ConvNd, _conv),
+    (nn.modules.batchnorm._BatchNorm, _channel_vector),
+    (nn.PReLU, _prelu),
+    (nn.Linear, _linear),
+    (nn.LayerNorm, _layernorm),
+    (nn.Embedding, _embedding),
+    (nn.MultiheadAttention, _mha),
+    (nn.GroupNorm, _channel_vector),
+    (nn.modules.instancenorm._InstanceNorm, _channel_vector),
+)
+
+
+def rule_type(m: nn.Module) -> type[nn.Module] | None:
+    """The supported base type that decides how `m` is lowered, or None if unsupported."""
+    for t, _ in _RULES:
+        if isinstance(m, t):
+            return t
+    return None
+
+
+def lower_item(
+    target: nn.Module | torch.Tensor,
+    name: str,
+    *,
+    out: bool,
+    pairs: Sequence[tuple[int, int]],
+    pruning_dim: int = -1,
+) -> list[RawSlice]:
+    """Slices for one group item: `target` is the item's module (or unwrapped parameter), `pairs` its
+    (module-local channel, unit) pairs, `out` whether Torch-Pruning prunes its out-channels.
+
+    Raises `UnloweredModule` for module types Torch-Pruning would prune in a way wt does not model, and for
+    channel indices that do not fit the parameter (Torch-Pruning mis-handling an unusual layer).
+    """
+    if isinstance(target, torch.Tensor):
+        slices = _axis_slice(None, name, target, pruning_dim, pairs)
+    else:
+        rule = next((r for t, r in _RULES if isinstance(target, t)), None)
+        if rule is None:
+            raise UnloweredModule(
+                f"module {name!r} ({type(target).__name__}) is coupled to a pruning group, but wt cannot map its "
+                f"parameters to units; pass it in ignore= (e.g. ignore=[{name!r}]) to leave it out"
+            )
+        slices = rule(target, out, pairs)
+    for s in slices:
+        bad = [p for p, _ in s.entries if not 0 <= p < s.length]
+        if bad:
+            raise UnloweredModule(
+                f"Torch-Pruning maps channel {bad[0]} to {name!r} ({type(target).__name__}) {s.attr} axis {s.axis}, "
+                f"which has only {s.length} entries; this layer configuration is not supported, pass it in ignore="
+            )
+    return slices
