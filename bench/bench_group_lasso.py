@@ -1,0 +1,156 @@
+"""Group lasso forward and forward+backward against the floor of DESIGN.md, and build time against Torch-Pruning.
+
+    python bench/bench_group_lasso.py [--models resnet50 vit_b_16] [--reps 15] [--no-compile]
+
+Floor: `sum(p.pow(2).sum() for p in params)`; forward under no_grad, forward+backward with
+torch.autograd.grad. Printed numbers are ratios (program time / floor time), medians over interleaved
+repetitions in one process. When the torch-weighttracker package is installed, its group lasso runs on
+the same model in the same process; a naive per-module loop is always included for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleaved_medians, once
+
+import wtcore
+from wtfront.models import load_model
+from wtfront.trace import trace
+
+
+def naive_group_lasso(structure: wtcore.Structure, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-slice Python loop (what one writes by hand): index_select each slice's rows per group."""
+    total = params[structure.params[0].name].new_zeros(())
+    for g in structure.groups:
+        if not g.prunable:
+            continue
+        acc = None
+        for s in g.slices:
+            w = params[s.param]
+            if s.groups > 1:
+                continue  # the naive loop skips grouped slices, as hand-written versions usually do
+            sq = w.square().sum([d for d in range(w.dim()) if d != s.axis]) if w.dim() > 1 else w.square()
+            idx = s.index_tensor()
+            keep = idx >= 0
+            part = torch.zeros(g.size, dtype=sq.dtype).index_add(0, idx[keep], sq[keep])
+            acc = part if acc is None else acc + part
+        if acc is not None:
+            total = total + acc.sqrt().sum()
+    return total
+
+
+def bench_model(name: str, reps: int, compiled: bool) -> None:
+    ref = load_model(f"torchvision:{name}")
+    model, x = ref.model, ref.example_inputs
+    params = dict(model.named_parameters())
+    plist = list(params.values())
+
+    # ---- build time: Torch-Pruning's graph alone vs wt's trace + compile
+    import torch_pruning as tp
+
+    t_tp = min(once(lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x)) for _ in range(3))
+    t_trace = min(once(lambda: trace(model, x)) for _ in range(3))
+    structure = trace(model, x)
+
+    def build_program() -> None:
+        wtcore.clear_cache()
+        wtcore.compile(structure, ["group_lasso"])
+
+    t_compile = min(once(build_program) for _ in range(3))
+    prog = wtcore.compile(structure, ["group_lasso"])
+
+    def floor_fwd() -> torch.Tensor:
+        with torch.no_grad():
+            return sum(p.pow(2).sum() for p in plist)
+
+    def read_floor() -> torch.Tensor:
+        with torch.no_grad():
+            return sum(p.sum() for p in plist)
+
+    def floor_bwd() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(sum(p.pow(2).sum() for p in plist), plist)
+
+    def wt_fwd() -> torch.Tensor:
+        with torch.no_grad():
+            return prog(params)["group_lasso"]
+
+    def wt_bwd() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(prog(params)["group_lasso"], plist, allow_unused=True)
+
+    def naive_fwd() -> torch.Tensor:
+        with torch.no_grad():
+            return naive_group_lasso(structure, params)
+
+    fns = {"floor fwd": floor_fwd, "read floor": read_floor, "floor fwd+bwd": floor_bwd,
+           "wt fwd": wt_fwd, "wt fwd+bwd": wt_bwd, "naive loop fwd": naive_fwd}
+    if compiled:
+        cprog = wtcore.compile(structure, ["group_lasso"], backend="inductor")
+
+        def wtc_fwd() -> torch.Tensor:
+            with torch.no_grad():
+                return cprog(params)["group_lasso"]
+
+        def wtc_bwd() -> tuple[torch.Tensor, ...]:
+            return torch.autograd.grad(cprog(params)["group_lasso"], plist, allow_unused=True)
+
+        fns |= {"wt compiled fwd": wtc_fwd, "wt compiled fwd+bwd": wtc_bwd}
+    wtt = _weighttracker(model, x)
+    if wtt is not None:
+        fns["torch-weighttracker fwd"] = wtt
+    med = interleaved_medians(fns, reps=reps)
+
+    n = sum(p.numel() for p in plist)
+    print(f"\n== {name}: {len(plist)} parameters, {n / 1e6:.1f}M elements, {structure.num_units} units "
+          f"in {len(structure.groups)} groups")
+    print(f"build: wt trace {t_trace:.3f}s + compile {t_compile:.3f}s = {t_trace + t_compile:.3f}s; "
+          f"Torch-Pruning build_dependency {t_tp:.3f}s; ratio {(t_trace + t_compile) / t_tp:.2f}x")
+    print(f"floor fwd {med['floor fwd'] * 1e3:.2f} ms, floor fwd+bwd {med['floor fwd+bwd'] * 1e3:.2f} ms, "
+          f"read floor {med['read floor'] * 1e3:.2f} ms")
+    for k, v in med.items():
+        if k.startswith("floor") or k == "read floor":
+            continue
+        base = med["floor fwd+bwd"] if "bwd" in k else med["floor fwd"]
+        print(f"  {k:28s} {v * 1e3:8.2f} ms   {v / base:5.2f}x floor")
+
+
+def _weighttracker(model: torch.nn.Module, x: torch.Tensor):
+    try:
+        from torch_weighttracker import WeightTracker
+    except ImportError:
+        print("(torch-weighttracker not installed: pip install torch-weighttracker to compare)")
+        return None
+    try:
+        tracker = WeightTracker(model, example_inputs=x)
+        reg = tracker.create_regularizer("group_lasso")
+    except Exception as e:
+        print(f"(torch-weighttracker failed on this model: {type(e).__name__}: {e})")
+        return None
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return reg()
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16"])
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times are medians of {args.reps} "
+          f"interleaved repetitions; {time.strftime('%Y-%m-%d')}")
+    for m in args.models:
+        bench_model(m, args.reps, compiled=not args.no_compile)
+
+
+if __name__ == "__main__":
+    main()
