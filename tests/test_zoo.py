@@ -39,7 +39,7 @@ def build(ref: str) -> tuple[nn.Module, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ref", ZOO)
-def test_zoo_specs_match_reference_and_lasso_reaches_every_weight(ref: str) -> None:
+def test_zoo_specs_match_reference(ref: str) -> None:
     torch.manual_seed(0)
     model, x = build(ref)
     structure = trace(model, x)
@@ -75,9 +75,27 @@ def test_zoo_specs_match_reference_and_lasso_reaches_every_weight(ref: str) -> N
     # fp32 on the live parameters agrees with fp64
     out32 = prog(dict(model.named_parameters()))
     assert out32["group_lasso"].dtype == torch.float32
+    assert out32["group_lasso"].item() == pytest.approx(prog({k: v.double() for k, v in model.named_parameters()})[
+        "group_lasso"].item(), rel=1e-5)
 
-    # the lasso gradient reaches every conv / linear weight, and is finite everywhere
-    leaves = {k: v.clone().float().requires_grad_(True) for k, v in params.items()}
+
+SHUFFLE = "channel shuffle couples channels by a permutation that Torch-Pruning does not model; wt marks " \
+    "those groups not prunable, so weights whose only coupling is through a shuffle get no lasso gradient"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "ref",
+    [pytest.param(r, marks=pytest.mark.xfail(reason=SHUFFLE, strict=True)) if "shufflenet" in r else r for r in ZOO],
+)
+def test_zoo_lasso_gradient_reaches_every_weight(ref: str) -> None:
+    torch.manual_seed(0)
+    model, x = build(ref)
+    structure = trace(model, x)
+    prog = wtcore.compile(structure, ["group_lasso"])
+    # random values everywhere: some architectures zero-initialize a layer (e.g. vit_b_16's head), and the
+    # lasso gradient at an exactly-zero entry is 0 by definition
+    leaves = {k: torch.randn_like(v).requires_grad_(True) for k, v in model.named_parameters()}
     loss = prog(leaves)["group_lasso"]
     loss.backward()
     for name, mod in model.named_modules():

@@ -241,10 +241,14 @@ def _emit_scatter(
         if pl.name in flat_names:
             continue
         p = b.param(pl.name)
-        dims = tuple(d for d in range(len(pl.shape)) if d not in pl.axes)
+        # reduce every axis the slices do not use; size-1 axes are dropped by a free reshape, not a sum
+        dims = tuple(d for d in range(len(pl.shape)) if d not in pl.axes and pl.shape[d] > 1)
+        kept_shape = tuple(pl.shape[a] for a in pl.axes)
         for k in kinds:
             v = _kind_value(b, k[0], k[1], p, pl.shape)
             r = b.sum(v, dims) if dims else v
+            if len(pl.shape) - len(dims) != len(kept_shape):
+                r = b.emit("reshape", r, kept_shape)
             slice_vectors(r, pl, vectors[k])
         slice_indices(pl)
 
@@ -363,8 +367,19 @@ def _codegen(b: Builder, outputs: list[tuple[str, Var]]) -> tuple[str, list[str]
     param_pos = {n: i for i, n in enumerate(param_names)}
     const_vars = [e.out for e in b.eqns if e.prim == "const"]
     const_pos = {v: i for i, v in enumerate(const_vars)}
+    # free every intermediate right after its last use: large squared buffers are then reused by the
+    # allocator instead of being freshly mapped (and page-faulted) on every call
+    last_use: dict[Var, int] = {}
+    for i, e in enumerate(b.eqns):
+        for a in _vars(e.args):
+            last_use[a] = i
+    keep = {v for _, v in outputs}
     lines = ["def wt_program(P, C):"]
-    lines += ["    " + _line(e, param_pos, const_pos) for e in b.eqns]
+    for i, e in enumerate(b.eqns):
+        lines.append("    " + _line(e, param_pos, const_pos))
+        dead = sorted((v for v in _vars(e.args) if last_use[v] == i and v not in keep), key=lambda v: v.id)
+        if dead:
+            lines.append("    del " + ", ".join(repr(v) for v in dict.fromkeys(dead)))
     lines.append("    return (" + "".join(f"{v!r}, " for _, v in outputs) + ")")
     return "\n".join(lines) + "\n", param_names, [b.consts[v] for v in const_vars]
 

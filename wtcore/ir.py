@@ -263,6 +263,11 @@ class Structure:
                 if (s.param, s.axis) in keys:
                     raise StructureError(f"group {g.name!r} has two slices of {s.param!r} on axis {s.axis}")
                 keys.add((s.param, s.axis))
+                if s.groups < 1 or not 0 <= s.group_axis < len(p.shape):
+                    raise StructureError(
+                        f"group {g.name!r}: slice of {s.param!r} has groups={s.groups}, group_axis={s.group_axis}; "
+                        f"groups must be >= 1 and group_axis a non-negative axis of shape {p.shape}"
+                    )
                 want = p.shape[s.axis] * s.groups
                 if runs_length(s.index) != want:
                     raise StructureError(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
-from typing import Union
 
 import torch.nn as nn
 
@@ -23,7 +22,7 @@ DEFAULT_ROOT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Embedding,
 )
 
-IgnoreSpec = Union[nn.Module, type, str]
+IgnoreSpec = nn.Module | type | str
 
 
 def resolve_ignored(model: nn.Module, ignore: Iterable[IgnoreSpec] | IgnoreSpec) -> list[nn.Module]:
@@ -63,7 +62,9 @@ def resolve_ignored(model: nn.Module, ignore: Iterable[IgnoreSpec] | IgnoreSpec)
             chosen_ids.add(id(m))
     unmatched = [g for g in globs if g not in matched]
     if unmatched:
-        raise TraceError(f"ignore pattern(s) {unmatched} match no module of the model (qualified names, fnmatch syntax)")
+        raise TraceError(
+            f"ignore pattern(s) {unmatched} match no module of the model (qualified module names, fnmatch syntax)"
+        )
     out: dict[int, nn.Module] = {}
     for _, m in named:
         if id(m) in chosen_ids:

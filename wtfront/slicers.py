@@ -199,8 +199,12 @@ def lower_item(
     for s in slices:
         bad = [p for p, _ in s.entries if not 0 <= p < s.length]
         if bad:
+            if isinstance(target, torch.Tensor):
+                what, owner = f"parameter {name!r}", name.rpartition(".")[0]
+            else:
+                what, owner = f"{name!r} ({type(target).__name__}) {s.attr}", name
             raise UnloweredModule(
-                f"Torch-Pruning maps channel {bad[0]} to {name!r} ({type(target).__name__}) {s.attr} axis {s.axis}, "
-                f"which has only {s.length} entries; this layer configuration is not supported, pass it in ignore="
+                f"Torch-Pruning couples channel {bad[0]} to {what} axis {s.axis}, which has only {s.length} entries: "
+                f"it mis-maps this layer, so wt cannot lower it; pass the module in ignore= (e.g. ignore=[{owner!r}])"
             )
     return slices
