@@ -276,16 +276,22 @@ def _emit_scatter(
         p = b.param(pl.name)
         for k in kinds:
             v = _kind_value(b, k[0], k[1], p, pl.shape)
+            parts: list[Var] = []
             if pl.axes == (0, 1):
-                _leading_pair_vectors(b, v, pl, vectors[k])
-                continue
-            # reduce every axis the slices do not use; size-1 axes are dropped by a free reshape, not a sum
-            dims = tuple(d for d in range(len(pl.shape)) if d not in pl.axes and pl.shape[d] > 1)
-            kept_shape = tuple(pl.shape[a] for a in pl.axes)
-            r = b.sum(v, dims) if dims else v
-            if len(pl.shape) - len(dims) != len(kept_shape):
-                r = b.emit("reshape", r, kept_shape)
-            slice_vectors(r, pl, vectors[k])
+                _leading_pair_vectors(b, v, pl, parts)
+            else:
+                # reduce every axis the slices do not use; size-1 axes are dropped by a free reshape, not a sum
+                dims = tuple(d for d in range(len(pl.shape)) if d not in pl.axes and pl.shape[d] > 1)
+                kept_shape = tuple(pl.shape[a] for a in pl.axes)
+                r = b.sum(v, dims) if dims else v
+                if len(pl.shape) - len(dims) != len(kept_shape):
+                    r = b.emit("reshape", r, kept_shape)
+                slice_vectors(r, pl, parts)
+            # One small vector per parameter, made after its elementwise temporary is freed: a large
+            # temporary then leaves a hole the next one fits in, instead of a hole that many small
+            # live vectors were carved from (which makes glibc map fresh, page-faulting memory per call).
+            vectors[k].append(b.emit("cat", *parts) if len(parts) > 1 and len(pl.shape) > 1 else parts[0])
+            vectors[k].extend(parts[1:] if not (len(parts) > 1 and len(pl.shape) > 1) else [])
         slice_indices(pl)
 
     index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.long)
