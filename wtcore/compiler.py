@@ -140,30 +140,33 @@ def _unit_map(s: Slice, axes: tuple[int, ...], shape: tuple[int, ...], offset: i
 
 
 def _plan(structure: Structure, slices: Mapping[str, tuple[Slice, ...]]) -> list[_ParamPlan]:
-    by_param: dict[str, list[tuple[Slice, int]]] = {}
-    group_of: dict[int, str] = {}
+    by_param: dict[str, list[tuple[Slice, int, str]]] = {}
     for g in structure.groups:
         for s in slices[g.name]:
-            by_param.setdefault(s.param, []).append((s, structure.offsets[g.name]))
-            group_of[id(s)] = g.name
+            by_param.setdefault(s.param, []).append((s, structure.offsets[g.name], g.name))
     plans = []
     for p in structure.params:
         items = by_param.get(p.name)
         if not items:
             continue
-        axes = sorted({s.axis for s, _ in items} | {s.group_axis for s, _ in items if s.groups > 1})
+        axes = sorted({s.axis for s, _, _ in items} | {s.group_axis for s, _, _ in items if s.groups > 1})
         if len(axes) > 2:
             raise StructureError(
                 f"parameter {p.name!r} is sliced on {len(axes)} axes {axes}; wt supports at most two per parameter"
             )
         plan = _ParamPlan(p.name, p.shape, tuple(axes), [], [])
-        # de-duplicate elements that two slices of this parameter map to the same unit
+        # de-duplicate elements that two slices of this parameter map to the same unit; only slices of the
+        # same group can do that (unit ids of different groups are disjoint)
+        shared = [g for g in {g for _, _, g in items} if sum(1 for _, _, g2 in items if g2 == g) > 1]
         kept: list[tuple[Slice, int]] = []
-        maps: list[torch.Tensor] = []
-        for s, off in items:
+        maps: dict[str, list[torch.Tensor]] = {g: [] for g in shared}
+        for s, off, gname in items:
+            if gname not in maps:
+                kept.append((s, off))
+                continue
             u = _unit_map(s, plan.axes, p.shape, off)
             dropped = False
-            for u_prev in maps:
+            for u_prev in maps[gname]:
                 same = (u == u_prev) & (u >= 0)
                 if not same.any():
                     continue
@@ -174,7 +177,7 @@ def _plan(structure: Structure, slices: Mapping[str, tuple[Slice, ...]]) -> list
                 plan.corrections.append((pos, u.flatten()[pos]))
             if not dropped:
                 kept.append((s, off))
-                maps.append(u)
+                maps[gname].append(u)
         plan.slices = kept
         plans.append(plan)
     return plans
@@ -290,8 +293,7 @@ def _emit_scatter(
             # One small vector per parameter, made after its elementwise temporary is freed: a large
             # temporary then leaves a hole the next one fits in, instead of a hole that many small
             # live vectors were carved from (which makes glibc map fresh, page-faulting memory per call).
-            vectors[k].append(b.emit("cat", *parts) if len(parts) > 1 and len(pl.shape) > 1 else parts[0])
-            vectors[k].extend(parts[1:] if not (len(parts) > 1 and len(pl.shape) > 1) else [])
+            vectors[k].append(b.emit("cat", *parts) if len(parts) > 1 else parts[0])
         slice_indices(pl)
 
     index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.long)
@@ -344,14 +346,23 @@ def _substitute(b: Builder, replace: Mapping[Var, Var]) -> None:
         return a
 
     body = [Eqn(e.out, e.prim, sub(e.args)) for e in b.eqns if e.out not in replace]
-    # lowered equations were appended at the end; order by dependencies so every use follows its definition
-    defined_at = {e.out: i for i, e in enumerate(body)}
-    graph = nx.DiGraph()
-    graph.add_nodes_from(range(len(body)))
-    for i, e in enumerate(body):
-        for a in _vars(e.args):
-            graph.add_edge(defined_at[a], i)
-    order = list(nx.lexicographical_topological_sort(graph))
+    # lowered equations were appended at the end: pull every equation's dependencies in front of it,
+    # keeping the original order otherwise (a stable topological order, no graph library on this path)
+    index = {e.out: i for i, e in enumerate(body)}
+    placed: set[int] = set()
+    order: list[int] = []
+    for root in range(len(body)):
+        stack = [(root, False)]
+        while stack:
+            i, expanded = stack.pop()
+            if i in placed:
+                continue
+            if expanded:
+                placed.add(i)
+                order.append(i)
+                continue
+            stack.append((i, True))
+            stack.extend((index[a], False) for a in reversed(_vars(body[i].args)) if index[a] not in placed)
     b.eqns = [body[i] for i in order]
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from .errors import StructureError
@@ -76,36 +77,40 @@ def runs_to_tensor(runs: Iterable[Run]) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def runs_from_list(values: Sequence[int]) -> tuple[Run, ...]:
-    """Compress an index list into runs (the inverse of `runs_to_list`)."""
-    vals = [int(v) if int(v) >= 0 else -1 for v in values]
-    # 1. collapse repeated values into (value, count) pairs
-    pairs: list[list[int]] = []
-    for v in vals:
-        if pairs and pairs[-1][0] == v:
-            pairs[-1][1] += 1
-        else:
-            pairs.append([v, 1])
-    # 2. merge pairs with equal counts and a constant step into one run
+def runs_from_list(values: Sequence[int] | np.ndarray) -> tuple[Run, ...]:
+    """Compress an index list into runs (the inverse of `runs_to_list`).
+
+    The common shapes (identity, offset, constant, repeat_interleave) are recognized with numpy in one
+    pass; irregular indices fall back to a loop over runs of equal values, not over entries.
+    """
+    v = np.asarray(values, dtype=np.int64).reshape(-1)
+    if v.size == 0:
+        return ()
+    v = np.where(v < 0, -1, v)
+    starts = np.flatnonzero(np.concatenate(([True], v[1:] != v[:-1])))
+    counts = np.diff(np.append(starts, v.size))
+    vals = v[starts]
+    if vals.size == 1:
+        return (Run(v.size, -1, 0, 1),) if vals[0] < 0 else (Run(v.size, int(vals[0]), 1, v.size),)
+    steps = np.diff(vals)
+    if (vals >= 0).all() and (counts == counts[0]).all() and (steps == steps[0]).all():
+        return (Run(v.size, int(vals[0]), int(steps[0]), int(counts[0])),)
+    vals_l, counts_l = vals.tolist(), counts.tolist()
     runs: list[Run] = []
-    i = 0
-    while i < len(pairs):
-        v, c = pairs[i]
-        if v < 0:
+    i, n = 0, len(vals_l)
+    while i < n:
+        c, start = counts_l[i], vals_l[i]
+        if start < 0:
             runs.append(Run(c, -1, 0, 1))
             i += 1
             continue
-        j = i + 1
-        step = None
-        while j < len(pairs) and pairs[j][1] == c and pairs[j][0] >= 0:
-            s = pairs[j][0] - pairs[j - 1][0]
-            if step is None:
-                step = s
-            elif s != step:
-                break
+        j, step = i + 1, 1
+        if j < n and counts_l[j] == c and vals_l[j] >= 0:
+            step = vals_l[j] - start
             j += 1
-        n = j - i
-        runs.append(Run(n * c, v, step if (step is not None and n > 1) else 1, c))
+            while j < n and counts_l[j] == c and vals_l[j] >= 0 and vals_l[j] - vals_l[j - 1] == step:
+                j += 1
+        runs.append(Run(c * (j - i), start, step, c))
         i = j
     return tuple(runs)
 
