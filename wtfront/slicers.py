@@ -7,15 +7,16 @@ IR and physical pruning agree on what a unit is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from wtcore.errors import TraceError
 
-__all__ = ["KNOWN_PARAMS", "RawSlice", "UnloweredModule", "is_depthwise", "lower_item"]
+__all__ = ["KNOWN_PARAMS", "Pairs", "RawSlice", "UnloweredModule", "is_depthwise", "lower_item"]
 
 
 class UnloweredModule(TraceError):
@@ -27,8 +28,8 @@ class RawSlice:
     """One parameter axis touched by one group item, before names are canonicalized and items merged.
 
     `attr` is the parameter's path relative to `owner` (e.g. "weight", "out_proj.bias"); for an unwrapped
-    parameter `owner` is None and `tensor` identifies it. `entries` are (position along the axis, unit)
-    pairs; for a grouped axis the positions run over the full `groups * shape[axis]` channels.
+    parameter `owner` is None and `tensor` identifies it. `positions[k]` (along the axis) belongs to unit
+    `units[k]`; for a grouped axis the positions run over the full `groups * shape[axis]` channels.
     """
 
     owner: nn.Module | None
@@ -36,9 +37,14 @@ class RawSlice:
     tensor: torch.Tensor
     axis: int
     length: int
-    entries: list[tuple[int, int]] = field(default_factory=list)
+    positions: np.ndarray
+    units: np.ndarray
     groups: int = 1
     group_axis: int = 0
+
+
+#: (module-local channels, their units) of one group item, as two int64 arrays of equal length.
+Pairs = tuple[np.ndarray, np.ndarray]
 
 
 #: Direct parameters each supported module type may own; anything else on a module in a group is an error,
@@ -69,7 +75,7 @@ def _axis_slice(
     attr: str,
     tensor: torch.Tensor | None,
     axis: int,
-    pairs: Sequence[tuple[int, int]],
+    pairs: Pairs,
     *,
     groups: int = 1,
     group_axis: int = 0,
@@ -81,11 +87,12 @@ def _axis_slice(
     axis = axis % tensor.dim()
     length = tensor.shape[axis] * groups
     block = length // repeat
-    entries = [(pos + k * block, unit) for k in range(repeat) for pos, unit in pairs]
-    return [RawSlice(owner, attr, tensor, axis, length, entries, groups, group_axis)]
+    pos, units = pairs
+    positions = (pos[None, :] + block * np.arange(repeat)[:, None]).reshape(-1) if repeat > 1 else pos
+    return [RawSlice(owner, attr, tensor, axis, length, positions, np.tile(units, repeat), groups, group_axis)]
 
 
-def _conv(m: nn.modules.conv._ConvNd, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+def _conv(m: nn.modules.conv._ConvNd, out: bool, pairs: Pairs) -> list[RawSlice]:
     if is_depthwise(m):
         # DepthwiseConvPruner: prune_in == prune_out, weight axis 0 only (+ bias); one unit per channel.
         return _axis_slice(m, "weight", m.weight, 0, pairs) + _axis_slice(m, "bias", m.bias, 0, pairs)
@@ -102,35 +109,35 @@ def _conv(m: nn.modules.conv._ConvNd, out: bool, pairs: Sequence[tuple[int, int]
     return _axis_slice(m, "weight", m.weight, 1, pairs, groups=g, group_axis=0)
 
 
-def _linear(m: nn.Linear, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+def _linear(m: nn.Linear, out: bool, pairs: Pairs) -> list[RawSlice]:
     if out:
         return _axis_slice(m, "weight", m.weight, 0, pairs) + _axis_slice(m, "bias", m.bias, 0, pairs)
     return _axis_slice(m, "weight", m.weight, 1, pairs)
 
 
-def _channel_vector(m: nn.Module, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+def _channel_vector(m: nn.Module, out: bool, pairs: Pairs) -> list[RawSlice]:
     """BatchNorm, InstanceNorm, GroupNorm: per-channel affine vectors (None when affine=False)."""
     return _axis_slice(m, "weight", getattr(m, "weight", None), 0, pairs) + _axis_slice(
         m, "bias", getattr(m, "bias", None), 0, pairs
     )
 
 
-def _layernorm(m: nn.LayerNorm, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+def _layernorm(m: nn.LayerNorm, out: bool, pairs: Pairs) -> list[RawSlice]:
     # LayernormPruner prunes normalized_shape[-1] (its pruning_dim is -1): the last axis of weight/bias.
     return _axis_slice(m, "weight", m.weight, -1, pairs) + _axis_slice(m, "bias", m.bias, -1, pairs)
 
 
-def _prelu(m: nn.PReLU, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+def _prelu(m: nn.PReLU, out: bool, pairs: Pairs) -> list[RawSlice]:
     if m.num_parameters == 1:  # PReLUPruner leaves a shared slope alone
         return []
     return _axis_slice(m, "weight", m.weight, 0, pairs)
 
 
-def _embedding(m: nn.Embedding, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+def _embedding(m: nn.Embedding, out: bool, pairs: Pairs) -> list[RawSlice]:
     return _axis_slice(m, "weight", m.weight, 1, pairs)
 
 
-def _mha(m: nn.MultiheadAttention, out: bool, pairs: Sequence[tuple[int, int]]) -> list[RawSlice]:
+def _mha(m: nn.MultiheadAttention, out: bool, pairs: Pairs) -> list[RawSlice]:
     """MultiheadAttentionPruner: embed_dim is cut everywhere (q/k/v rows, input columns, out_proj both ways)."""
     s: list[RawSlice] = []
     s += _axis_slice(m, "q_proj_weight", m.q_proj_weight, 0, pairs)
@@ -147,7 +154,7 @@ def _mha(m: nn.MultiheadAttention, out: bool, pairs: Sequence[tuple[int, int]]) 
     return s
 
 
-_Rule = Callable[[nn.Module, bool, Sequence[tuple[int, int]]], list[RawSlice]]
+_Rule = Callable[[nn.Module, bool, Pairs], list[RawSlice]]
 
 # Order matters: the first isinstance match wins (NonDynamicallyQuantizableLinear is a Linear, LayerNorm2d a
 # LayerNorm, ...). This mirrors ops.module2type.
@@ -177,11 +184,11 @@ def lower_item(
     name: str,
     *,
     out: bool,
-    pairs: Sequence[tuple[int, int]],
+    pairs: Pairs,
     pruning_dim: int = -1,
 ) -> list[RawSlice]:
     """Slices for one group item: `target` is the item's module (or unwrapped parameter), `pairs` its
-    (module-local channel, unit) pairs, `out` whether Torch-Pruning prunes its out-channels.
+    (module-local channels, units) arrays, `out` whether Torch-Pruning prunes its out-channels.
 
     Raises `UnloweredModule` for module types Torch-Pruning would prune in a way wt does not model, and for
     channel indices that do not fit the parameter (Torch-Pruning mis-handling an unusual layer).
@@ -197,8 +204,8 @@ def lower_item(
             )
         slices = rule(target, out, pairs)
     for s in slices:
-        bad = [p for p, _ in s.entries if not 0 <= p < s.length]
-        if bad:
+        bad = s.positions[(s.positions < 0) | (s.positions >= s.length)]
+        if bad.size:
             if isinstance(target, torch.Tensor):
                 what, owner = f"parameter {name!r}", name.rpartition(".")[0]
             else:

@@ -18,6 +18,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch_pruning as tp
@@ -30,6 +31,7 @@ from wtcore.ir import Param, Slice, Structure, UnitGroup, runs_from_list
 from .budget import Budget, BudgetExceeded
 from .filters import DEFAULT_ROOT_TYPES, IgnoreSpec, resolve_ignored
 from .slicers import KNOWN_PARAMS, RawSlice, UnloweredModule, lower_item, rule_type
+from .tpgroups import NO_ROOT, all_groups
 
 __all__ = ["DEFAULT_ROOT_TYPES", "OUTPUT_REASON", "SHUFFLE_REASON", "trace"]
 
@@ -56,6 +58,7 @@ def trace(
     root_types: Sequence[type[nn.Module]] | None = None,
     budget_s: float = 120.0,
     check_device: bool = True,
+    costs: bool = True,
 ) -> Structure:
     """Trace `model` on `example_inputs` and return its `Structure` (unit groups and parameter slices; no ops).
 
@@ -76,6 +79,7 @@ def trace(
             transposed, Linear, MultiheadAttention, LayerNorm, Embedding).
         budget_s: wall-clock limit; past it a `TraceError` names the phase that did not finish.
         check_device: raise a `TraceError` if input tensors and parameters are on different devices.
+        costs: count baseline MACs per costed op (`wtfront.costs.add_costs`).
 
     One `UnitGroup` per TP group, rooted at the group's earliest module (in `model.named_modules()` order)
     of a root type whose out-channels map one-to-one to the units, so unit `i` is that module's channel `i`
@@ -85,8 +89,8 @@ def trace(
     a model output through parameter-free ops only (`OUTPUT_REASON`), or pass through a channel shuffle
     (`SHUFFLE_REASON`, ShuffleNet). Parameters are named canonically by tensor identity (first name from
     `named_parameters(remove_duplicate=False)`; later names are aliases), so a tied weight appears once and
-    its slices from both modules are merged per axis. `Structure.ops` is empty (cost ops come from
-    `wtfront.costs`).
+    its slices from both modules are merged per axis. With `costs=True` (default) `Structure.ops` holds the
+    cost ops of `wtfront.costs` (one more forward pass); with `costs=False` it is empty.
 
     Raises:
         TraceError: inputs on another device, the budget spent, TP or the forward pass failing (with the
@@ -105,10 +109,16 @@ def trace(
             budget.phase = "starting Torch-Pruning"
             dg = _DependencyGraph(budget)
             dg.build_dependency(model, example_inputs=inputs, forward_fn=_forward, verbose=False)
-            budget.phase = "collecting pruning groups (DependencyGraph.get_all_groups)"
-            tp_groups = list(dg.get_all_groups(ignored_layers=list(ignored), root_module_types=roots))
+            budget.phase = "collecting pruning groups"
+            tp_groups = list(all_groups(dg, list(ignored), roots))
             budget.phase = "lowering pruning groups to the IR"
-            return _Lowering(model, dg, ignored, roots).run(tp_groups, model_name)
+            structure = _Lowering(model, dg, ignored, roots).run(tp_groups, model_name)
+        if costs:  # one more forward pass (fvcore's jit trace), outside TP's hooks: cost ops and baseline MACs
+            from .costs import add_costs
+
+            budget.phase = "counting MACs (fvcore)"
+            structure = add_costs(structure, model, inputs)
+        return structure
     except BudgetExceeded:
         raise TraceError(
             f"tracing {model_name} did not finish within budget_s={budget_s:g} s: gave up after "
@@ -356,7 +366,7 @@ class _Acc:
     length: int
     groups: int
     group_axis: int
-    index: list[int]
+    index: np.ndarray
 
 
 class _Lowering:
@@ -498,14 +508,14 @@ class _Lowering:
             if isinstance(target, _TP_DUMMY):
                 continue
             name = self.module_name(target)
-            units = list(item.root_idxs)
-            if any(u is None for u in units):
+            units = item.root_idxs
+            if (units == NO_ROOT).any():
                 raise TraceError(
                     f"Torch-Pruning could not map the channels of {name!r} ({type(target).__name__}) back to the "
                     f"root {root_name!r} (an index mapping without root indices, e.g. grouped-query attention); "
                     "pass it in ignore="
                 )
-            pairs = [(int(i), relabel[int(u)]) for i, u in zip(item.idxs, units)]
+            pairs = (item.idxs, relabel[units])
             try:
                 raws = lower_item(target, name, out=out, pairs=pairs, pruning_dim=node.pruning_dim)
                 keyed = [(self.param_name(s, name), s) for s in raws]
@@ -532,7 +542,7 @@ class _Lowering:
             reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (SHUFFLE_REASON, shuffled)) if on),
         )
 
-    def choose_root(self, group: Any) -> tuple[Any, list[int]]:
+    def choose_root(self, group: Any) -> tuple[Any, np.ndarray]:
         """Root the group at its earliest module (in `named_modules` order) whose out-channels are pruned
         one-to-one with the units and whose type is a root type, and relabel units as that module's channels.
 
@@ -542,7 +552,7 @@ class _Lowering:
         """
         tp_root = group[0].dep.target.module
         size = len(group[0].idxs)
-        best: tuple[int, Any, list[int]] | None = None
+        best: tuple[int, Any, np.ndarray] | None = None
         for item in group:
             m = item.dep.target.module
             if (
@@ -552,17 +562,19 @@ class _Lowering:
                 or len(item.idxs) != size
             ):
                 continue
-            relabel = [-1] * size
-            for local, unit in zip(item.idxs, item.root_idxs):
-                if unit is None or not 0 <= int(local) < size or relabel[int(unit)] != -1:
-                    break
-                relabel[int(unit)] = int(local)
-            else:
-                order = self.module_order.get(id(m), len(self.module_order))
-                if best is None or order < best[0]:
-                    best = (order, m, relabel)
+            local, unit = item.idxs, item.root_idxs
+            # one-to-one: every unit once, every local channel in range and once
+            if (unit < 0).any() or (local < 0).any() or (local >= size).any():
+                continue
+            if np.unique(unit).size != size or np.unique(local).size != size:
+                continue
+            order = self.module_order.get(id(m), len(self.module_order))
+            if best is None or order < best[0]:
+                relabel = np.empty(size, dtype=np.int64)
+                relabel[unit] = local
+                best = (order, m, relabel)
         if best is None:
-            return tp_root, list(range(size))
+            return tp_root, np.arange(size, dtype=np.int64)
         return best[1], best[2]
 
     @staticmethod
@@ -570,21 +582,32 @@ class _Lowering:
         key = (pname, s.axis)
         acc = accs.get(key)
         if acc is None:
-            acc = accs[key] = _Acc(s.length, s.groups, s.group_axis, [-1] * s.length)
+            acc = accs[key] = _Acc(s.length, s.groups, s.group_axis, np.full(s.length, -1, dtype=np.int64))
         elif (acc.length, acc.groups, acc.group_axis) != (s.length, s.groups, s.group_axis):
             raise TraceError(
                 f"group of {root_name!r}: {pname!r} axis {s.axis} is reached twice with different layouts "
                 f"({acc.length}/{acc.groups} vs {s.length}/{s.groups} entries/groups)"
             )
-        for pos, unit in s.entries:
-            have = acc.index[pos]
-            if have == -1:
-                acc.index[pos] = unit
-            elif have != unit:
-                raise TraceError(
-                    f"group of {root_name!r}: entry {pos} of {pname!r} axis {s.axis} is coupled to two different "
-                    f"units ({have} and {unit}); this structure is not supported, pass the module in ignore="
-                )
+        have = acc.index[s.positions]
+        clash = (have != -1) & (have != s.units)
+        if not clash.any():
+            # the same position listed twice within one item with two units is a clash too
+            order = np.argsort(s.positions, kind="stable")
+            pos, units = s.positions[order], s.units[order]
+            dup = (pos[1:] == pos[:-1]) & (units[1:] != units[:-1])
+            if dup.any():
+                k = int(np.flatnonzero(dup)[0])
+                clash_pos, have_u, new_u = int(pos[k]), int(units[k]), int(units[k + 1])
+            else:
+                acc.index[s.positions] = s.units
+                return
+        else:
+            k = int(np.flatnonzero(clash)[0])
+            clash_pos, have_u, new_u = int(s.positions[k]), int(have[k]), int(s.units[k])
+        raise TraceError(
+            f"group of {root_name!r}: entry {clash_pos} of {pname!r} axis {s.axis} is coupled to two different "
+            f"units ({have_u} and {new_u}); this structure is not supported, pass the module in ignore="
+        )
 
     def check_unknown_params(self) -> None:
         """A module in a group with parameters its TP pruner never touches would be broken by pruning."""

@@ -1,0 +1,158 @@
+"""Torch-Pruning's pruning groups, enumerated with index arrays instead of per-channel Python objects.
+
+`DependencyGraph.get_all_groups` walks the dependency graph once per root layer, refreshes every index
+mapping of the graph for each group, and carries one `_HybridIndex` namedtuple per channel through every
+dependency: 18 ms on ResNet-50, 0.8 s on DenseNet-121, often more than TP's own graph build. This module
+does the same walk with the same semantics (same triggers, index mappings, de-duplication and merging,
+see `DependencyGraph.get_pruning_group` and `Group.add_and_merge` in torch_pruning 1.6), with indices as
+numpy arrays. TP's known index-mapping classes are applied vectorized; any other mapping is called as TP
+would, on `_HybridIndex` lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch.nn as nn
+from torch_pruning import _helpers, ops
+from torch_pruning.dependency import index_mapping as tp_im
+from torch_pruning.dependency.dependency import Dependency
+from torch_pruning.pruner import function as tp_fn
+
+__all__ = ["GroupItem", "all_groups", "pruning_group"]
+
+NO_ROOT = -1  # TP's root_idx=None (e.g. after a grouped-query-attention mapping)
+
+
+@dataclass
+class GroupItem:
+    """One (dependency, indices) pair of a group: `idxs` are module-local channels, `root_idxs` their units."""
+
+    dep: Dependency
+    idxs: np.ndarray
+    root_idxs: np.ndarray
+
+
+def _apply(mapping: Any, idx: np.ndarray, root: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One TP index mapping on (idx, root) arrays, vectorized for TP's own mapping classes."""
+    if isinstance(mapping, (tp_im._ConcatIndexMapping, tp_im._SplitIndexMapping)):
+        lo = mapping.offset[0]
+        if mapping.reverse == isinstance(mapping, tp_im._ConcatIndexMapping):  # this direction narrows
+            above = idx >= lo
+            if len(mapping.offset) < 2:  # TP's trailing mapping has no upper bound and is only safe below it
+                if above.any():
+                    raise IndexError(f"Torch-Pruning index mapping {mapping.offset} has no upper bound")
+                return idx[above], root[above]
+            keep = above & (idx < mapping.offset[1])
+            return idx[keep] - lo, root[keep]
+        return idx + lo, root
+    if isinstance(mapping, tp_im._FlattenIndexMapping):
+        s = mapping._stride
+        if mapping.reverse:
+            pairs = np.unique(np.stack([idx // s, root], 1), axis=0)  # TP dedupes with a set
+            return pairs[:, 0], pairs[:, 1]
+        return (np.repeat(idx * s, s) + np.tile(np.arange(s), idx.size)), np.repeat(root, s)
+    if isinstance(mapping, tp_im._SliceIndexMapping):
+        if mapping.reverse:
+            return idx * mapping.step + mapping.start, root
+        keep = (idx >= mapping.start) & (idx < mapping.end) & ((idx - mapping.start) % mapping.step == 0)
+        return (idx[keep] - mapping.start) // mapping.step, root[keep]
+    hybrid = [_helpers._HybridIndex(int(i), None if r == NO_ROOT else int(r)) for i, r in zip(idx, root)]
+    out = mapping(hybrid)
+    return (
+        np.fromiter((h.idx for h in out), dtype=np.int64, count=len(out)),
+        np.fromiter((NO_ROOT if h.root_idx is None else h.root_idx for h in out), dtype=np.int64, count=len(out)),
+    )
+
+
+def pruning_group(dg: Any, module: Any, pruning_fn: Any, n: int) -> list[GroupItem]:
+    """`DependencyGraph.get_pruning_group(module, pruning_fn, range(n))`, merged, with array indices.
+
+    The caller must have run `index_mapping.update_index_mapping(dg)` once (TP does it on every call).
+    """
+    if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
+        pruning_fn = tp_fn.prune_depthwise_conv_out_channels
+    root_node = dg.module2node[module]
+    idx = np.arange(n, dtype=np.int64)
+    root_dep = Dependency(pruning_fn, pruning_fn, source=root_node, target=root_node)
+    items: list[tuple[Dependency, np.ndarray, np.ndarray]] = [(root_dep, idx, idx)]
+    seen: dict[tuple[Any, Any], list[tuple[np.ndarray, np.ndarray]]] = {(root_node, pruning_fn): [(idx, idx)]}
+    visited: set[Any] = set()
+    stack = [(root_dep, idx, idx)]
+    while stack:
+        dep, cur, cur_root = stack.pop()
+        node, fn = dep.target, dep.handler
+        visited.add(node)
+        for new_dep in node.dependencies:
+            if not new_dep.is_triggered_by(fn):
+                continue
+            nidx, nroot = cur, cur_root
+            for mapping in new_dep.index_mapping:
+                if mapping is not None:
+                    nidx, nroot = _apply(mapping, nidx, nroot)
+            if nidx.size == 0:
+                continue
+            key = (new_dep.target, new_dep.handler)
+            done = seen.setdefault(key, [])
+            if new_dep.target in visited and any(
+                np.array_equal(a, nidx) and np.array_equal(b, nroot) for a, b in done
+            ):
+                continue
+            done.append((nidx, nroot))
+            items.append((new_dep, nidx, nroot))
+            stack.append((new_dep, nidx, nroot))
+    return _merge(dg, items)
+
+
+def _merge(dg: Any, items: Sequence[tuple[Dependency, np.ndarray, np.ndarray]]) -> list[GroupItem]:
+    """`Group.add_and_merge`: one item per (target, handler), indices de-duplicated, first occurrence wins."""
+    order: list[tuple[Any, Any]] = []
+    parts: dict[tuple[Any, Any], list[tuple[Dependency, np.ndarray, np.ndarray]]] = {}
+    ignored_params = getattr(dg, "ignored_params", [])
+    for dep, idx, root in items:
+        target = dep.target.module
+        if isinstance(target, nn.Parameter) and any(target is p for p in ignored_params):
+            continue
+        key = (dep.target, dep.handler)
+        if key not in parts:
+            order.append(key)
+            parts[key] = []
+        parts[key].append((dep, idx, root))
+    merged = []
+    for key in order:
+        group = parts[key]
+        idx = np.concatenate([g[1] for g in group])
+        root = np.concatenate([g[2] for g in group])
+        if len(group) > 1:
+            _, first = np.unique(idx, return_index=True)
+            first.sort()
+            idx, root = idx[first], root[first]
+        merged.append(GroupItem(group[0][0], idx, root))
+    return merged
+
+
+def all_groups(
+    dg: Any, ignored_layers: Sequence[Any] = (), root_module_types: tuple[type, ...] = ()
+) -> Iterator[list[GroupItem]]:
+    """`DependencyGraph.get_all_groups` with array indices (same roots, order and skipping rules)."""
+    tp_im.update_index_mapping(dg)
+    ignored = {id(m) for m in [*ignored_layers, *dg.IGNORED_LAYERS_IN_TRACING]}
+    visited: set[int] = set()
+    for m in list(dg.module2node.keys()):
+        if id(m) in ignored or not isinstance(m, tuple(root_module_types)):
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None or id(m) in visited:
+            continue
+        group = pruning_group(dg, m, pruner.prune_out_channels, pruner.get_out_channels(m))
+        prunable = True
+        for item in group:
+            if dg.is_out_channel_pruning_fn(item.dep.handler):
+                visited.add(id(item.dep.target.module))
+                if id(item.dep.target.module) in ignored:
+                    prunable = False
+        if prunable:
+            yield group
