@@ -73,6 +73,14 @@ class Context:
     structure: Structure
     slices: dict[str, tuple[Slice, ...]]
     _memo: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = field(default_factory=dict)
+    include: tuple[str, ...] | None = None  # the compile filters, for specs that select ops or parameters
+    ignore: tuple[str, ...] = ()
+
+    def selects(self, *names: str) -> bool:
+        """Whether the compile filters keep something named `names` (a parameter and/or module name)."""
+        if self.include is not None and not any(_matches(self.include, n, "") for n in names):
+            return False
+        return not (self.ignore and any(_matches(self.ignore, n, "") for n in names))
 
     def dep(self, name: str, **options: Any) -> Any:
         """Output of another spec (emitted once per distinct options, thanks to memoization and hash-consing)."""
@@ -192,9 +200,23 @@ def _kind_value(b: Builder, kind: str, options: tuple[Any, ...], p: Var, shape: 
         tol = float(options[0]) if options else 0.0
         hit = b.emit("ne", p, 0) if tol == 0.0 else b.gt(b.abs(p), tol)
         return b.cast_like(hit, b.emit("acc", p))
-    if kind == "count":
-        return b.const(torch.ones((), dtype=torch.float64).expand(shape), f"ones{list(shape)}")
     raise SpecError(f"unknown unit_reduce kind {kind!r}; known: {RUNTIME_KINDS + CONST_KINDS}")
+
+
+def _count_vector(plan: _ParamPlan) -> torch.Tensor:
+    """Elements per entry of each slice vector (and per overlap cell), in the order the runtime kinds emit
+    them (overlap cells subtracted): arithmetic on the shape, never a parameter-sized tensor."""
+    numel = 1
+    for d in plan.shape:
+        numel *= d
+    parts = [
+        torch.full((plan.shape[s.axis] * s.groups,), numel / (plan.shape[s.axis] * s.groups), dtype=torch.float64)
+        for s, _ in plan.slices
+    ]
+    if plan.corrections:
+        cell = numel / (plan.shape[plan.axes[0]] * plan.shape[plan.axes[1]])
+        parts += [torch.full((pos.numel(),), -cell, dtype=torch.float64) for pos, _ in plan.corrections]
+    return torch.cat(parts)
 
 
 def _leading_pair_vectors(b: Builder, v: Var, plan: _ParamPlan, out: list[Var]) -> None:
@@ -268,7 +290,10 @@ def _emit_scatter(
         cat = b.emit("cat", *[b.param(pl.name) for pl in flat])
         total = sum(pl.shape[0] for pl in flat)
         for k in kinds:
-            vectors[k].append(_kind_value(b, k[0], k[1], cat, (total,)))
+            if k[0] == "count":
+                vectors[k].append(b.const(torch.ones(total, dtype=torch.float64), "element_counts"))
+            else:
+                vectors[k].append(_kind_value(b, k[0], k[1], cat, (total,)))
         for pl in flat:
             slice_indices(pl)
     else:
@@ -278,6 +303,9 @@ def _emit_scatter(
             continue
         p = b.param(pl.name)
         for k in kinds:
+            if k[0] == "count":
+                vectors[k].append(b.const(_count_vector(pl), "element_counts"))
+                continue
             v = _kind_value(b, k[0], k[1], p, pl.shape)
             parts: list[Var] = []
             if pl.axes == (0, 1):
@@ -503,7 +531,7 @@ def compile(
     order = _spec_dag(requests)
     slices = select_slices(structure, inc, ign)
     b = Builder()
-    ctx = Context(b, structure, slices)
+    ctx = Context(b, structure, slices, include=inc, ignore=ign)
     rank = {n: i for i, n in enumerate(order)}
     outs_by_req: dict[str, Any] = {}
     for r, (d, opts) in sorted(zip(requests, resolved), key=lambda x: rank[x[0].name]):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from .errors import StructureError
 
 __all__ = [
+    "AxisPart",
     "CostAxis",
     "CostOp",
     "Param",
@@ -183,24 +184,62 @@ class Param:
 
 
 @dataclass(frozen=True)
+class AxisPart:
+    """Positions of a cost axis that follow one unit group: `index[i]` is the unit of position `i` (or -1)."""
+
+    group: str
+    index: tuple[Run, ...]
+
+    def index_list(self) -> list[int]:
+        return runs_to_list(self.index)
+
+
+@dataclass(frozen=True)
 class CostAxis:
-    """One axis of a costed op. Active size = (active units of `group`) * `scale`; static if no group."""
+    """One axis of a costed op, `size` positions long.
+
+    Coarse form: active size = (active units of `group`) * `scale`; static (always `size`) if no group.
+    Exact form (`parts` non-empty, `group` ignored): position `i` is inactive when a part maps it to an
+    inactive unit, so an axis fed by a concat of several groups (densenet), a flatten (`repeat`) or partly
+    by no group (the RGB input of a stem conv) counts exactly the positions that physical pruning keeps.
+    Parts cover disjoint positions.
+    """
 
     name: str
     size: int
     group: str | None = None
     scale: int = 1
+    parts: tuple[AxisPart, ...] = ()
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The unit groups this axis follows."""
+        if self.parts:
+            return tuple(dict.fromkeys(p.group for p in self.parts))
+        return (self.group,) if self.group is not None else ()
 
 
 @dataclass(frozen=True)
 class CostOp:
-    """A costed computation of the example forward pass (1 MAC = one multiply-add)."""
+    """A costed computation of the example forward pass (1 MAC = one multiply-add).
+
+    `macs` are the dense MACs of the op as traced; active MACs = `macs` * prod(active / size) over `axes`.
+    `baseline_macs` keeps the dense MACs of the original (unpruned) model after physical pruning, so
+    compression stays relative to it (defaults to `macs`). `param` is the weight the op multiplies with
+    (canonical name; "" for weightless ops such as attention matmuls).
+    """
 
     name: str
     module: str
     kind: str
     macs: int
     axes: tuple[CostAxis, ...] = ()
+    param: str = ""
+    baseline_macs: int = -1
+
+    def __post_init__(self) -> None:
+        if self.baseline_macs < 0:
+            object.__setattr__(self, "baseline_macs", self.macs)
 
 
 @dataclass(frozen=True)
@@ -288,19 +327,36 @@ class Structure:
                             f"group {g.name!r}: slice of {s.param!r} maps to units outside 0..{g.size - 1}"
                         )
         for op in self.ops:
+            if op.param and op.param not in names:
+                raise StructureError(f"cost op {op.name!r} refers to unknown parameter {op.param!r}")
             for a in op.axes:
                 if a.group is not None and a.group not in seen_groups:
                     raise StructureError(f"cost op {op.name!r} axis {a.name!r} refers to unknown group {a.group!r}")
+                for part in a.parts:
+                    g = self.group_map.get(part.group)
+                    if g is None:
+                        raise StructureError(
+                            f"cost op {op.name!r} axis {a.name!r} refers to unknown group {part.group!r}"
+                        )
+                    if runs_length(part.index) != a.size:
+                        raise StructureError(
+                            f"cost op {op.name!r} axis {a.name!r}: a part of group {part.group!r} has "
+                            f"{runs_length(part.index)} entries, expected {a.size}"
+                        )
+                    if any(u >= g.size for u in part.index_list()):
+                        raise StructureError(
+                            f"cost op {op.name!r} axis {a.name!r} maps to units outside 0..{g.size - 1} of {g.name!r}"
+                        )
 
     # ------------------------------------------------------------ serialization
     def to_dict(self) -> dict:
         return {
             "format": "wt.structure/1",
             "model": self.model,
-            "params": [asdict(p) for p in self.params],
+            "params": [_shallow(p) for p in self.params],
             "groups": [
                 {
-                    **{k: v for k, v in asdict(g).items() if k != "slices"},
+                    **_shallow(g, skip="slices"),
                     "slices": [
                         {
                             "param": s.param,
@@ -314,7 +370,7 @@ class Structure:
                 }
                 for g in self.groups
             ],
-            "ops": [asdict(o) for o in self.ops],
+            "ops": [_op_to_dict(o) for o in self.ops],
             "uncoupled": list(self.uncoupled),
         }
 
@@ -345,10 +401,7 @@ class Structure:
             )
             for g in d["groups"]
         )
-        ops = tuple(
-            CostOp(o["name"], o["module"], o["kind"], o["macs"], tuple(CostAxis(**a) for a in o["axes"]))
-            for o in d["ops"]
-        )
+        ops = tuple(_op_from_dict(o) for o in d["ops"])
         return cls(params, groups, ops, d.get("model", ""), tuple(d.get("uncoupled", ())))
 
     @classmethod
@@ -368,6 +421,39 @@ class Structure:
         return format_structure(self)
 
 
+def _op_to_dict(o: CostOp) -> dict:
+    """Fields added after the first release (parts, param, baseline_macs) are written only when set, so the
+    JSON (and fingerprint) of a structure that does not use them is unchanged."""
+    axes = []
+    for a in o.axes:
+        ad: dict = {"name": a.name, "size": a.size, "group": a.group, "scale": a.scale}
+        if a.parts:
+            ad["parts"] = [[p.group, [[r.length, r.start, r.step, r.repeat] for r in p.index]] for p in a.parts]
+        axes.append(ad)
+    d: dict = {"name": o.name, "module": o.module, "kind": o.kind, "macs": o.macs, "axes": axes}
+    if o.param:
+        d["param"] = o.param
+    if o.baseline_macs != o.macs:
+        d["baseline_macs"] = o.baseline_macs
+    return d
+
+
+def _op_from_dict(o: dict) -> CostOp:
+    axes = tuple(
+        CostAxis(
+            a["name"], a["size"], a.get("group"), a.get("scale", 1),
+            tuple(AxisPart(g, tuple(Run(*r) for r in runs)) for g, runs in a.get("parts", ())),
+        )
+        for a in o["axes"]
+    )
+    return CostOp(o["name"], o["module"], o["kind"], o["macs"], axes, o.get("param", ""), o.get("baseline_macs", -1))
+
+
+def _shallow(obj: object, skip: str = "") -> dict:
+    """The fields of a flat dataclass as a dict (`asdict` deep-copies nested slices only to drop them)."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name != skip}
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[int] = ()) -> str:
     cells = [[str(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
@@ -379,7 +465,13 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequ
 
 
 def _axes(o: CostOp) -> str:
-    return " x ".join(f"{a.name}={a.size}" + (f"[{a.group}]" if a.group else "") for a in o.axes)
+    def groups(a: CostAxis) -> str:
+        gs = a.groups
+        if not gs:
+            return ""
+        return "[" + gs[0] + (f" +{len(gs) - 1} more" if len(gs) > 1 else "") + "]"
+
+    return " x ".join(f"{a.name}={a.size}" + groups(a) for a in o.axes)
 
 
 def _members(g: UnitGroup, limit: int = 3) -> str:
