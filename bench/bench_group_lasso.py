@@ -56,8 +56,9 @@ def bench_model(name: str, reps: int, compiled: bool) -> None:
     import torch_pruning as tp
 
     t_tp = min(once(lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x)) for _ in range(3))
-    t_trace = min(once(lambda: trace(model, x)) for _ in range(3))
-    structure = trace(model, x)
+    t_trace = min(once(lambda: trace(model, x, costs=False)) for _ in range(3))
+    t_costs = min(once(lambda: trace(model, x)) for _ in range(2))
+    structure = trace(model, x, costs=False)
 
     def build_program() -> None:
         wtcore.clear_cache()
@@ -111,6 +112,8 @@ def bench_model(name: str, reps: int, compiled: bool) -> None:
           f"in {len(structure.groups)} groups")
     print(f"build: wt trace {t_trace:.3f}s + compile {t_compile:.3f}s = {t_trace + t_compile:.3f}s; "
           f"Torch-Pruning build_dependency {t_tp:.3f}s; ratio {(t_trace + t_compile) / t_tp:.2f}x")
+    print(f"build with the cost model (one more forward pass): {t_costs + t_compile:.3f}s; "
+          f"ratio {(t_costs + t_compile) / t_tp:.2f}x")
     print(f"floor fwd {med['floor fwd'] * 1e3:.2f} ms, floor fwd+bwd {med['floor fwd+bwd'] * 1e3:.2f} ms, "
           f"read floor {med['read floor'] * 1e3:.2f} ms")
     for k, v in med.items():
