@@ -75,6 +75,7 @@ class Context:
     _memo: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = field(default_factory=dict)
     include: tuple[str, ...] | None = None  # the compile filters, for specs that select ops or parameters
     ignore: tuple[str, ...] = ()
+    backend: str | None = None  # torch.compile backend, for specs whose fastest formulation depends on it
 
     def selects(self, *names: str) -> bool:
         """Whether the compile filters keep something named `names` (a parameter and/or module name)."""
@@ -443,6 +444,40 @@ def _dce(b: Builder, outputs: Iterable[Var]) -> None:
     b.consts = {v: t for v, t in b.consts.items() if v in live}
 
 
+def _schedule(b: Builder) -> None:
+    """Order the equations parameter by parameter: a topological sort that always runs the ready equation
+    whose inputs come from the earliest parameter. Specs emit per spec (all parameters for N:M, then all for
+    sparsity, ...) and the unit reduction is lowered last, so emission order keeps every parameter's large
+    intermediates alive to the end of the program; in this order each is produced, reduced and freed (by
+    codegen's `del`) before the next parameter is read, and stays in cache while it is reused."""
+    import heapq
+
+    first_param: dict[str, int] = {}
+    rank: dict[Var, int] = {}
+    users: dict[Var, list[int]] = {}
+    pending = []
+    for i, e in enumerate(b.eqns):
+        deps = list(dict.fromkeys(_vars(e.args)))
+        if e.prim == "param":
+            rank[e.out] = first_param.setdefault(e.args[0], len(first_param))
+        else:
+            rank[e.out] = max((rank[v] for v in deps), default=-1)
+        for v in deps:
+            users.setdefault(v, []).append(i)
+        pending.append(len(deps))
+    ready = [(rank[e.out], i) for i, e in enumerate(b.eqns) if pending[i] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, i = heapq.heappop(ready)
+        order.append(i)
+        for j in users.get(b.eqns[i].out, ()):
+            pending[j] -= 1
+            if pending[j] == 0:
+                heapq.heappush(ready, (rank[b.eqns[j].out], j))
+    b.eqns = [b.eqns[i] for i in order]
+
+
 def _codegen(b: Builder, outputs: list[tuple[str, Var]]) -> tuple[str, list[str], list[torch.Tensor]]:
     param_names = list(dict.fromkeys(e.args[0] for e in b.eqns if e.prim == "param"))
     param_pos = {n: i for i, n in enumerate(param_names)}
@@ -531,7 +566,7 @@ def compile(
     order = _spec_dag(requests)
     slices = select_slices(structure, inc, ign)
     b = Builder()
-    ctx = Context(b, structure, slices, include=inc, ignore=ign)
+    ctx = Context(b, structure, slices, include=inc, ignore=ign, backend=backend)
     rank = {n: i for i, n in enumerate(order)}
     outs_by_req: dict[str, Any] = {}
     for r, (d, opts) in sorted(zip(requests, resolved), key=lambda x: rank[x[0].name]):
@@ -550,6 +585,7 @@ def compile(
     outputs = [(k, replace.get(v, v)) for k, v in outputs]
     _fold_constants(b)
     _dce(b, [v for _, v in outputs])
+    _schedule(b)
     code, param_names, consts = _codegen(b, outputs)
     program = Program(
         structure=structure,

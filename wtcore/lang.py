@@ -112,6 +112,32 @@ PRIMITIVES: dict[str, Primitive] = {
     ),
 }
 
+# Cost and sparsity primitives (wtcore/specs/costs.py, sparsity.py): float-only counting, no bool tensors.
+PRIMITIVES.update({
+    "sign": Primitive("sign", _f("{}.sign()"), "-1, 0 or 1 (sign of |w| is an exact 0/1 nonzero indicator)"),
+    "clamp": Primitive("clamp", _f("{}.clamp({}, {})"), "clamp between two scalars"),
+    "dot": Primitive("dot", _f("torch.dot({}.reshape(-1), {}.reshape(-1))"), "sum of products in one read (BLAS)"),
+    "stack0": Primitive("stack0", lambda *xs: f"torch.stack({_list(xs)})", "stack 0-d values into a vector"),
+})
+
+# Mask primitives (wtcore/specs/masks.py): fixed-size sorts, dense max reductions and block reshapes.
+PRIMITIVES.update({
+    "amax": Primitive("amax", lambda x, dims: f"{x}.amax({dims})", "max over `dims` (dense per-unit max-abs)"),
+    "argsort": Primitive(
+        "argsort", _f("torch.argsort({}, dim={}, stable=True)"), "stable ascending argsort (constant length)"
+    ),
+    "round": Primitive("round", _f("torch.round({})"), "round half to even, like Python's round"),
+    "ceil": Primitive("ceil", _f("torch.ceil({})")),
+    "to_float64": Primitive("to_float64", _f("{}.to(torch.float64)"), "cast to float64 (exact counts)"),
+    "minimum": Primitive("minimum", _f("{}.clamp(max={})"), "elementwise min with a scalar or a tensor"),
+    "permute": Primitive("permute", _f("{}.permute({})")),
+    "pad_inf": Primitive(
+        "pad_inf", _f("torch.nn.functional.pad({}, {}, value=float('inf'))"), "pad trailing dims with +inf"
+    ),
+    "narrow": Primitive("narrow", _f("{}.narrow({}, {}, {})")),
+    "expand": Primitive("expand", _f("{}.expand({})")),
+})
+
 
 def wt_acc(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()

@@ -1,0 +1,133 @@
+"""All-metrics `track()` (structured BOPs + unstructured sparsity + 2:4 + pruning summary) against the floor.
+
+    python bench/bench_track.py [--models resnet50 vit_b_16] [--reps 15] [--no-compile]
+
+Floor (DESIGN.md): `sum(p.pow(2).sum() for p in params)` under no_grad. Printed numbers are ratios
+(time / floor time), medians over interleaved repetitions in one process:
+
+* `program`: the fused program alone (eager, and compiled with backend="inductor");
+* `track()`: the whole call a training loop makes (effective parameters, the program, one host sync and
+  the flat dict of floats), eager and compiled.
+
+Build time: wt trace with the cost model (one extra forward pass, fvcore) against Torch-Pruning's
+`build_dependency` alone. When the torch-weighttracker package is installed, its structured-BOPs `track()`
+runs on the same model in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleaved_medians, once
+
+import wtcore
+from wtfront.models import load_model
+from wtfront.trace import trace
+from wtfront.tracker import WeightTracker
+
+KINDS = ["structured_bops", "unstructured_sparsity", "nm_sparsity", "group_pruning_summary"]
+
+
+def bench_model(name: str, reps: int, compiled: bool) -> dict[str, float]:
+    ref = load_model(f"torchvision:{name}")
+    model, x = ref.model, ref.example_inputs
+    plist = [p for p in model.parameters()]
+
+    import torch_pruning as tp
+
+    structure = trace(model, x)  # warm-up (imports, first-call costs)
+    t_tp = min(once(lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x)) for _ in range(3))
+    t_nocost = min(once(lambda: trace(model, x, costs=False)) for _ in range(3))
+    t_trace = min(once(lambda: trace(model, x)) for _ in range(3))
+
+    tracker = WeightTracker(model, x, structure=structure)
+    tracker.create_tracker(KINDS)
+    wtcore.clear_cache()
+    t_compile = once(tracker.program)
+    prog = tracker.program()
+    params = tracker.params()
+
+    def floor_fwd() -> torch.Tensor:
+        with torch.no_grad():
+            return sum(p.pow(2).sum() for p in plist)
+
+    def program_eager() -> object:
+        with torch.no_grad():
+            return prog(params)
+
+    fns = {"floor fwd": floor_fwd, "program eager": program_eager, "track() eager": tracker.track}
+    if compiled:
+        ctracker = WeightTracker(model, x, structure=structure, backend="inductor")
+        ctracker.create_tracker(KINDS)
+        cprog = ctracker.program()
+        t0 = time.perf_counter()
+        ctracker.track()
+        t_inductor = time.perf_counter() - t0
+
+        def program_compiled() -> object:
+            with torch.no_grad():
+                return cprog(params)
+
+        fns |= {"program compiled": program_compiled, "track() compiled": ctracker.track}
+    wtt = _weighttracker(model, x)
+    if wtt is not None:
+        fns["torch-weighttracker structured_bops track()"] = wtt
+    med = interleaved_medians(fns, reps=reps)
+
+    n = sum(p.numel() for p in plist)
+    metrics = tracker.track()
+    print(f"\n== {name}: {len(plist)} parameters, {n / 1e6:.1f}M elements, {len(structure.ops)} cost ops, "
+          f"{structure.num_units} units; track() returns {len(metrics)} keys")
+    print(f"build: wt trace {t_trace:.2f}s (without costs {t_nocost:.2f}s, so the cost model adds "
+          f"{t_trace - t_nocost:.2f}s); Torch-Pruning build_dependency {t_tp:.2f}s; compile {t_compile:.2f}s"
+          + (f"; first compiled call (inductor) {t_inductor:.1f}s" if compiled else ""))
+    print(f"floor fwd {med['floor fwd'] * 1e3:.2f} ms")
+    ratios = {}
+    for k, v in med.items():
+        if k == "floor fwd":
+            continue
+        ratios[k] = v / med["floor fwd"]
+        print(f"  {k:44s} {v * 1e3:8.2f} ms   {ratios[k]:5.2f}x floor")
+    return ratios
+
+
+def _weighttracker(model: torch.nn.Module, x: torch.Tensor):
+    try:
+        from torch_weighttracker import WeightTracker as TWT
+    except ImportError:
+        print("(torch-weighttracker not installed: pip install torch-weighttracker to compare)")
+        return None
+    try:
+        t = TWT(model, example_inputs=x)
+        t.create_tracker("structured_bops", log_total_bops=True)
+    except Exception as e:
+        print(f"(torch-weighttracker failed on this model: {type(e).__name__}: {e})")
+        return None
+
+    def run() -> object:
+        with torch.no_grad():
+            return t.track()
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16"])
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times are medians of {args.reps} "
+          f"interleaved repetitions; {time.strftime('%Y-%m-%d')}; tracked: {', '.join(KINDS)}")
+    for m in args.models:
+        bench_model(m, args.reps, compiled=not args.no_compile)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,621 @@
+"""The cost model: baseline MACs of every costed op of the example forward pass, its cost axes, bit widths.
+
+fvcore's `FlopCountAnalysis` is the counter (its convention: 1 "flop" = 1 MAC = one multiply-add, bias and
+element-wise work not counted). We give it our own handles so that
+
+* every counted node is recorded separately: each handle returns a Counter with a key unique to the node,
+  so fvcore's per-module aggregation tells us the node's module scope (the deepest module holding the key);
+* the weight a conv/linear/matmul multiplies with is resolved to the model parameter it reads (a traced
+  `prim::Param` input, through transposes, `nn.utils.prune` masks and parametrizations), so an op's cost
+  axes are exactly the sliced axes of its weight: out/in features of a linear, out/in channels of a conv,
+  the single channel axis of a depthwise conv (Torch-Pruning prunes its in- and out-channels together),
+  the full in-channel axis of a grouped conv;
+* what fvcore misses is counted: `scaled_dot_product_attention` (and its flash/efficient variants),
+  `nn.MultiheadAttention`'s fast path (`_native_multi_head_attention`), `baddbmm`; the attention score
+  (QKᵀ) and context (A·V) matmuls become two ops.
+
+For a weight op, MACs = (uses of each weight element) x numel(weight) in fvcore's convention, so
+active MACs = MACs x prod over the weight's sliced axes of (active positions / positions): what fvcore
+counts on the physically pruned model. Counting adds exactly one forward pass (fvcore's jit trace).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from wtcore.errors import TraceError, WtError
+from wtcore.ir import AxisPart, CostAxis, CostOp, Structure
+
+__all__ = [
+    "BitsSpec",
+    "OpRecord",
+    "add_costs",
+    "count_ops",
+    "fake_quant_bits",
+    "op_macs",
+    "resolve_bits",
+    "with_baseline",
+]
+
+
+# ------------------------------------------------------------------------------------------ records
+@dataclass
+class OpRecord:
+    """One counted node of the traced forward pass."""
+
+    kind: str  # conv | linear | matmul | attn_qk | attn_av | einsum
+    macs: int
+    weight: torch.Tensor | None = None  # the parameter the op multiplies with, if any
+    weight_operand: int = 1  # matmul: which operand the weight is (0: W @ x, 1: x @ W)
+    transposed: bool = False
+    groups: int = 1
+    static_axes: tuple[tuple[str, int], ...] = ()
+    scope: str = ""
+    key: str = ""
+
+
+def _shape(v: Any) -> list[int] | None:
+    return v.type().sizes() if v.isCompleteTensor() else None
+
+
+def _prod(xs: Sequence[int]) -> int:
+    return math.prod(int(x) for x in xs)
+
+
+class _Resolver:
+    """Maps a traced value back to the model parameter it reads.
+
+    `torch.jit._get_trace_graph` feeds the flattened inputs and then `_unique_state_dict(module)` as graph
+    inputs (`prim::Param` outputs), in that order, so a `prim::Param` value's offset indexes that list.
+    """
+
+    PASS = frozenset({
+        "aten::t", "aten::transpose", "aten::permute", "aten::contiguous", "aten::to", "aten::type_as",
+        "aten::detach", "aten::view", "aten::reshape", "aten::mul", "aten::_weight_norm", "aten::clone",
+        "aten::numpy_T", "aten::mT", "aten::expand", "aten::unsqueeze", "aten::squeeze",
+    })
+
+    def __init__(self, module: nn.Module, params: Mapping[int, str]) -> None:
+        self.state = list(torch.jit._unique_state_dict(module, keep_vars=True).values())
+        self.params = params  # id(tensor) -> canonical name, parameters only
+
+    def __call__(self, v: Any, depth: int = 0) -> torch.Tensor | None:
+        want = _shape(v)
+        t = self._find(v, depth)
+        if t is None or want is None or t.numel() != _prod(want):
+            return None
+        return t
+
+    def _find(self, v: Any, depth: int) -> torch.Tensor | None:
+        n = v.node()
+        if n.kind() == "prim::Param":
+            i = v.offset() - (n.outputsSize() - len(self.state))
+            if 0 <= i < len(self.state) and id(self.state[i]) in self.params:
+                return self.state[i]
+            return None
+        if depth >= 6:
+            return None
+        if "fake_quant" in n.kind():  # torch.ao fake quantization of a weight: the weight is input 0
+            return self._find(n.inputsAt(0), depth + 1)
+        if n.kind() not in self.PASS:
+            return None
+        found = [t for t in (self._find(i, depth + 1) for i in n.inputs()) if t is not None]
+        return found[0] if len(found) == 1 else None
+
+
+def _conv(r: _Resolver, inputs: list, outputs: list) -> list[OpRecord]:
+    x, w = inputs[:2]
+    transposed = bool(inputs[6].toIValue())
+    groups = int(inputs[8].toIValue())
+    xs, ws, os_ = _shape(x), _shape(w), _shape(outputs[0])
+    macs = xs[0] * _prod(ws) * _prod((xs if transposed else os_)[2:])  # fvcore.conv_flop_count
+    return [OpRecord("conv", macs, r(w), transposed=transposed, groups=groups)]
+
+
+def _linear(r: _Resolver, inputs: list, outputs: list) -> list[OpRecord]:
+    xs, ws = _shape(inputs[0]), _shape(inputs[1])
+    return [OpRecord("linear", _prod(xs) * ws[0], r(inputs[1]))]
+
+
+def _addmm(r: _Resolver, inputs: list, outputs: list) -> list[OpRecord]:
+    a, b = _shape(inputs[1]), _shape(inputs[2])
+    return [OpRecord("linear", a[0] * a[1] * b[1], r(inputs[2]))]
+
+
+def _matmul(r: _Resolver, inputs: list, outputs: list) -> list[OpRecord]:
+    a, b = _shape(inputs[0]), _shape(inputs[1])
+    if len(b) == 1:  # matrix-vector
+        macs = _prod(a)
+    elif len(a) == 1:
+        macs = _prod(b)
+    else:
+        batch = torch.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2]))
+        macs = _prod(batch) * a[-2] * a[-1] * b[-1]
+    for operand in (1, 0):
+        w = r(inputs[operand])
+        if w is not None and w.dim() == 2:
+            return [OpRecord("matmul", macs, w, weight_operand=operand)]
+    return [OpRecord("matmul", macs)]
+
+
+def _baddbmm(r: _Resolver, inputs: list, outputs: list) -> list[OpRecord]:
+    """baddbmm / addmv: `input + batch1 @ batch2` (the addition is not counted)."""
+    return _matmul(r, inputs[1:3], outputs)
+
+
+def _einsum(r: _Resolver, inputs: list, outputs: list) -> list[OpRecord]:
+    from fvcore.nn.jit_handles import einsum_flop_jit
+
+    return [OpRecord("einsum", int(einsum_flop_jit(inputs, outputs)))]
+
+
+def _attention(q: list[int], k: list[int], v: list[int]) -> list[OpRecord]:
+    """QKᵀ and A·V of one attention call, from q [..., L, E], k [..., S, E], v [..., S, Ev]."""
+    batch, length, e = _prod(q[:-2]), q[-2], q[-1]
+    s, ev = k[-2], v[-1]
+    heads = (("heads", q[-3]),) if len(q) >= 3 else ()
+    return [
+        OpRecord("attn_qk", batch * length * s * e, static_axes=(*heads, ("head_dim", e))),
+        OpRecord("attn_av", batch * length * s * ev, static_axes=(*heads, ("head_dim", ev))),
+    ]
+
+
+def _sdpa(r: _Resolver, inputs: list, outputs: list) -> list[OpRecord]:
+    return _attention(_shape(inputs[0]), _shape(inputs[1]), _shape(inputs[2]))
+
+
+def _native_mha(r: _Resolver, inputs: list, outputs: list) -> list[OpRecord]:
+    """`nn.MultiheadAttention`'s fast path: in-projection, QKᵀ, A·V and out-projection in one node."""
+    q, k, _v = (_shape(x) for x in inputs[:3])
+    e, heads = int(inputs[3].toIValue()), int(inputs[4].toIValue())
+    qkv_w, proj_w = inputs[5], inputs[7]
+    batch = _prod(q[:-2])
+    length, s = q[-2], k[-2]
+    hd = e // heads
+    attn = _attention([batch, heads, length, hd], [batch, heads, s, hd], [batch, heads, s, hd])
+    return [
+        OpRecord("linear", batch * (length + 2 * s) * e * e, r(qkv_w)),
+        *attn,
+        OpRecord("linear", batch * length * e * e, r(proj_w)),
+    ]
+
+
+_HANDLERS: dict[str, Callable[[_Resolver, list, list], list[OpRecord]]] = {
+    "aten::_convolution": _conv,
+    "aten::linear": _linear,
+    "aten::addmm": _addmm,
+    "aten::matmul": _matmul,
+    "aten::mm": _matmul,
+    "aten::mv": _matmul,
+    "aten::addmv": _baddbmm,
+    "aten::bmm": _matmul,
+    "aten::baddbmm": _baddbmm,
+    "aten::einsum": _einsum,
+    "aten::scaled_dot_product_attention": _sdpa,
+    "aten::_scaled_dot_product_flash_attention": _sdpa,
+    "aten::_scaled_dot_product_efficient_attention": _sdpa,
+    "aten::_scaled_dot_product_flash_attention_for_cpu": _sdpa,
+    "aten::_native_multi_head_attention": _native_mha,
+}
+# ops with multiply-adds that no handle counts: reported instead of silently missing from the total
+_MAC_LIKE = re.compile(r"conv|attention|linear|matmul|bmm|^aten::mm$|^aten::mv$|addm|einsum|transformer|_mha")
+
+
+# ------------------------------------------------------------------------------------------ counting
+class _Flat(nn.Module):
+    """Calls the model with its example inputs rebuilt from the tensors jit tracing passes, and returns the
+    output tensors as a flat tuple (jit tracing takes tensors only, and fails on `None` outputs)."""
+
+    def __init__(self, model: nn.Module, build: Callable[[tuple[torch.Tensor, ...]], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self._build = build
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args, kwargs = self._build(tensors)
+        out = self.model(*args, **kwargs)
+        return tuple(_tensors(out))
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple[torch.Tensor, ...], Callable]:
+    """The top-level tensors of the example inputs, and how to rebuild (args, kwargs) from them."""
+    if isinstance(example_inputs, Mapping):
+        keys = list(example_inputs)
+        vals = [example_inputs[k] for k in keys]
+    else:
+        keys = None
+        vals = list(example_inputs) if isinstance(example_inputs, (list, tuple)) else [example_inputs]
+    pos = [i for i, v in enumerate(vals) if isinstance(v, torch.Tensor)]
+
+    def build(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple, dict]:
+        full = list(vals)
+        for i, t in zip(pos, tensors):
+            full[i] = t
+        return ((), dict(zip(keys, full))) if keys is not None else (tuple(full), {})
+
+    return tuple(vals[i] for i in pos), build
+
+
+@contextmanager
+def _counting_state(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no BatchNorm statistics update, no dropout) and autograd on; restored afterwards."""
+    modules = list(model.modules())
+    training = [(m, m.training) for m in modules]
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.eval()
+            yield
+    finally:
+        for m, flag in training:
+            m.training = flag
+
+
+def count_ops(model: nn.Module, example_inputs: Any) -> list[OpRecord]:
+    """Every costed node of one forward pass on `example_inputs`, in execution order, with its module scope
+    (qualified module name) and, for weight ops, the parameter it multiplies with. Zero-MAC nodes are dropped.
+
+    Raises `TraceError` if the jit trace fails or a node with multiply-adds has no handle.
+    """
+    with warnings.catch_warnings():  # fvcore's import scripts a function (torch.jit.script is deprecated)
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
+    tensors, build = _split_inputs(example_inputs)
+    wrapper = _Flat(model, build)
+    params = {id(p): n for n, p in model.named_parameters()}
+    records: list[OpRecord] = []
+    resolver = _Resolver(wrapper, params)
+
+    def handle(fn: Callable[[_Resolver, list, list], list[OpRecord]]) -> Callable[[list, list], Counter]:
+        def h(inputs: list, outputs: list) -> Counter:
+            out: Counter = Counter()
+            for rec in fn(resolver, inputs, outputs):
+                if rec.macs <= 0:
+                    continue
+                rec.key = f"{rec.kind}#{len(records)}"
+                records.append(rec)
+                out[rec.key] = int(rec.macs)
+            return out
+
+        return h
+
+    with _counting_state(model):
+        try:
+            fca = FlopCountAnalysis(wrapper, tensors)
+            fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            fca.clear_op_handles()
+            fca.set_op_handle(**{k: handle(f) for k, f in _HANDLERS.items()})
+            by_module = fca.by_module_and_operator()
+            unsupported = fca.unsupported_ops()
+        except Exception as e:
+            raise TraceError(
+                f"counting MACs of {type(model).__name__} failed (fvcore's jit trace): {type(e).__name__}: {e}; "
+                "pass costs=False to trace without cost ops"
+            ) from e
+    missing = sorted(k for k in unsupported if _MAC_LIKE.search(k))
+    if missing:
+        raise TraceError(
+            f"the forward pass of {type(model).__name__} runs {missing}, whose MACs wt cannot count; "
+            "for nn.MultiheadAttention/TransformerEncoderLayer fast paths, make the parameters require grad "
+            "while tracing, or pass costs=False"
+        )
+    # the scope of a node is the deepest module whose counter holds its key (fvcore adds it to all ancestors)
+    scope: dict[str, str] = {}
+    for name, counter in by_module.items():
+        for key in counter:
+            if key not in scope or len(name) > len(scope[key]):
+                scope[key] = name
+    for rec in records:
+        s = scope.get(rec.key, "")
+        rec.scope = s[len("model."):] if s.startswith("model.") else ("" if s == "model" else s)
+    return records
+
+
+# ------------------------------------------------------------------------------------------ cost ops
+_WEIGHT_SUFFIXES = (".parametrizations.weight.original", ".weight_orig", ".weight")
+
+
+def _weight_op_name(pname: str) -> tuple[str, str]:
+    """(op name, owning module) of a weight op from its parameter's canonical name: a module's `weight`
+    (also through nn.utils.prune / parametrize) names the op after the module; any other parameter after
+    itself without a `_weight` suffix (`attn.in_proj_weight` -> `attn.in_proj`)."""
+    for suf in _WEIGHT_SUFFIXES:
+        if pname.endswith(suf):
+            mod = pname[: -len(suf)]
+            return mod, mod
+        if pname == suf[1:]:
+            return "", ""
+    mod = pname.rpartition(".")[0]
+    return pname.removesuffix("_orig").removesuffix("_weight"), mod
+
+
+def _is_depthwise(rec: OpRecord, w: torch.Tensor) -> bool:
+    """Torch-Pruning's definition: groups == out_channels > 1."""
+    return not rec.transposed and rec.groups > 1 and rec.groups == w.shape[0]
+
+
+def _axis(structure: Structure, slices: Mapping[tuple[str, int], list], pname: str, axis: int, name: str,
+          size: int) -> CostAxis:
+    parts = tuple(AxisPart(g, s.index) for g, s in slices.get((pname, axis), ()))
+    if parts:
+        size = sum(r.length for r in parts[0].index)
+    return CostAxis(name, size, parts=parts)
+
+
+def _weight_axes(structure: Structure, slices: Mapping, pname: str, rec: OpRecord) -> tuple[str, tuple]:
+    shape = structure.param_map[pname].shape
+    if rec.kind == "conv":
+        if rec.transposed:
+            return "conv_transpose", (
+                _axis(structure, slices, pname, 0, "in", shape[0]),
+                _axis(structure, slices, pname, 1, "out", shape[1] * rec.groups),
+            )
+        if _is_depthwise(rec, rec.weight):
+            return "depthwise_conv", (_axis(structure, slices, pname, 0, "channels", shape[0]),)
+        kind = "grouped_conv" if rec.groups > 1 else "conv"
+        return kind, (
+            _axis(structure, slices, pname, 0, "out", shape[0]),
+            _axis(structure, slices, pname, 1, "in", shape[1] * rec.groups),
+        )
+    if len(shape) != 2:
+        return rec.kind, ()
+    if rec.kind == "matmul" and rec.weight_operand == 1:  # x @ W: W is [in, out]
+        return "matmul", (_axis(structure, slices, pname, 1, "out", shape[1]),
+                          _axis(structure, slices, pname, 0, "in", shape[0]))
+    return rec.kind, (_axis(structure, slices, pname, 0, "out", shape[0]),
+                      _axis(structure, slices, pname, 1, "in", shape[1]))
+
+
+def cost_ops(structure: Structure, model: nn.Module, records: Sequence[OpRecord]) -> tuple[CostOp, ...]:
+    """CostOps from counted nodes: one op per weight (its uses summed: a module called twice is one op),
+    one per weightless node (attention matmuls: `<scope>:qk`, `<scope>:av`; others `<scope>:<kind>`, with
+    `#2`, `#3`, ... for repeats in one scope)."""
+    canon: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        canon.setdefault(id(p), n)
+    slices: dict[tuple[str, int], list] = {}
+    for g in structure.groups:
+        for s in g.slices:
+            slices.setdefault((s.param, s.axis), []).append((g.name, s))
+    ops: dict[str, CostOp] = {}
+    weightless: Counter = Counter()
+    for rec in records:
+        pname = canon.get(id(rec.weight)) if rec.weight is not None else None
+        if pname is not None and pname in structure.param_map:
+            name, module = _weight_op_name(pname)
+            name = name or rec.scope or type(model).__name__
+            kind, axes = _weight_axes(structure, slices, pname, rec)
+            prev = ops.get(name)
+            if prev is not None:
+                if prev.param != pname or prev.kind != kind:
+                    raise TraceError(f"two costed ops are both named {name!r} ({prev.kind} of {prev.param!r} and "
+                                     f"{kind} of {pname!r})")
+                ops[name] = replace(prev, macs=prev.macs + rec.macs, baseline_macs=-1)
+                continue
+            ops[name] = CostOp(name, module, kind, int(rec.macs), axes, param=pname)
+            continue
+        suffix = {"attn_qk": "qk", "attn_av": "av"}.get(rec.kind, rec.kind)
+        base = f"{rec.scope}:{suffix}" if rec.scope else suffix  # ':' never occurs in module names
+        weightless[base] += 1
+        name = base if weightless[base] == 1 else f"{base}#{weightless[base]}"
+        axes = tuple(CostAxis(n, int(s)) for n, s in rec.static_axes)
+        ops[name] = CostOp(name, rec.scope, rec.kind, int(rec.macs), axes)
+    return tuple(ops.values())
+
+
+def add_costs(structure: Structure, model: nn.Module, example_inputs: Any) -> Structure:
+    """`structure` with its cost ops: one forward pass of `model` on `example_inputs` (fvcore's jit trace)."""
+    return replace(structure, ops=cost_ops(structure, model, count_ops(model, example_inputs)))
+
+
+def op_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """Dense MACs per op name of a model as it is now (e.g. physically pruned), named like `add_costs` names
+    them. Uses a trivial structure, so it needs no Torch-Pruning trace."""
+    from wtcore.ir import Param
+
+    params = tuple(Param(n, tuple(p.shape)) for n, p in model.named_parameters())
+    s = Structure(params, ())
+    return {o.name: o.macs for o in cost_ops(s, model, count_ops(model, example_inputs))}
+
+
+def with_baseline(structure: Structure, baseline: Structure) -> Structure:
+    """`structure` (re-traced after physical pruning) with the dense reference of `baseline` (the original
+    model's structure): each op's `baseline_macs` and each group's `baseline_size` come from the op/group of
+    the same name there, so compression and pruned-unit counts stay relative to the original model."""
+    macs = {o.name: o.baseline_macs for o in baseline.ops}
+    sizes = {g.name: g.baseline_size for g in baseline.groups}
+    ops = tuple(replace(o, baseline_macs=macs.get(o.name, o.baseline_macs)) for o in structure.ops)
+    groups = tuple(replace(g, baseline_size=max(sizes.get(g.name, g.baseline_size), g.size)) for g in structure.groups)
+    return replace(structure, ops=ops, groups=groups)
+
+
+# ------------------------------------------------------------------------------------------ bit widths
+BitsSpec = int | Mapping[str, int] | Callable[[str, nn.Module | None], int] | str | None
+
+
+def _check_bits(value: Any, op: str, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) <= 0:
+        raise WtError(f"{what} of op {op!r} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _fq_bits(m: nn.Module) -> int | None:
+    """Bits of a torch.ao FakeQuantize/observer: ceil(log2(quant_max - quant_min + 1)), or its float dtype's."""
+    enabled = getattr(m, "fake_quant_enabled", None)
+    if isinstance(enabled, torch.Tensor) and enabled.numel() and int(enabled.flatten()[0]) == 0:
+        return None
+    qmin, qmax = getattr(m, "quant_min", None), getattr(m, "quant_max", None)
+    if isinstance(qmin, int) and isinstance(qmax, int) and qmax > qmin:
+        return max(1, math.ceil(math.log2(qmax - qmin + 1)))
+    dtype = getattr(m, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return torch.finfo(dtype).bits
+    return None
+
+
+def _is_fq(m: nn.Module) -> bool:
+    from torch.ao.quantization import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+
+    return isinstance(m, (FakeQuantizeBase, ObserverBase))
+
+
+def fake_quant_bits(
+    structure: Structure, model: nn.Module, example_inputs: Any | None = None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(weight bits, activation bits) per op name read from `torch.ao.quantization` fake-quant modules and
+    observers; ops without one are left out.
+
+    Weight bits: the op module's `weight_fake_quant` (QAT modules), or a fake-quant among the parametrizations
+    of its weight. Activation bits: the fake-quant whose output is the op module's input, directly or through
+    parameter-free leaf modules (ReLU, Dropout, pooling), found by one forward pass with hooks (needs
+    `example_inputs`). Inputs reached through functional ops (`x.mean()`), and attention matmuls, which read no
+    module input, are left out.
+    """
+    fqs = [m for m in model.modules() if _is_fq(m)]
+    if not fqs:
+        return {}, {}
+    w_bits: dict[str, int] = {}
+    for op in structure.ops:
+        if not op.param:
+            continue
+        mod = _get(model, op.module)
+        cands = [getattr(mod, "weight_fake_quant", None)]
+        plist = getattr(getattr(mod, "parametrizations", None), "weight", None)
+        if plist is not None:
+            cands += list(plist)
+        for c in cands:
+            if isinstance(c, nn.Module) and _is_fq(c) and (b := _fq_bits(c)) is not None:
+                w_bits[op.name] = b
+                break
+    a_bits: dict[str, int] = {}
+    if example_inputs is None:
+        return w_bits, a_bits
+    produced: dict[int, tuple[torch.Tensor, int]] = {}
+    by_module: dict[str, list[str]] = {}
+    for op in structure.ops:
+        if op.param:
+            by_module.setdefault(op.module, []).append(op.name)
+    handles = []
+
+    def fq_hook(m: nn.Module, args: Any, out: Any) -> None:
+        b = _fq_bits(m)
+        if isinstance(out, torch.Tensor) and b is not None:
+            produced[id(out)] = (out, b)
+
+    def carry_hook(m: nn.Module, args: Any, out: Any) -> None:
+        """A parameter-free leaf module (ReLU, Dropout, pooling) keeps its input's bit width."""
+        x = args[0] if args else None
+        hit = produced.get(id(x)) if isinstance(x, torch.Tensor) else None
+        if hit is not None and hit[0] is x and isinstance(out, torch.Tensor):
+            produced.setdefault(id(out), (out, hit[1]))
+
+    def pre_hook(names: list[str]) -> Callable:
+        def hook(m: nn.Module, args: Any) -> None:
+            x = args[0] if args else None
+            hit = produced.get(id(x)) if isinstance(x, torch.Tensor) else None
+            if hit is not None and hit[0] is x:
+                for n in names:
+                    a_bits.setdefault(n, hit[1])
+
+        return hook
+
+    try:
+        for m in fqs:
+            handles.append(m.register_forward_hook(fq_hook))
+        for m in model.modules():
+            if not _is_fq(m) and not list(m.children()) and not list(m.parameters(recurse=False)):
+                handles.append(m.register_forward_hook(carry_hook))
+        for mod_name, names in by_module.items():
+            handles.append(_get(model, mod_name).register_forward_pre_hook(pre_hook(names)))
+        tensors, build = _split_inputs(example_inputs)
+        args, kwargs = build(tensors)
+        training = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(*args, **kwargs)
+        finally:
+            for m, flag in training:
+                m.training = flag
+    finally:
+        for h in handles:
+            h.remove()
+    return w_bits, a_bits
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name) if name else model
+
+
+def resolve_bits(
+    structure: Structure,
+    model: nn.Module | None,
+    spec: BitsSpec,
+    *,
+    what: str = "weight bits",
+    fake_quant: Mapping[str, int] | None = None,
+    default: int = 32,
+) -> tuple[int, ...]:
+    """Bit width of every op of `structure` (in `structure.ops` order) as plain integers.
+
+    `spec`: an int for every op; a mapping from op names, module names or globs to bits (first matching key
+    wins, unmatched ops get `default`; a key matching no op is an error); a function `(op_name, module) -> int`
+    (module None for an op without one); "fake_quant" (read from fake-quant modules, see `fake_quant_bits`;
+    pass them as `fake_quant`); or None: "fake_quant" where present, `default` elsewhere.
+    Raises `WtError` naming the op for anything but a positive integer.
+    """
+    ops = structure.ops
+    if spec is None or spec == "fake_quant":
+        fq = fake_quant or {}
+        return tuple(_check_bits(fq.get(o.name, default), o.name, what) for o in ops)
+    if isinstance(spec, str):
+        raise WtError(f"{what} must be an int, a mapping, a function or 'fake_quant', got the string {spec!r}")
+    if isinstance(spec, numbers.Number):  # validated per op, so a bad value names the op
+        return tuple(_check_bits(spec, o.name, what) for o in ops)
+    if isinstance(spec, Mapping):
+        used: set[str] = set()
+        out = []
+        for o in ops:
+            v: Any = default
+            for k, bits in spec.items():
+                if any(fnmatch.fnmatchcase(n, k) or n == k for n in (o.name, o.module) if n):
+                    v = bits
+                    used.add(k)
+                    break
+            out.append(_check_bits(v, o.name, what))
+        unused = [k for k in spec if k not in used]
+        if unused:
+            raise WtError(f"{what}: key(s) {unused} match no costed op; op names look like {[o.name for o in ops[:3]]}")
+        return tuple(out)
+    if callable(spec):
+        out = []
+        for o in ops:
+            mod = _get(model, o.module) if model is not None and (o.module or o.param) else None
+            out.append(_check_bits(spec(o.name, mod), o.name, what))
+        return tuple(out)
+    raise WtError(f"{what} must be an int, a mapping, a function or 'fake_quant', got {type(spec).__name__}")
