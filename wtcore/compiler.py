@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
+import numpy as np
 import torch
 
 from .errors import SpecError, StructureError
@@ -168,28 +169,58 @@ def _plan(structure: Structure, slices: Mapping[str, tuple[Slice, ...]]) -> list
         # same group can do that (unit ids of different groups are disjoint)
         shared = [g for g in {g for _, _, g in items} if sum(1 for _, _, g2 in items if g2 == g) > 1]
         kept: list[tuple[Slice, int]] = []
-        maps: dict[str, list[torch.Tensor]] = {g: [] for g in shared}
+        earlier: dict[str, list[tuple[Slice, int]]] = {g: [] for g in shared}
         for s, off, gname in items:
-            if gname not in maps:
+            if gname not in earlier:
                 kept.append((s, off))
                 continue
-            u = _unit_map(s, plan.axes, p.shape, off)
             dropped = False
-            for u_prev in maps[gname]:
-                same = (u == u_prev) & (u >= 0)
-                if not same.any():
+            for prev, prev_off in earlier[gname]:
+                found = _overlap(prev, prev_off, s, off, plan)
+                if found is None:
                     continue
-                if bool((same | (u < 0)).all()):
+                pos, units, covers_all = found
+                if covers_all:
                     dropped = True  # every element of this slice is already counted by an earlier one
                     break
-                pos = same.flatten().nonzero().squeeze(1)
-                plan.corrections.append((pos, u.flatten()[pos]))
+                plan.corrections.append((pos, units))
             if not dropped:
                 kept.append((s, off))
-                maps[gname].append(u)
+                earlier[gname].append((s, off))
         plan.slices = kept
         plans.append(plan)
     return plans
+
+
+def _overlap(
+    a: Slice, a_off: int, b: Slice, b_off: int, plan: _ParamPlan
+) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """Cells of R (the parameter reduced to `plan.axes`) that slices `a` and `b` map to the same unit:
+    (flat positions, global unit ids, whether they are all of `b`'s cells), or None if there are none."""
+    if a.groups == 1 and b.groups == 1 and len(plan.axes) == 2 and a.axis != b.axis:
+        # rows of one axis and columns of the other: pair positions with equal units (no [O, I] maps)
+        ia, ib = np.asarray(a.index_list()), np.asarray(b.index_list())
+        pa, pb = np.flatnonzero(ia >= 0), np.flatnonzero(ib >= 0)
+        order = pb[np.argsort(ib[pb], kind="stable")]
+        lo = np.searchsorted(ib[order], ia[pa], "left")
+        hi = np.searchsorted(ib[order], ia[pa], "right")
+        counts = hi - lo
+        total = int(counts.sum())
+        if total == 0:
+            return None
+        starts = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
+        i, j = np.repeat(pa, counts), order[starts]
+        n_cols = plan.shape[plan.axes[1]]
+        flat = i * n_cols + j if a.axis == plan.axes[0] else j * n_cols + i
+        covers_all = total == pb.size * plan.shape[a.axis]
+        return torch.from_numpy(flat).long(), torch.from_numpy(ib[j] + b_off).long(), covers_all
+    ua = _unit_map(a, plan.axes, plan.shape, a_off)
+    ub = _unit_map(b, plan.axes, plan.shape, b_off)
+    same = (ub == ua) & (ub >= 0)
+    if not same.any():
+        return None
+    pos = same.flatten().nonzero().squeeze(1)
+    return pos, ub.flatten()[pos], bool((same | (ub < 0)).all())
 
 
 def _kind_value(b: Builder, kind: str, options: tuple[Any, ...], p: Var, shape: tuple[int, ...]) -> Var:

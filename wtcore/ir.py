@@ -70,6 +70,8 @@ def runs_to_tensor(runs: Iterable[Run]) -> torch.Tensor:
     for r in runs:
         if r.start < 0:
             parts.append(torch.full((r.length,), -1, dtype=torch.long))
+        elif r.repeat == 1 and r.step > 0:
+            parts.append(torch.arange(r.start, r.start + r.length * r.step, r.step, dtype=torch.long))
         else:
             i = torch.arange(r.length, dtype=torch.long)
             parts.append(r.start + torch.div(i, r.repeat, rounding_mode="floor") * r.step)
@@ -87,6 +89,9 @@ def runs_from_list(values: Sequence[int] | np.ndarray) -> tuple[Run, ...]:
     v = np.asarray(values, dtype=np.int64).reshape(-1)
     if v.size == 0:
         return ()
+    first, n = int(v[0]), v.size
+    if first >= 0 and int(v[-1]) == first + n - 1 and np.array_equal(v, np.arange(first, first + n)):
+        return (Run(n, first, 1, 1),)  # the common case (identity or offset), without the general pass
     v = np.where(v < 0, -1, v)
     starts = np.flatnonzero(np.concatenate(([True], v[1:] != v[:-1])))
     counts = np.diff(np.append(starts, v.size))

@@ -24,6 +24,9 @@ __all__ = ["PRIMITIVES", "Builder", "Eqn", "Primitive", "Var", "runtime_namespac
 class Var:
     id: int
 
+    def __hash__(self) -> int:  # ids are unique within a builder; hashing the int beats the generated tuple hash
+        return self.id
+
     def __repr__(self) -> str:
         return f"v{self.id}"
 

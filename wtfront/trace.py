@@ -566,7 +566,7 @@ class _Lowering:
             # one-to-one: every unit once, every local channel in range and once
             if (unit < 0).any() or (local < 0).any() or (local >= size).any():
                 continue
-            if np.unique(unit).size != size or np.unique(local).size != size:
+            if np.bincount(unit, minlength=size).max() > 1 or np.bincount(local, minlength=size).max() > 1:
                 continue
             order = self.module_order.get(id(m), len(self.module_order))
             if best is None or order < best[0]:
