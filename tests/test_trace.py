@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch_pruning as tp
 from torch import nn
+from toys import Net, X
 
 from wtcore import Structure, TraceError, UnitGroup
 from wtfront.trace import OUTPUT_REASON, SHUFFLE_REASON, trace
@@ -64,30 +65,6 @@ def assert_zeroing_matches_tp_pruning(model: nn.Module, x: torch.Tensor, g: Unit
 
 
 # ----------------------------------------------------------------------------------- hand-made nets
-class Net(nn.Module):
-    """Residual add, depthwise conv, grouped conv, concat, classifier."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.pw = nn.Conv2d(8, 8, 1)
-        self.gc = nn.Conv2d(8, 12, 3, padding=1, groups=4)
-        self.b2 = nn.Conv2d(8, 4, 1)
-        self.fuse = nn.Conv2d(16, 6, 1)
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn(self.stem(x)))
-        y = y + self.pw(self.dw(y))
-        z = torch.cat([self.gc(y), self.b2(y)], dim=1)
-        return self.fc(self.fuse(z).mean((2, 3)))
-
-
-X = torch.randn(2, 3, 8, 8)
-
-
 def test_net_groups_and_exact_slices() -> None:
     s = trace(Net(), X)
     assert [g.name for g in s.groups] == ["stem.out", "gc.out", "b2.out", "fuse.out", "fc.out"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 
 import numpy as np
@@ -352,6 +352,16 @@ class Structure:
                         raise StructureError(
                             f"cost op {op.name!r} axis {a.name!r} maps to units outside 0..{g.size - 1} of {g.name!r}"
                         )
+
+    def with_baseline(self, original: Structure) -> Structure:
+        """This structure (e.g. re-traced after physical pruning) with the dense reference of `original`:
+        each group's `baseline_size` and each op's `baseline_macs` come from the group/op of the same name
+        there, so compression and pruned-unit counts stay relative to the unpruned model."""
+        sizes = {g.name: g.baseline_size for g in original.groups}
+        macs = {o.name: o.baseline_macs for o in original.ops}
+        groups = tuple(replace(g, baseline_size=max(sizes.get(g.name, g.baseline_size), g.size)) for g in self.groups)
+        ops = tuple(replace(o, baseline_macs=macs.get(o.name, o.baseline_macs)) for o in self.ops)
+        return replace(self, groups=groups, ops=ops)
 
     # ------------------------------------------------------------ serialization
     def to_dict(self) -> dict:

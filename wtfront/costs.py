@@ -38,6 +38,8 @@ import torch.nn as nn
 from wtcore.errors import TraceError, WtError
 from wtcore.ir import AxisPart, CostAxis, CostOp, Structure
 
+from .trace import _tensors
+
 __all__ = [
     "BitsSpec",
     "OpRecord",
@@ -46,7 +48,6 @@ __all__ = [
     "fake_quant_bits",
     "op_macs",
     "resolve_bits",
-    "with_baseline",
 ]
 
 
@@ -227,17 +228,6 @@ class _Flat(nn.Module):
         args, kwargs = self._build(tensors)
         out = self.model(*args, **kwargs)
         return tuple(_tensors(out))
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple[torch.Tensor, ...], Callable]:
@@ -440,17 +430,6 @@ def op_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     params = tuple(Param(n, tuple(p.shape)) for n, p in model.named_parameters())
     s = Structure(params, ())
     return {o.name: o.macs for o in cost_ops(s, model, count_ops(model, example_inputs))}
-
-
-def with_baseline(structure: Structure, baseline: Structure) -> Structure:
-    """`structure` (re-traced after physical pruning) with the dense reference of `baseline` (the original
-    model's structure): each op's `baseline_macs` and each group's `baseline_size` come from the op/group of
-    the same name there, so compression and pruned-unit counts stay relative to the original model."""
-    macs = {o.name: o.baseline_macs for o in baseline.ops}
-    sizes = {g.name: g.baseline_size for g in baseline.groups}
-    ops = tuple(replace(o, baseline_macs=macs.get(o.name, o.baseline_macs)) for o in structure.ops)
-    groups = tuple(replace(g, baseline_size=max(sizes.get(g.name, g.baseline_size), g.size)) for g in structure.groups)
-    return replace(structure, ops=ops, groups=groups)
 
 
 # ------------------------------------------------------------------------------------------ bit widths

@@ -36,7 +36,6 @@ compression ratios keep their meaning; programs compiled for the old structure r
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -615,23 +614,7 @@ def prune_units(
         if not isinstance(e, Exception):
             raise
         raise PruneError(f"pruning failed while {phase}: {type(e).__name__}: {e}; the model was restored") from e
-    return carry_baseline(new, structure)
-
-
-def carry_baseline(new: Structure, old: Structure) -> Structure:
-    """`new` with the dense baseline of `old`: each group's `baseline_size` (and each cost op's
-    `baseline_macs`, where the IR has it) from the group (op) of the same name in `old`."""
-    groups = tuple(
-        dataclasses.replace(g, baseline_size=old.group_map[g.name].baseline_size) if g.name in old.group_map else g
-        for g in new.groups
-    )
-    old_ops = {o.name: o for o in old.ops}
-    ops = tuple(
-        dataclasses.replace(o, baseline_macs=old_ops[o.name].baseline_macs)
-        if o.name in old_ops and hasattr(o, "baseline_macs") else o
-        for o in new.ops
-    )
-    return dataclasses.replace(new, groups=groups, ops=ops)
+    return new.with_baseline(structure)
 
 
 def prune_zero_units(
