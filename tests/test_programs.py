@@ -268,3 +268,18 @@ def test_torch_compile_fullgraph_matches_eager():
     explained = torch._dynamo.explain(wtcore.compile(s, ALL).fn)(wtcore.compile(s, ALL).gather(p),
                                                                   wtcore.compile(s, ALL).consts_on(torch.device("cpu")))
     assert explained.graph_break_count == 0
+
+
+def test_compile_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import wtcore.compiler as C
+
+    monkeypatch.setattr(C, "CACHE_SIZE", 2)
+    wtcore.clear_cache()
+    s = _toy()
+    first = wtcore.compile(s, ["unit_sumsq"])
+    second = wtcore.compile(s, ["unit_l2"])
+    assert wtcore.compile(s, ["unit_sumsq"]) is first  # a hit refreshes it
+    wtcore.compile(s, ["group_lasso"])  # evicts the least recently used: unit_l2
+    assert len(C._CACHE) == 2
+    assert wtcore.compile(s, ["unit_sumsq"]) is first
+    assert wtcore.compile(s, ["unit_l2"]) is not second

@@ -13,6 +13,7 @@ Passes (see DESIGN.md, "The compiler"):
 from __future__ import annotations
 
 import fnmatch
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -532,7 +533,10 @@ def _codegen(b: Builder, outputs: list[tuple[str, Var]]) -> tuple[str, list[str]
 
 
 # ----------------------------------------------------------------------------- entry point
-_CACHE: dict[tuple[Any, ...], Program] = {}
+#: Compiled programs by (structure fingerprint, specs, filters, backend); least recently used first out, so
+#: a long run that re-traces after every pruning step does not keep every old program's constants alive.
+_CACHE: OrderedDict[tuple[Any, ...], Program] = OrderedDict()
+CACHE_SIZE = 64
 
 
 def clear_cache() -> None:
@@ -592,6 +596,7 @@ def compile(
     )
     hit = _CACHE.get(cache_key)
     if hit is not None:
+        _CACHE.move_to_end(cache_key)
         return hit
 
     order = _spec_dag(requests)
@@ -629,4 +634,6 @@ def compile(
         backend=backend,
     )
     _CACHE[cache_key] = program
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
     return program
