@@ -285,6 +285,31 @@ def _leading_pair_vectors(b: Builder, v: Var, plan: _ParamPlan, out: list[Var]) 
         out.append(b.emit("neg", b.sum(cells, (1,))))
 
 
+def _plain_pair(plan: _ParamPlan) -> bool:
+    """A weight with one ungrouped slice on axis 0 and one on axis 1, no overlap (most conv/linear weights)."""
+    return (
+        plan.axes == (0, 1)
+        and not plan.corrections
+        and sorted((s.axis, s.groups) for s, _ in plan.slices) == [(0, 1), (1, 1)]
+    )
+
+
+def _sumsq_pair_vectors(b: Builder, p: Var, plan: _ParamPlan, out: list[Var]) -> None:
+    """Row and column sums of squares of a plain pair through one primitive with a lean backward."""
+    o, i = plan.shape[0], plan.shape[1]
+    k = 1
+    for d in plan.shape[2:]:
+        k *= d
+    x = b.emit("acc", p)
+    flat = b.emit("reshape", x, (o, i * k)) if len(plan.shape) != 2 else x
+    rc = b.emit("sumsq_rows_cols", flat)
+    rows, cols = b.emit("item", rc, 0), b.emit("item", rc, 1)
+    if k > 1:
+        cols = b.sum(b.emit("reshape", cols, (i, k)), (1,))
+    for s, _ in plan.slices:
+        out.append(rows if s.axis == 0 else cols)
+
+
 def _emit_scatter(
     b: Builder, plans: list[_ParamPlan], kinds: list[tuple[str, tuple[Any, ...]]], num_units: int
 ) -> dict[tuple[str, tuple[Any, ...]], Var]:
@@ -339,8 +364,12 @@ def _emit_scatter(
             if k[0] == "count":
                 vectors[k].append(b.const(_count_vector(pl), "element_counts"))
                 continue
-            v = _kind_value(b, k[0], k[1], p, pl.shape)
             parts: list[Var] = []
+            if k[0] == "sumsq" and _plain_pair(pl):
+                _sumsq_pair_vectors(b, p, pl, parts)
+                vectors[k].append(b.emit("cat", *parts))
+                continue
+            v = _kind_value(b, k[0], k[1], p, pl.shape)
             if pl.axes == (0, 1):
                 _leading_pair_vectors(b, v, pl, parts)
             else:

@@ -110,6 +110,11 @@ PRIMITIVES: dict[str, Primitive] = {
         _f("{1}.new_zeros(({2},) + tuple({1}.shape[1:])).index_add(0, {0}, {1})"),
         "one out-of-place index_add into a zero buffer of `size` rows",
     ),
+    "sumsq_rows_cols": Primitive(
+        "sumsq_rows_cols", _f("wt_sumsq_rows_cols({})"),
+        "(row sums, column sums) of x**2 for a 2-D x, with a one-temporary backward",
+    ),
+    "item": Primitive("item", _f("{}[{}]"), "one element of a tuple-valued primitive"),
     "segment_sum_sorted": Primitive(
         "segment_sum_sorted", _f("wt_segment_sum_sorted({}, {})"), "sums of contiguous segments ending at `ends`"
     ),
@@ -157,6 +162,39 @@ def wt_segment_sum_sorted(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     return torch.cat([cs[:1], cs[1:] - cs[:-1]])
 
 
+class WtSumsqRowsCols(torch.autograd.Function):
+    """Row and column sums of squares of a 2-D tensor.
+
+    As composed ops, autograd adds the two broadcast gradients into one full-size buffer and square's
+    backward makes two more; here the backward is `p * (2 g_rows[:, None] + 2 g_cols[None, :])`: one
+    broadcast sum and one product. `generate_vmap_rule` keeps it usable under `torch.func.vmap`/`grad`.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sq = x.square()
+        return sq.sum(1), sq.sum(0)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor], output: Any) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, g_rows: torch.Tensor, g_cols: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return x * ((g_rows * 2).unsqueeze(-1) + (g_cols * 2).unsqueeze(-2))
+
+
+def wt_sumsq_rows_cols(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`WtSumsqRowsCols` when a gradient is wanted; plain ops otherwise (no autograd.Function overhead)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return WtSumsqRowsCols.apply(x)
+    sq = x.square()
+    return sq.sum(1), sq.sum(0)
+
+
 def runtime_namespace() -> dict[str, Any]:
     """Names the generated code may use."""
     return {
@@ -164,6 +202,7 @@ def runtime_namespace() -> dict[str, Any]:
         "wt_acc": wt_acc,
         "wt_safe_sqrt": wt_safe_sqrt,
         "wt_segment_sum_sorted": wt_segment_sum_sorted,
+        "wt_sumsq_rows_cols": wt_sumsq_rows_cols,
     }
 
 
