@@ -16,7 +16,6 @@ runs on the same model in the same process.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, once
+from common import bench_main, interleaved_medians, once
 
 import wtcore
 from wtfront.models import load_model
@@ -117,17 +116,5 @@ def _weighttracker(model: torch.nn.Module, x: torch.Tensor):
     return run
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16"])
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--no-compile", action="store_true")
-    args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times are medians of {args.reps} "
-          f"interleaved repetitions; {time.strftime('%Y-%m-%d')}; tracked: {', '.join(KINDS)}")
-    for m in args.models:
-        bench_model(m, args.reps, compiled=not args.no_compile)
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, bench_model, f"; tracked: {', '.join(KINDS)}")
