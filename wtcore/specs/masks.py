@@ -440,14 +440,19 @@ def l1_unstructured(ctx: Context, amount: Any = None, params: Any = None) -> dic
     b, out = ctx.b, {}
     for name in _selected_params(ctx, params, "l1_unstructured", _weights):
         shape = ctx.structure.param_map[name].shape
-        numel = math.prod(shape)
-        if isinstance(amount, int) and amount > numel:
-            raise SpecError(f"l1_unstructured: amount={amount} should be smaller than the number of elements "
-                            f"of {name!r} ({numel})")
+        numel = _check_count(amount, name, shape, "l1_unstructured")
         a = b.emit("reshape", b.abs(b.param(name)), (-1,))
         keep = _prune_lowest(b, a, b.eq(a, 0), numel, amount)
         out[name] = b.emit("reshape", keep, tuple(shape))
     return out
+
+
+def _check_count(amount: int | float, name: str, shape: tuple[int, ...], spec: str) -> int:
+    """The number of elements of `name`; an int `amount` (a count) may not exceed it."""
+    numel = math.prod(shape)
+    if isinstance(amount, int) and amount > numel:
+        raise SpecError(f"{spec}: amount={amount} should be smaller than the number of elements of {name!r} ({numel})")
+    return numel
 
 
 @define_spec("random_unstructured")
@@ -463,10 +468,7 @@ def random_unstructured(ctx: Context, amount: Any = None, seed: int = 0, params:
     b, out = ctx.b, {}
     for name in _selected_params(ctx, params, "random_unstructured", _weights):
         shape = ctx.structure.param_map[name].shape
-        numel = math.prod(shape)
-        if isinstance(amount, int) and amount > numel:
-            raise SpecError(f"random_unstructured: amount={amount} should be smaller than the number of elements "
-                            f"of {name!r} ({numel})")
+        numel = _check_count(amount, name, shape, "random_unstructured")
         draws = torch.rand(shape, generator=gen).reshape(-1)
         first = b.const(torch.argsort(-draws, stable=True), f"random order of {name}")
         w = b.emit("reshape", b.param(name), (-1,))
