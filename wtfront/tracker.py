@@ -34,6 +34,7 @@ from wtcore.specs.costs import WEIGHT_KINDS, weight_params
 from wtcore.specs.sparsity import NM_KINDS, histogram_edges
 
 from .costs import BitsSpec, fake_quant_bits, resolve_bits
+from .decay import ChannelDecay
 from .trace import trace
 
 __all__ = ["TRACKER_KINDS", "Regularizer", "Tracker", "WeightTracker"]
@@ -79,6 +80,8 @@ TRACKER_KINDS: dict[str, _Kind] = {
     "active_params": _Kind("active_params", "active_params", "params", ("tolerance",), ("total", "numel", "ratio"),
                            "parameter elements physical pruning would keep"),
 }
+#: scalar regularizer specs (`create_regularizer` accepts any scalar spec; these are the built-in ones)
+REGULARIZERS = ("group_lasso", "mac_group_lasso", "bop_group_lasso", "reweighted_group_lasso")
 #: torch-weighttracker names accepted for the same trackers
 _ALIASES = {"nvidia_2_4_sparsity": ("nm_sparsity", {"n": 2, "m": 4})}
 
@@ -321,7 +324,7 @@ class WeightTracker:
         name globs, resolved to module names). opts are the spec's options (`weighted=`, `groups=`)."""
         kname = _kind_name(kind)
         if kname not in REGISTRY:
-            raise WtError(f"unknown regularizer {kname!r}; e.g. 'group_lasso'")
+            raise WtError(f"unknown regularizer {kname!r}; regularizers: {', '.join(REGULARIZERS)}")
         inc = self._filter_names(include, "include")
         ign = self._filter_names(ignore, "ignore") or ()
         try:
@@ -332,6 +335,15 @@ class WeightTracker:
         if len(prog.output_keys) != 1:
             raise WtError(f"regularizer {kname!r} has outputs {list(prog.output_keys)}; a regularizer is a scalar")
         return Regularizer(self, prog, prog.output_keys[0])
+
+    def create_channel_decay(self, reg: float = 1e-4, rule: str = "depgraph",
+                             include: Iterable[Selector] | Selector | None = None,
+                             ignore: Iterable[Selector] | Selector | None = None, **opts: Any) -> ChannelDecay:
+        """Gradient-side channel decay (`wtfront.decay.ChannelDecay`): call `.step()` after `loss.backward()`.
+        opts: `alpha=`, `delta_reg=`, `bias=`."""
+        return ChannelDecay(self.model, self.structure, reg=reg, rule=rule,
+                            include=self._filter_names(include, "include"),
+                            ignore=self._filter_names(ignore, "ignore"), **opts)
 
     def _filter_names(self, items: Any, what: str) -> list[str] | None:
         mods = _module_names(self.model, items, what)
