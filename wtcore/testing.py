@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .compiler import select_slices
-from .ir import Param, Slice, Structure, UnitGroup, runs_from_list
+from .ir import AxisPart, CostAxis, CostOp, Param, Slice, Structure, UnitGroup, runs_from_list
 
 try:  # hypothesis is a test-time dependency
     from hypothesis import strategies as st
@@ -34,6 +34,7 @@ __all__ = [
     "reference_unit_values",
     "structures",
     "structures_and_params",
+    "structures_with_ops",
     "zero_units",
 ]
 
@@ -192,3 +193,32 @@ def structures_and_params(
     return st.tuples(structures(**kwargs), st.integers(0, 2**31 - 1), st.sampled_from([0.0, 0.3, 1.0])).map(
         lambda t: (t[0], params_for(t[0], dtype=dtype, seed=t[1], zero_fraction=t[2]))
     )
+
+
+def structures_with_ops(max_ops: int = 3, **kwargs: int) -> st.SearchStrategy[Structure]:
+    """Random structures (as `structures`) with random cost ops: one or two axes each, coarse (a group's units
+    times a scale, possibly with static padding), exact (a per-position unit list with -1s) or static."""
+    _require_hypothesis()
+
+    @st.composite
+    def build(draw: st.DrawFn) -> Structure:
+        s = draw(structures(**kwargs))
+        ops = []
+        for k in range(draw(st.integers(1, max_ops))):
+            axes = []
+            for a in range(draw(st.integers(1, 2))):
+                form = draw(st.sampled_from(["coarse", "exact", "static"]))
+                g = draw(st.sampled_from(s.groups))
+                if form == "coarse":
+                    scale = draw(st.integers(1, 3))
+                    axes.append(CostAxis(f"a{a}", g.size * scale + draw(st.integers(0, 2)), g.name, scale))
+                elif form == "exact":
+                    length = draw(st.integers(1, 8))
+                    idx = draw(st.lists(st.integers(-1, g.size - 1), min_size=length, max_size=length))
+                    axes.append(CostAxis(f"a{a}", length, parts=(AxisPart(g.name, runs_from_list(idx)),)))
+                else:
+                    axes.append(CostAxis(f"a{a}", draw(st.integers(1, 6))))
+            ops.append(CostOp(f"op{k}", f"op{k}", "linear", draw(st.integers(0, 10**6)), tuple(axes)))
+        return Structure(s.params, s.groups, tuple(ops), model="random")
+
+    return build()
