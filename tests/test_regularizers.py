@@ -15,41 +15,18 @@ from hypothesis import strategies as st
 
 import wtcore
 from wtcore.masking import param_masks
-from wtcore.testing import element_unit_maps, params_for, reference_unit_values, structures_with_ops
+from wtcore.testing import (
+    element_unit_maps,
+    params_for,
+    reference_unit_cost,
+    reference_unit_values,
+    structures_with_ops,
+)
 from wtfront import trace
 from wtfront.tracker import WeightTracker
 
 
 # ----------------------------------------------------------------------------------------- references
-def axis_positions(structure: wtcore.Structure, axis: wtcore.CostAxis) -> list[int]:
-    """Global unit of every position of a cost axis (-1 for none), written out position by position."""
-    pos = [-1] * axis.size
-    if axis.parts:
-        for part in axis.parts:
-            off = structure.offsets[part.group]
-            for i, u in enumerate(part.index_list()):
-                if u >= 0:
-                    pos[i] = off + u
-    elif axis.group is not None:
-        g, off = structure.group_map[axis.group], structure.offsets[axis.group]
-        for i in range(g.size * axis.scale):
-            pos[i] = off + i // axis.scale
-    return pos
-
-
-def reference_unit_cost(structure: wtcore.Structure, op_scale: list[float] | None = None) -> np.ndarray:
-    """MACs (x op_scale) removed by pruning each unit alone: per op, per unit, per axis loops."""
-    out = np.zeros(structure.num_units)
-    for k, op in enumerate(structure.ops):
-        positions = [axis_positions(structure, a) for a in op.axes]
-        for u in range(structure.num_units):
-            keep = 1.0
-            for a, pos in zip(op.axes, positions):
-                keep *= 1.0 - sum(1 for p in pos if p == u) / max(a.size, 1)
-            out[u] += op.macs * (1.0 if op_scale is None else op_scale[k]) * (1.0 - keep)
-    return out
-
-
 def reference_lasso(structure, params, weighted, reweighted, eps, groups="prunable", cost=None):
     """(value, per-unit gradient factor f_u) with d/dw = sum over the element's distinct units of f_u * w."""
     ref = reference_unit_values(structure, params)

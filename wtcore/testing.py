@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "element_unit_maps",
     "params_for",
+    "reference_unit_cost",
     "reference_unit_values",
     "structures",
     "structures_and_params",
@@ -98,6 +99,36 @@ def reference_unit_values(
             for k, v in vals.items():
                 acc[k] += np.bincount(units, weights=v[fresh], minlength=n)[:n]
     return acc
+
+
+def _axis_positions(structure: Structure, axis: CostAxis) -> list[int]:
+    """Global unit of every position of a cost axis (-1 for none), written out position by position."""
+    pos = [-1] * axis.size
+    if axis.parts:
+        for part in axis.parts:
+            off = structure.offsets[part.group]
+            for i, u in enumerate(part.index_list()):
+                if u >= 0:
+                    pos[i] = off + u
+    elif axis.group is not None:
+        g, off = structure.group_map[axis.group], structure.offsets[axis.group]
+        for i in range(g.size * axis.scale):
+            pos[i] = off + i // axis.scale
+    return pos
+
+
+def reference_unit_cost(structure: Structure, op_scale: list[float] | None = None) -> np.ndarray:
+    """float64 MACs (times `op_scale[k]` for op k) removed by pruning each unit alone, by loops over ops, units
+    and axes: an op keeps `macs * prod_a (1 - positions of u on axis a / size_a)` without unit u."""
+    out = np.zeros(structure.num_units)
+    for k, op in enumerate(structure.ops):
+        positions = [_axis_positions(structure, a) for a in op.axes]
+        for u in range(structure.num_units):
+            keep = 1.0
+            for a, pos in zip(op.axes, positions):
+                keep *= 1.0 - sum(1 for p in pos if p == u) / max(a.size, 1)
+            out[u] += op.macs * (1.0 if op_scale is None else op_scale[k]) * (1.0 - keep)
+    return out
 
 
 # ----------------------------------------------------------------------------- strategies
