@@ -89,17 +89,16 @@ def unit_cost_vector(structure: Structure, op_idx: Sequence[int], op_weight: np.
         t = _table(structure, [axis_desc(a) for a in op.axes], labels)
         units, counts = t.units.numpy(), t.counts.numpy()
         starts = np.concatenate([[0], t.ends.numpy()[:-1]])
-        log_keep = np.zeros(structure.num_units, dtype=np.float64)
+        keep = np.ones(structure.num_units, dtype=np.float64)
         touched = np.zeros(structure.num_units, dtype=bool)
         for a, (lo, hi) in enumerate(zip(starts, t.ends.numpy())):
             size = max(float(t.lengths[a]), 1.0)
             u, c = units[lo:hi], counts[lo:hi]
             live = c > 0
-            with np.errstate(divide="ignore"):
-                np.add.at(log_keep, u[live], np.log1p(-np.minimum(c[live] / size, 1.0)))
+            np.multiply.at(keep, u[live], 1.0 - np.minimum(c[live] / size, 1.0))
             touched[u[live]] = True
         scale = float(op.macs) * (1.0 if op_weight is None else float(op_weight[k]))
-        out[touched] += scale * -np.expm1(log_keep[touched])
+        out[touched] += scale * (1.0 - keep[touched])
     return out
 
 
