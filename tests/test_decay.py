@@ -144,6 +144,23 @@ def test_depgraph_decay_equals_slow_loop_on_resnet18(resnet):
         np.testing.assert_allclose(p.grad.double().numpy(), want[n].numpy(), rtol=1e-5, atol=1e-7, err_msg=n)
 
 
+def test_depgraph_decay_equals_torch_pruning_regularize(resnet):
+    """Parity with Torch-Pruning's sparse training: `GroupNormPruner.regularize(model, alpha=16, bias=False)`
+    with a group importance that sums |w|^2 over every dependency (biases included), i.e. the unit L2 norm."""
+    import torch_pruning as tp
+
+    model, structure, x = resnet
+    imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", normalizer=None, bias=True)
+    pruner = tp.pruner.GroupNormPruner(model, x[:1], importance=imp, reg=1e-2, ignored_layers=[model.fc])
+    _backward(model, x)
+    pruner.regularize(model, alpha=16, bias=False)
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    _backward(model, x)
+    ChannelDecay(model, structure, reg=1e-2, rule="depgraph", alpha=16.0).step()
+    for n, p in model.named_parameters():  # gamma = 16 ** x amplifies float32 rounding of x: scale-relative atol
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-4 * float(want[n].abs().max()), msg=n)
+
+
 def test_growing_rule_grows_for_weak_units_and_resumes(resnet):
     model, structure, x = resnet
     decay = ChannelDecay(model, structure, reg=1e-3, rule="growing", delta_reg=1e-3)

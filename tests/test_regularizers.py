@@ -176,3 +176,24 @@ def test_errors():
             wtcore.compile(s, [wtcore.Spec("group_lasso", **bad)])
     with pytest.raises(wtcore.SpecError, match="rule"):
         wtcore.compile(s, [wtcore.Spec("decay_gamma", rule="growing")])
+
+
+@settings(max_examples=15, deadline=None)
+@given(structures_with_ops(), st.integers(0, 2**31 - 1))
+def test_new_specs_under_vmap_and_grad(structure, seed):
+    cost = reference_unit_cost(structure)
+    prunable = np.array([g.prunable for g in structure.groups for _ in range(g.size)])
+    if not (cost[prunable] > 0).any():
+        return
+    specs = ["mac_group_lasso", "reweighted_group_lasso", "magnitude_importance", "mac_aware_importance",
+             wtcore.Spec("mac_aware_importance", key="mul", mode="multiplicative"), "standardized_importance",
+             "decay_gamma", "unit_macs"]
+    prog = wtcore.compile(structure, specs)
+    ckpts = [params_for(structure, seed=seed + i) for i in range(3)]
+    stacked = {k: torch.stack([c[k] for c in ckpts]) for k in ckpts[0]}
+    batched = torch.func.vmap(prog)(stacked)
+    for i, c in enumerate(ckpts):
+        for k, v in prog(c).items():
+            torch.testing.assert_close(batched[k][i], v, rtol=1e-12, atol=1e-12, msg=k)
+    g = torch.func.grad(lambda p: prog(p)["mac_group_lasso"] + prog(p)["reweighted_group_lasso"])(ckpts[0])
+    assert all(torch.isfinite(t).all() for t in g.values())
