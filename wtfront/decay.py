@@ -131,7 +131,7 @@ class ChannelDecay:
             p = self._params[name]
             if p.grad is None:
                 continue
-            p.grad.addcmul_(p, c.to(p.grad.dtype))
+            p.grad.addcmul_(p, c.to(p.grad.device, p.grad.dtype))
 
     __call__ = step
 

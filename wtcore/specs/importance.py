@@ -34,7 +34,7 @@ from ..lang import Var
 from ..spec import Spec, define_spec
 from .costs import _table, axis_desc, bits_vector, op_indices
 
-__all__ = ["group_extremum", "taylor_inputs", "unit_cost_vector"]
+__all__ = ["group_extremum", "prunable_mask", "scalar", "taylor_inputs", "unit_cost_tensor", "unit_cost_vector"]
 
 
 # ----------------------------------------------------------------------------- group reductions
@@ -52,8 +52,9 @@ def _pad_table(structure: Structure) -> torch.Tensor:
 def group_extremum(ctx: Context, x: Var, kind: str, valid: Var | None = None) -> Var:
     """Per-group max (`kind="max"`) or min (`"min"`) of a `[num_units]` float vector over its `valid` units,
     `[num_groups]`; -inf (max) or +inf (min) for a group without a valid unit."""
+    if kind not in ("max", "min"):
+        raise SpecError(f"group_extremum: kind must be 'max' or 'min', got {kind!r}")
     b, st = ctx.b, ctx.structure
-    sign = 1.0 if kind == "max" else -1.0
     v = x if kind == "max" else b.emit("neg", x)
     if valid is not None:
         v = b.where(valid, v, scalar(ctx, -math.inf))
@@ -61,7 +62,7 @@ def group_extremum(ctx: Context, x: Var, kind: str, valid: Var | None = None) ->
     ext = b.emit("cat", v, b.cast_like(b.const(torch.full((1,), -math.inf), "-inf"), v))
     table = b.emit("reshape", b.take(ext, pad), (len(st.groups), -1))
     m = b.emit("amax", table, (1,))
-    return m if sign > 0 else b.emit("neg", m)
+    return m if kind == "max" else b.emit("neg", m)
 
 
 def scalar(ctx: Context, value: float) -> Var:

@@ -16,7 +16,7 @@ after `backward()`; `decay_gamma` computes gamma as a program and `decay_plan`/`
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from ..masking import slice_lookup
 from ..spec import define_spec
 from .importance import prunable_mask, unit_cost_tensor
 
-__all__ = ["ParamDecay", "decay_coefficients", "decay_plan"]
+__all__ = ["ParamDecay", "decay_coefficients", "decay_plan", "plan_to"]
 
 PRIMITIVES.setdefault("detach", Primitive("detach", lambda x: f"{x}.detach()", "stop gradient"))
 PRIMITIVES.setdefault("rpow", Primitive("rpow", lambda a, x: f"({a} ** {x})", "a scalar raised to a tensor power"))
@@ -222,9 +222,3 @@ def plan_to(plan: Sequence[ParamDecay], device: torch.device) -> list[ParamDecay
     return [ParamDecay(d.name, d.shape, tuple((mv(i), v) for i, v in d.terms),
                        None if d.overlap is None else (mv(d.overlap[0]), mv(d.overlap[1]))) for d in plan]
 
-
-def gamma_vector(structure: Structure, values: torch.Tensor | Mapping[str, Sequence[float]]) -> torch.Tensor:
-    """A `[num_units]` float64 gamma from a tensor or `{group: values}` (other groups 0)."""
-    from ..masking import as_unit_vector
-
-    return as_unit_vector(structure, values, torch.float64, fill=0.0, what="gamma")
