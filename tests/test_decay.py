@@ -144,6 +144,7 @@ def test_depgraph_decay_equals_slow_loop_on_resnet18(resnet):
         np.testing.assert_allclose(p.grad.double().numpy(), want[n].numpy(), rtol=1e-5, atol=1e-7, err_msg=n)
 
 
+@pytest.mark.slow
 def test_depgraph_decay_equals_torch_pruning_regularize(resnet):
     """Parity with Torch-Pruning's sparse training: `GroupNormPruner.regularize(model, alpha=16, bias=False)`
     with a group importance that sums |w|^2 over every dependency (biases included), i.e. the unit L2 norm."""
@@ -198,6 +199,9 @@ def test_tracker_channel_decay_and_errors(resnet):
     assert torch.equal(model.fc.weight.grad, fc_before)  # ignored: its in-channels are not decayed
     # uniform: conv in layer1 gets 1e-2 * w from its out-channel unit and 1e-2 * w from its in-channel unit
     torch.testing.assert_close(model.layer1[0].conv1.weight.grad, w_before + 2e-2 * model.layer1[0].conv1.weight)
+    bias_before = model.bn1.bias.grad.clone()
+    ChannelDecay(model, structure, reg=1e-2, rule="uniform", bias=True).step()
+    torch.testing.assert_close(model.bn1.bias.grad, bias_before + 1e-2 * model.bn1.bias)
     with pytest.raises(wtcore.WtError, match="rule"):
         ChannelDecay(model, structure, rule="l1")
     with pytest.raises(wtcore.WtError, match="update_reg"):
