@@ -27,6 +27,7 @@ gather of gamma per slice and one `addcmul_` into the gradient: index tensors ar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -50,6 +51,22 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
+
+
+def _add_decay(p: torch.Tensor, d: ParamDecay, ext: torch.Tensor) -> None:
+    """`p.grad += coefficient * p`, the coefficient being the sum of one broadcast gamma view per slice.
+    When that sum would be as large as the weight (a 1x1 conv or a linear with two sliced axes), each view
+    is applied by its own `addcmul_` instead of materializing it; otherwise the small sum is built once."""
+    views = [ext.index_select(0, idx).reshape(view) for idx, view in d.terms]
+    grad = p.grad
+    if d.overlap is not None:
+        grad.addcmul_(p, decay_coefficients([d], ext[:-1])[d.name].to(grad.dtype))
+        return
+    size = math.prod(torch.broadcast_shapes(*(v.shape for v in views)))
+    if len(views) > 1 and 2 * size <= p.numel():
+        views = [sum(views[1:], views[0])]
+    for v in views:
+        grad.addcmul_(p, v.to(grad.dtype))
 
 
 class ChannelDecay:
@@ -126,12 +143,12 @@ class ChannelDecay:
         plan = self._on.get(device)
         if plan is None:
             plan = self._on[device] = plan_to(self._plan, device)
-        per_param = decay_coefficients(plan, coef.to(device))
-        for name, c in per_param.items():
-            p = self._params[name]
-            if p.grad is None:
-                continue
-            p.grad.addcmul_(p, c.to(p.grad.device, p.grad.dtype))
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params.values()) else torch.float32
+        ext = torch.cat([coef.to(device, dtype), torch.zeros(1, device=device, dtype=dtype)])
+        for d in plan:
+            p = self._params[d.name]
+            if p.grad is not None:
+                _add_decay(p, d, ext)
 
     __call__ = step
 
