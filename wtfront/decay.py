@@ -147,6 +147,9 @@ class ChannelDecay:
         ext = torch.cat([coef.to(device, dtype), torch.zeros(1, device=device, dtype=dtype)])
         for d in plan:
             p = self._params[d.name]
+            if p.shape != d.shape:
+                raise WtError(f"ChannelDecay: parameter {d.name!r} has shape {tuple(p.shape)}, the structure says "
+                              f"{d.shape}; after physical pruning, build a new decay on the re-traced structure")
             if p.grad is not None:
                 _add_decay(p, d, ext)
 
