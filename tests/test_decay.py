@@ -276,3 +276,16 @@ def test_ddp_two_gloo_ranks_match_each_other_and_single_process(tmp_path, resnet
             torch.testing.assert_close(r0[rule][k], v, rtol=1e-4, atol=1e-5, msg=f"{rule}: {k}")
             moved += int(not torch.equal(v, state[k]))
         assert moved > 0
+
+
+def test_step_after_the_model_changed_shape_raises():
+    from toys import Net, X
+
+    model = Net()
+    decay = ChannelDecay(model, trace(model, X), rule="uniform")
+    model(X).sum().backward()
+    decay.step()
+    with torch.no_grad():
+        model.pw.weight.data = model.pw.weight.data[:4].clone()
+    with pytest.raises(wtcore.WtError, match="re-traced"):
+        decay.step()
