@@ -31,7 +31,7 @@ from wtcore.ir import Param, Slice, Structure, UnitGroup, runs_from_list
 from .budget import Budget, BudgetExceeded
 from .filters import DEFAULT_ROOT_TYPES, IgnoreSpec, resolve_ignored
 from .slicers import KNOWN_PARAMS, RawSlice, UnloweredModule, lower_item, rule_type
-from .tpgroups import NO_ROOT, all_groups
+from .tpgroups import NO_ROOT, WalkDiverged, WalkLimits, all_groups
 
 __all__ = ["DEFAULT_ROOT_TYPES", "OUTPUT_REASON", "SHUFFLE_REASON", "trace"]
 
@@ -110,7 +110,10 @@ def trace(
             dg = _DependencyGraph(budget)
             dg.build_dependency(model, example_inputs=inputs, forward_fn=_forward, verbose=False)
             budget.phase = "collecting pruning groups"
-            tp_groups = list(all_groups(dg, list(ignored), roots))
+            try:
+                tp_groups = list(all_groups(dg, list(ignored), roots, WalkLimits.for_model(model)))
+            except WalkDiverged as e:
+                raise _diverged_error(model, dg, e) from None
             budget.phase = "lowering pruning groups to the IR"
             structure = _Lowering(model, dg, ignored, roots).run(tp_groups, model_name)
         if costs:  # one more forward pass (fvcore's jit trace), outside TP's hooks: cost ops and baseline MACs
@@ -132,6 +135,40 @@ def trace(
         raise TraceError(
             f"tracing {model_name} failed while {budget.phase}: {type(e).__name__}: {e}"
         ) from e
+
+
+def _diverged_error(model: nn.Module, dg: _DependencyGraph, e: WalkDiverged) -> TraceError:
+    """A TraceError naming the group being walked and the modules/parameters nearest to where TP's index
+    mappings diverged (the node itself is usually a parameter-free reshape or expand)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    names.update({id(p): n for n, p in model.named_parameters()})
+    near = _nearest_named(e.node, names)
+    root = names.get(id(e.root), type(e.root).__name__)
+    where = f" next to {', '.join(repr(n) for n in near)}" if near else ""
+    return TraceError(
+        f"tracing {type(model).__name__}: Torch-Pruning's channel index mappings diverge while collecting the group "
+        f"of {root!r} ({type(e.root).__name__}): the {e.what} reached {e.value:,} (more than any layer of the model "
+        f"can have, limit {e.limit:,}) at {e.node.name}{where}. Torch-Pruning mis-reads a reshape/expand there "
+        "(e.g. the window partition and relative-position bias of Swin Transformers); the walk would not end before "
+        "memory runs out. wt cannot trace this model's channels; ignore= does not help, since the mis-read ops stay "
+        "in the graph"
+    )
+
+
+def _nearest_named(node: Node, names: Mapping[int, str], limit: int = 3) -> list[str]:
+    """Names of the closest graph nodes (breadth-first over inputs and outputs) that are model modules or
+    parameters, at most `limit`."""
+    seen, frontier, found = {node}, [node], []
+    while frontier and not found:
+        nxt = []
+        for n in frontier:
+            for m in (*n.inputs, *n.outputs):
+                if m not in seen:
+                    seen.add(m)
+                    nxt.append(m)
+        found = sorted({names[id(m.module)] for m in nxt if id(m.module) in names})
+        frontier = nxt
+    return found[:limit]
 
 
 # ----------------------------------------------------------------------------------------------- inputs
