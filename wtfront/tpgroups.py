@@ -27,9 +27,21 @@ from torch_pruning.dependency import index_mapping as tp_im
 from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.pruner import function as tp_fn
 
-__all__ = ["GroupItem", "WalkDiverged", "WalkLimits", "all_groups", "pruning_group"]
+__all__ = ["Group", "GroupItem", "WalkDiverged", "WalkLimits", "all_groups", "pruning_group"]
 
 NO_ROOT = -1  # TP's root_idx=None (e.g. after a grouped-query-attention mapping)
+
+
+class Group(list):
+    """A group's `GroupItem`s, and `cut_at`: the graph nodes where an index mapping dropped coupled channels
+    (TP's grouped-query-attention mapping maps KV channels to *no* query channels), so the items are not
+    everything that pruning a unit touches."""
+
+    cut_at: list[Any]
+
+    def __init__(self, items: Sequence[GroupItem] = (), cut_at: Sequence[Any] = ()) -> None:
+        super().__init__(items)
+        self.cut_at = list(cut_at)
 
 
 @dataclass(frozen=True)
@@ -100,7 +112,7 @@ def _apply(mapping: Any, idx: np.ndarray, root: np.ndarray) -> tuple[np.ndarray,
 
 def pruning_group(
     dg: Any, module: Any, pruning_fn: Any, n: int, limits: WalkLimits | None = None
-) -> list[GroupItem]:
+) -> Group:
     """`DependencyGraph.get_pruning_group(module, pruning_fn, range(n))`, merged, with array indices.
 
     The caller must have run `index_mapping.update_index_mapping(dg)` once (TP does it on every call).
@@ -116,6 +128,7 @@ def pruning_group(
     items: list[tuple[Dependency, np.ndarray, np.ndarray]] = [(root_dep, idx, idx)]
     seen: dict[tuple[Any, Any], list[tuple[np.ndarray, np.ndarray]]] = {(root_node, pruning_fn): [(idx, idx)]}
     visited: set[Any] = set()
+    cut_at: list[Any] = []
     stack = [(root_dep, idx, idx)]
     while stack:
         dep, cur, cur_root = stack.pop()
@@ -127,6 +140,8 @@ def pruning_group(
             nidx, nroot = cur, cur_root
             for mapping in new_dep.index_mapping:
                 if mapping is not None:
+                    if isinstance(mapping, tp_im._GQAIndexMapping) and not mapping.reverse and nidx.size:
+                        cut_at.append(new_dep.target)
                     nidx, nroot = _apply(mapping, nidx, nroot)
             if nidx.size == 0:
                 continue
@@ -147,7 +162,7 @@ def pruning_group(
                 raise WalkDiverged(module, new_dep.target, "index entries of the group", total, limits.max_total)
             items.append((new_dep, nidx, nroot))
             stack.append((new_dep, nidx, nroot))
-    return _merge(dg, items)
+    return Group(_merge(dg, items), cut_at)
 
 
 def _merge(dg: Any, items: Sequence[tuple[Dependency, np.ndarray, np.ndarray]]) -> list[GroupItem]:
@@ -182,7 +197,7 @@ def all_groups(
     ignored_layers: Sequence[Any] = (),
     root_module_types: tuple[type, ...] = (),
     limits: WalkLimits | None = None,
-) -> Iterator[list[GroupItem]]:
+) -> Iterator[Group]:
     """`DependencyGraph.get_all_groups` with array indices (same roots, order and skipping rules); each walk
     bounded by `limits` (see `pruning_group`)."""
     tp_im.update_index_mapping(dg)

@@ -13,6 +13,7 @@ layer whose parameters cannot be mapped to units.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from wtcore.ir import Param, Slice, Structure, UnitGroup, runs_from_list
 
 from .budget import Budget, BudgetExceeded
 from .filters import DEFAULT_ROOT_TYPES, IgnoreSpec, resolve_ignored
-from .slicers import KNOWN_PARAMS, RawSlice, UnloweredModule, lower_item, rule_type
+from .slicers import CONV1D_PARAMS, KNOWN_PARAMS, RawSlice, UnloweredModule, is_hf_conv1d, lower_item, rule_type
 from .tpgroups import NO_ROOT, WalkDiverged, WalkLimits, all_groups
 
 __all__ = ["DEFAULT_ROOT_TYPES", "OUTPUT_REASON", "SHUFFLE_REASON", "trace"]
@@ -76,7 +77,8 @@ def trace(
             parameters cannot be mapped to units is left out of every group instead of raising.
             Parameters in no group are listed in `Structure.uncoupled`.
         root_types: module types whose out-channels root a group; default `DEFAULT_ROOT_TYPES` (convs incl.
-            transposed, Linear, MultiheadAttention, LayerNorm, Embedding).
+            transposed, Linear, MultiheadAttention, LayerNorm, Embedding; plus Hugging Face's Conv1D when the
+            model has one).
         budget_s: wall-clock limit; past it a `TraceError` names the phase that did not finish.
         check_device: raise a `TraceError` if input tensors and parameters are on different devices.
         costs: count baseline MACs per costed op (`wtfront.costs.add_costs`).
@@ -102,6 +104,8 @@ def trace(
         _check_devices(model, inputs)
     ignored = resolve_ignored(model, ignore)
     roots = tuple(root_types) if root_types is not None else DEFAULT_ROOT_TYPES
+    if root_types is None:  # Hugging Face's Conv1D is GPT-2's linear layer: it roots its out features too
+        roots += tuple({type(m) for m in model.modules() if is_hf_conv1d(m)})
     budget = Budget(budget_s)
     model_name = type(model).__name__
     try:
@@ -111,7 +115,7 @@ def trace(
             dg.build_dependency(model, example_inputs=inputs, forward_fn=_forward, verbose=False)
             budget.phase = "collecting pruning groups"
             try:
-                tp_groups = list(all_groups(dg, list(ignored), roots, WalkLimits.for_model(model)))
+                tp_groups = list(all_groups(dg, [*ignored, *_fused_conv1d(dg)], roots, WalkLimits.for_model(model)))
             except WalkDiverged as e:
                 raise _diverged_error(model, dg, e) from None
             budget.phase = "lowering pruning groups to the IR"
@@ -135,6 +139,14 @@ def trace(
         raise TraceError(
             f"tracing {model_name} failed while {budget.phase}: {type(e).__name__}: {e}"
         ) from e
+
+
+def _fused_conv1d(dg: _DependencyGraph) -> list[nn.Module]:
+    """Hugging Face Conv1D layers whose output is split (GPT-2's fused `c_attn`): they root no group. TP splits
+    only along dim 1, so the q/k/v thirds of the output would all be coupled to the first third of the
+    attention output; their out features are attention heads, which need head units, not channels."""
+    return [m for m, n in dg.module2node.items()
+            if is_hf_conv1d(m) and any(o.type == tp_ops.OPTYPE.SPLIT for o in n.outputs)]
 
 
 def _diverged_error(model: nn.Module, dg: _DependencyGraph, e: WalkDiverged) -> TraceError:
@@ -299,6 +311,14 @@ class _DependencyGraph(tp.DependencyGraph):
         self._budget = budget
         self.barriers: set[Node] = set()
 
+    def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> _DependencyGraph:
+        """TP's, with a pruner for Hugging Face's `Conv1D` (GPT-2). Without one TP treats its weight and bias
+        as unwrapped parameters and prunes their *last* axis, so the hidden dimension would be coupled to
+        columns of `c_attn.weight` (its out features) instead of its rows."""
+        for t in {type(m) for m in model.modules() if is_hf_conv1d(m)}:
+            self.register_customized_layer(t, _HFConv1DPruner())
+        return super().build_dependency(model, *args, **kwargs)
+
     def _trace(self, model: nn.Module, example_inputs: Any, forward_fn: Any, output_transform: Any) -> dict:
         self._budget.phase = "running the example forward pass and reading its autograd graph"
         module2node = super()._trace(model, example_inputs, forward_fn, output_transform)
@@ -312,6 +332,31 @@ class _DependencyGraph(tp.DependencyGraph):
         self.barriers = _cut_channel_shuffles(module2node)
         self._budget.phase = "building dependencies and index mappings (Torch-Pruning)"
         return module2node
+
+
+class _HFConv1DPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning pruning functions for Hugging Face's `Conv1D`: `y = x @ weight + bias`, weight [in, out]."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.nf)) - set(idxs))
+        layer.nf = len(keep)
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
+        if hasattr(layer, "nx"):
+            layer.nx = len(keep)
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return int(layer.nf)
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return int(layer.weight.shape[0])
 
 
 SHUFFLE_REASON = "its channels pass through a channel shuffle (view-transpose-view), which wt does not model"
@@ -395,6 +440,54 @@ def _cut_channel_shuffles(module2node: dict) -> set[Node]:
     return barriers
 
 
+# ------------------------------------------------------------------------------ groups that are not closed
+def _unrooted_reason(modules: Sequence[str]) -> str:
+    shown = ", ".join(repr(m) for m in modules[:3]) + (f" (+{len(modules) - 3})" if len(modules) > 3 else "")
+    return (f"Torch-Pruning could not map channels coupled through {shown} to the group's units (e.g. repeat_kv "
+            "of grouped-query attention), so its units are not closed")
+
+
+def _mark_partial_coverage(groups: list[UnitGroup], shapes: Mapping[str, tuple[int, ...]]) -> list[UnitGroup]:
+    """Groups made not prunable where Torch-Pruning coupled only part of a parameter axis.
+
+    Every axis a group touches must be covered entirely by the union of all groups' slices: Torch-Pruning
+    marks a module visited once any group reaches its out-channels, so channels a group leaves out of a
+    module it reaches never get a group of their own. That happens when it couples tensors of different
+    widths element-wise (e.g. `scaled_dot_product_attention(..., enable_gqa=True)` with 8 query and 2 KV
+    heads couples the first 16 of 64 query features with the 16 key features); such a group's units are not
+    what pruning them would remove.
+    """
+    covered: dict[tuple[str, int], np.ndarray] = {}
+    for g in groups:
+        for sl in g.slices:
+            length = shapes[sl.param][sl.axis] * sl.groups
+            cov = covered.setdefault((sl.param, sl.axis), np.zeros(length, dtype=bool))
+            if cov.size == length:
+                cov |= _materialize(sl.index, length) >= 0
+    partial = {k: (int(c.sum()), c.size) for k, c in covered.items() if not c.all()}
+    if not partial:
+        return groups
+    out = []
+    for g in groups:
+        hits = [(sl.param, sl.axis) for sl in g.slices if (sl.param, sl.axis) in partial]
+        if hits and g.prunable:
+            (p, ax), (have, n) = hits[0], partial[hits[0]]
+            why = (f"Torch-Pruning coupled only {have} of the {n} entries of {p!r} axis {ax} to units (it couples "
+                   "tensors of different widths element-wise, e.g. grouped-query attention), so its units are not "
+                   "closed")
+            g = dataclasses.replace(g, prunable=False, reason="; ".join(r for r in (g.reason, why) if r))
+        out.append(g)
+    return out
+
+
+def _materialize(runs: Sequence[Any], length: int) -> np.ndarray:
+    """The unit of each entry of a run-encoded slice index (-1: none)."""
+    parts = [np.full(r.length, -1, dtype=np.int64) if r.start < 0 else
+             r.start + (np.arange(r.length) // r.repeat) * r.step for r in runs]
+    idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return idx if idx.size == length else np.full(length, -1, dtype=np.int64)
+
+
 # ----------------------------------------------------------------------------------------- lowering
 @dataclass
 class _Acc:
@@ -438,6 +531,7 @@ class _Lowering:
         self.param_order = {n: i for i, n in enumerate(self.tensors)}
         self.outputs = self._output_reaching_nodes()
         self.lowered_modules: dict[int, nn.Module] = {}
+        self.names_by_id = {**self.module_names, **self.canonical}
 
     # -- names -----------------------------------------------------------------------------------
     def module_name(self, m: Any) -> str:
@@ -509,6 +603,7 @@ class _Lowering:
                 ug = UnitGroup(name, ug.kind, ug.size, ug.slices, ug.prunable, ug.root, ug.baseline_size, ug.reason)
             groups.append(ug)
         self.check_unknown_params()
+        groups = _mark_partial_coverage(groups, {n: tuple(t.shape) for n, t in self.tensors.items()})
         touched = {s.param for g in groups for s in g.slices}
         params = tuple(self.make_param(n) for n in self.tensors)
         uncoupled = tuple(sorted(n for n in self.tensors if n not in touched))
@@ -535,6 +630,9 @@ class _Lowering:
         size = len(group[0].idxs)
         accs: dict[tuple[str, int], _Acc] = {}
         feeds_output = shuffled = False
+        unrooted: list[str] = []
+        for node in getattr(group, "cut_at", ()):  # couplings a mapping dropped: name the modules next to them
+            unrooted.extend(n for n in _nearest_named(node, self.names_by_id) if n not in unrooted)
         for item in group:
             node: Node = item.dep.target
             target = node.module
@@ -546,13 +644,15 @@ class _Lowering:
                 continue
             name = self.module_name(target)
             units = item.root_idxs
-            if (units == NO_ROOT).any():
-                raise TraceError(
-                    f"Torch-Pruning could not map the channels of {name!r} ({type(target).__name__}) back to the "
-                    f"root {root_name!r} (an index mapping without root indices, e.g. grouped-query attention); "
-                    "pass it in ignore="
-                )
-            pairs = (item.idxs, relabel[units])
+            local = item.idxs
+            lost = units == NO_ROOT
+            if lost.any():  # e.g. repeat_kv of grouped-query attention: keep what maps, mark the group
+                if name not in unrooted:
+                    unrooted.append(name)
+                local, units = local[~lost], units[~lost]
+                if not units.size:
+                    continue
+            pairs = (local, relabel[units])
             try:
                 raws = lower_item(target, name, out=out, pairs=pairs, pruning_dim=node.pruning_dim)
                 keyed = [(self.param_name(s, name), s) for s in raws]
@@ -574,9 +674,10 @@ class _Lowering:
             kind="channel" if isinstance(root, nn.modules.conv._ConvNd) else "feature",
             size=size,
             slices=tuple(slices),
-            prunable=not (feeds_output or shuffled),
+            prunable=not (feeds_output or shuffled or unrooted),
             root=root_name,
-            reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (SHUFFLE_REASON, shuffled)) if on),
+            reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (SHUFFLE_REASON, shuffled),
+                                             (_unrooted_reason(unrooted), unrooted)) if on),
         )
 
     def choose_root(self, group: Any) -> tuple[Any, np.ndarray]:
@@ -652,7 +753,8 @@ class _Lowering:
             if id(m) in self.ignored:
                 continue
             t = rule_type(m)
-            known = KNOWN_PARAMS.get(t, frozenset()) if t is not None else frozenset()
+            known = KNOWN_PARAMS.get(t, CONV1D_PARAMS if is_hf_conv1d(m) else frozenset()) if t is not None \
+                else frozenset()
             extra = [n for n, _ in m.named_parameters(recurse=False) if n.removesuffix("_orig") not in known]
             if extra:
                 name = self.module_name(m)
