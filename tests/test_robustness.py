@@ -126,9 +126,9 @@ def test_hf_llm_traces_with_correct_feature_groups(llm: LLM) -> None:
     assert len(mlp) == llm.layers and all(g.prunable for g in mlp)
     # a group's units are closed: no parameter axis is only partly coupled to units (the GQA failure mode)
     assert not [g.name for g in s.groups if g.prunable and "not closed" in g.reason]
-    if llm.gqa:  # attention internals of grouped-query attention are reported, not silently mis-coupled
+    if llm.gqa:  # attention internals of rotary grouped-query attention are reported, not silently mis-coupled
         attn = [g for g in s.groups if ".self_attn." in g.name]
-        assert attn and all(not g.prunable and "not closed" in g.reason for g in attn)
+        assert attn and all(not g.prunable and "not closed" in g.reason and "rotary" in g.reason for g in attn)
 
     # MACs: hand formula from the shapes
     assert sum(op.macs for op in s.ops) == llm.macs(SEQ)
@@ -198,6 +198,23 @@ def test_meta_llama_matches_cpu(kv: int, attn: str) -> None:
     s_cpu = trace(cpu, {"input_ids": torch.randint(0, 128, (1, SEQ))})
     assert s_meta == s_cpu
     assert sum(o.macs for o in s_meta.ops) == llama_macs(SEQ, kv=kv)
+    attn = [g for g in s_meta.groups if ".self_attn." in g.name]
+    assert attn and all(not g.prunable for g in attn)
+    assert T.ROTARY_REASON in s_meta.group_map["model.layers.0.self_attn.q_proj.out"].reason
+
+
+def test_rotate_half_is_not_element_wise() -> None:
+    """Zeroing entry d of q and k does not remove it from the rotated q and k (it comes back from d ± head_dim/2),
+    so a group whose channels pass through rotate_half is not prunable."""
+    from test_trace import Rope
+
+    model = Rope()
+    s = trace(model, torch.randn(1, 4, 8))
+    assert not s.group_map["q.out"].prunable and T.ROTARY_REASON in s.group_map["q.out"].reason
+    q = torch.randn(3, 8)
+    q[:, 2] = 0
+    rotated = q + 0.5 * Rope.rot(q)  # what the model computes from q
+    assert (rotated[:, 2] == 0.5 * -q[:, 6]).all() and (rotated[:, 2] != 0).all()
 
 
 # ------------------------------------------------------------------------------------- bounded discovery

@@ -34,7 +34,7 @@ from .filters import DEFAULT_ROOT_TYPES, IgnoreSpec, resolve_ignored
 from .slicers import CONV1D_PARAMS, KNOWN_PARAMS, RawSlice, UnloweredModule, is_hf_conv1d, lower_item, rule_type
 from .tpgroups import NO_ROOT, WalkDiverged, WalkLimits, all_groups
 
-__all__ = ["DEFAULT_ROOT_TYPES", "OUTPUT_REASON", "SHUFFLE_REASON", "trace"]
+__all__ = ["DEFAULT_ROOT_TYPES", "OUTPUT_REASON", "ROTARY_REASON", "SHUFFLE_REASON", "trace"]
 
 OUTPUT_REASON = "feeds the model output"
 
@@ -310,6 +310,7 @@ class _DependencyGraph(tp.DependencyGraph):
         super().__init__()
         self._budget = budget
         self.barriers: set[Node] = set()
+        self.rotary: set[Node] = set()
 
     def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> _DependencyGraph:
         """TP's, with a pruner for Hugging Face's `Conv1D` (GPT-2). Without one TP treats its weight and bias
@@ -330,6 +331,7 @@ class _DependencyGraph(tp.DependencyGraph):
                     if isinstance(node.module, tp_ops._SliceOp):
                         node.module.dim = dim
         self.barriers = _cut_channel_shuffles(module2node)
+        self.rotary = _rotate_half_nodes(module2node)
         self._budget.phase = "building dependencies and index mappings (Torch-Pruning)"
         return module2node
 
@@ -357,6 +359,40 @@ class _HFConv1DPruner(tp.pruner.function.BasePruningFunc):
 
     def get_in_channels(self, layer: nn.Module) -> int:
         return int(layer.weight.shape[0])
+
+
+ROTARY_REASON = ("its channels pass through a rotary position embedding, whose rotate_half pairs entry d of each "
+                 "head with entry d + head_dim/2, which Torch-Pruning couples as if element-wise; prune attention "
+                 "heads instead")
+
+
+def _rotate_half_nodes(module2node: dict) -> set[Node]:
+    """Concat nodes that put slices (or chunks) of one tensor along the concatenated dim back together, possibly
+    negated: `cat((-x[..., h:], x[..., :h]), -1)`, the rotate_half of rotary position embeddings. It permutes
+    the entries of that dim; Torch-Pruning maps neither the slices nor the concat there (it reads them as
+    element-wise), so entry d is coupled to itself instead of to its rotation partner, and zeroing a
+    channel's slices would not remove it from the rotated queries and keys."""
+    found: set[Node] = set()
+    cuts = (tp_ops.OPTYPE.SLICE, tp_ops.OPTYPE.SPLIT)  # x[..., h:] and x.chunk(2, -1)
+    for node in module2node.values():
+        if node.type != tp_ops.OPTYPE.CONCAT or len(node.inputs) < 2:
+            continue
+        sources, dims = set(), set()
+        for inp in node.inputs:
+            cur = inp
+            for _ in range(3):  # through single-input element-wise ops (neg, scaling)
+                if cur.type in cuts or len(cur.inputs) != 1 or not isinstance(cur.module, tp_ops._ElementWiseOp):
+                    break
+                cur = cur.inputs[0]
+            if cur.type not in cuts or len(cur.inputs) != 1:
+                break
+            sources.add(cur.inputs[0])
+            dims.add(cur.module.dim if cur.type == tp_ops.OPTYPE.SLICE else getattr(cur.grad_fn, "_saved_dim", None))
+        else:
+            cat_dim = getattr(node.grad_fn, "_saved_dim", None)
+            if len(sources) == 1 and len(dims) == 1 and cat_dim in dims:
+                found.add(node)
+    return found
 
 
 SHUFFLE_REASON = "its channels pass through a channel shuffle (view-transpose-view), which wt does not model"
@@ -470,7 +506,7 @@ def _mark_partial_coverage(groups: list[UnitGroup], shapes: Mapping[str, tuple[i
     out = []
     for g in groups:
         hits = [(sl.param, sl.axis) for sl in g.slices if (sl.param, sl.axis) in partial]
-        if hits and g.prunable:
+        if hits:
             (p, ax), (have, n) = hits[0], partial[hits[0]]
             why = (f"Torch-Pruning coupled only {have} of the {n} entries of {p!r} axis {ax} to units (it couples "
                    "tensors of different widths element-wise, e.g. grouped-query attention), so its units are not "
@@ -629,7 +665,7 @@ class _Lowering:
         root_name = self.module_name(root)
         size = len(group[0].idxs)
         accs: dict[tuple[str, int], _Acc] = {}
-        feeds_output = shuffled = False
+        feeds_output = shuffled = rotary = False
         unrooted: list[str] = []
         for node in getattr(group, "cut_at", ()):  # couplings a mapping dropped: name the modules next to them
             unrooted.extend(n for n in _nearest_named(node, self.names_by_id) if n not in unrooted)
@@ -640,6 +676,7 @@ class _Lowering:
             if node in self.outputs and (out or isinstance(target, _TP_DUMMY)):
                 feeds_output = True
             shuffled = shuffled or node in dg.barriers
+            rotary = rotary or node in dg.rotary
             if isinstance(target, _TP_DUMMY):
                 continue
             name = self.module_name(target)
@@ -674,10 +711,10 @@ class _Lowering:
             kind="channel" if isinstance(root, nn.modules.conv._ConvNd) else "feature",
             size=size,
             slices=tuple(slices),
-            prunable=not (feeds_output or shuffled or unrooted),
+            prunable=not (feeds_output or shuffled or unrooted or rotary),
             root=root_name,
             reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (SHUFFLE_REASON, shuffled),
-                                             (_unrooted_reason(unrooted), unrooted)) if on),
+                                             (ROTARY_REASON, rotary), (_unrooted_reason(unrooted), unrooted)) if on),
         )
 
     def choose_root(self, group: Any) -> tuple[Any, np.ndarray]:
