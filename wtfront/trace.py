@@ -6,9 +6,12 @@ layer, whether its out- or in-channels are cut (the pruning function), the layer
 and, for each, the root channel it belongs to. `trace` turns every group into one `UnitGroup`: a unit
 per root channel, and per parameter axis a `Slice` whose `index[i]` is the unit of entry `i`.
 
-Guards: inputs on the wrong device, a wall-clock budget that interrupts TP's known infinite loops, a fix
+Guards: inputs on the wrong device, a wall-clock budget that interrupts TP's known infinite loops, bounded
+group walks (`tpgroups.WalkLimits`: a diverging index mapping raises instead of exhausting memory), a fix
 for TP reading `torch.cat(dim=-1)` as dim 2**64-1 (TP issue #532), and errors naming the module for any
-layer whose parameters cannot be mapped to units.
+layer whose parameters cannot be mapped to units. Groups whose coupling TP gets wrong without failing are
+marked not prunable with the reason: units that are not closed (grouped-query attention) and rotary
+embeddings' rotate_half. Hugging Face's `Conv1D` (GPT-2) gets a TP pruner (weight [in, out]).
 """
 
 from __future__ import annotations
