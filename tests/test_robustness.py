@@ -180,6 +180,34 @@ def test_gpt2_mlp_features_prune_physically() -> None:
     assert model.transformer.h[0].mlp.c_fc.nf == 256 - 86 and new.group_map["transformer.h.0.mlp.c_fc.out"].size == 170
 
 
+def test_fused_projections_root_no_group() -> None:
+    """Phi-3 fuses q/k/v and gate/up into one Linear each, split along the features: TP would couple every part
+    to the first part's consumers, so they root no group; the hidden width stays a correct prunable group."""
+    cfg = transformers.Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=8, num_key_value_heads=2, pad_token_id=0)
+    model = transformers.Phi3ForCausalLM(cfg).eval()
+    s = trace(model, {"input_ids": torch.randint(0, 128, (1, SEQ))})
+    assert [g.name for g in s.groups] == ["model.embed_tokens.out", "lm_head.out"] and s.groups[0].prunable
+    axes = {(sl.param, sl.axis) for sl in s.groups[0].slices}
+    assert ("model.layers.0.mlp.gate_up_proj.weight", 1) in axes and ("model.layers.0.mlp.down_proj.weight", 0) in axes
+    assert sum(op.macs for op in s.ops) == llama_macs(SEQ)
+
+
+def test_head_norm_error_suggests_every_block() -> None:
+    """Qwen3's q_norm/k_norm normalize each head's head_dim with one shared weight: TP maps hidden channels
+    onto it; the error names the module and the glob for every block, and ignoring them traces."""
+    cfg = transformers.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=2, head_dim=8)
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    inputs = {"input_ids": torch.randint(0, 128, (1, SEQ))}
+    with pytest.raises(TraceError, match=r"_norm.weight.*ignore=\['model\.layers\.\*\.self_attn\.[qk]_norm'\]"):
+        trace(model, inputs)
+    s = trace(model, inputs, ignore=["model.layers.*.self_attn.q_norm", "model.layers.*.self_attn.k_norm"])
+    assert [g.name for g in s.groups if g.prunable] == ["model.embed_tokens.out", "model.layers.0.mlp.gate_proj.out",
+                                                       "model.layers.1.mlp.gate_proj.out"]
+    assert sorted(s.uncoupled) == [f"model.layers.{i}.self_attn.{n}_norm.weight" for i in (0, 1) for n in "kq"]
+
+
 # ------------------------------------------------------------------------------------------ meta device
 def _llama_cfg(kv: int, attn: str) -> object:
     return transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

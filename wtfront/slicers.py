@@ -7,6 +7,7 @@ IR and physical pruning agree on what a unit is.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -230,8 +231,11 @@ def lower_item(
                 what, owner = f"parameter {name!r}", name.rpartition(".")[0]
             else:
                 what, owner = f"{name!r} ({type(target).__name__}) {s.attr}", name
+            every = re.sub(r"\.\d+(?=\.|$)", ".*", owner)  # the same module in every block
+            also = f" or, for every block, ignore=[{every!r}]" if every != owner else ""
             raise UnloweredModule(
                 f"Torch-Pruning couples channel {bad[0]} to {what} axis {s.axis}, which has only {s.length} entries: "
-                f"it mis-maps this layer, so wt cannot lower it; pass the module in ignore= (e.g. ignore=[{owner!r}])"
+                f"it mis-maps this layer, so wt cannot lower it; pass the module in ignore= (e.g. ignore=[{owner!r}]"
+                f"{also})"
             )
     return slices

@@ -118,7 +118,7 @@ def trace(
             dg.build_dependency(model, example_inputs=inputs, forward_fn=_forward, verbose=False)
             budget.phase = "collecting pruning groups"
             try:
-                tp_groups = list(all_groups(dg, [*ignored, *_fused_conv1d(dg)], roots, WalkLimits.for_model(model)))
+                tp_groups = list(all_groups(dg, [*ignored, *_fused_linears(dg)], roots, WalkLimits.for_model(model)))
             except WalkDiverged as e:
                 raise _diverged_error(model, dg, e) from None
             budget.phase = "lowering pruning groups to the IR"
@@ -144,12 +144,31 @@ def trace(
         ) from e
 
 
-def _fused_conv1d(dg: _DependencyGraph) -> list[nn.Module]:
-    """Hugging Face Conv1D layers whose output is split (GPT-2's fused `c_attn`): they root no group. TP splits
-    only along dim 1, so the q/k/v thirds of the output would all be coupled to the first third of the
-    attention output; their out features are attention heads, which need head units, not channels."""
-    return [m for m, n in dg.module2node.items()
-            if is_hf_conv1d(m) and any(o.type == tp_ops.OPTYPE.SPLIT for o in n.outputs)]
+def _fused_linears(dg: _DependencyGraph) -> list[nn.Module]:
+    """Linear (and HF Conv1D) layers whose output features are split or sliced into parts (GPT-2's fused
+    `c_attn`, Phi-3's `gate_up_proj` and `qkv_proj`): they root no group. TP splits only along dim 1, so
+    every part of the output would be coupled to the first part's consumers; and a unit of such a layer is
+    one feature of each part (a row of the gate and of the up projection; a head's q, k and v rows), which
+    TP cannot express."""
+    out = []
+    for m, n in dg.module2node.items():
+        if not (isinstance(m, nn.Linear) or is_hf_conv1d(m)):
+            continue
+        slices = 0
+        for o in n.outputs:
+            if o in dg.rotary:  # rotate_half's own halves: the features are permuted, not fused
+                continue
+            sizes = getattr(o.grad_fn, "_saved_self_sym_sizes", None) or getattr(o.grad_fn, "_saved_self_sizes", None)
+            dim = getattr(o.grad_fn, "_saved_dim", None)
+            if not (sizes and isinstance(dim, int) and _dim(dim, len(sizes)) == len(sizes) - 1):
+                continue  # not along the feature dim
+            if o.type == tp_ops.OPTYPE.SPLIT and _dim(dim, len(sizes)) != 1:
+                slices += 2
+            elif o.type == tp_ops.OPTYPE.SLICE:  # qkv[..., :q], qkv[..., q:q + kv], ...
+                slices += 1
+        if slices >= 2:
+            out.append(m)
+    return out
 
 
 def _diverged_error(model: nn.Module, dg: _DependencyGraph, e: WalkDiverged) -> TraceError:
@@ -370,17 +389,18 @@ ROTARY_REASON = ("its channels pass through a rotary position embedding, whose r
 
 
 def _rotate_half_nodes(module2node: dict) -> set[Node]:
-    """Concat nodes that put slices (or chunks) of one tensor along the concatenated dim back together, possibly
-    negated: `cat((-x[..., h:], x[..., :h]), -1)`, the rotate_half of rotary position embeddings. It permutes
-    the entries of that dim; Torch-Pruning maps neither the slices nor the concat there (it reads them as
-    element-wise), so entry d is coupled to itself instead of to its rotation partner, and zeroing a
-    channel's slices would not remove it from the rotated queries and keys."""
+    """Concat nodes, and their slice/split nodes, that put slices (or chunks) of one tensor along the
+    concatenated dim back together, possibly negated: `cat((-x[..., h:], x[..., :h]), -1)`, the rotate_half
+    of rotary position embeddings. It permutes the entries of that dim; Torch-Pruning maps neither the
+    slices nor the concat there (it reads them as element-wise), so entry d is coupled to itself instead of
+    to its rotation partner, and zeroing a channel's slices would not remove it from the rotated queries
+    and keys."""
     found: set[Node] = set()
     cuts = (tp_ops.OPTYPE.SLICE, tp_ops.OPTYPE.SPLIT)  # x[..., h:] and x.chunk(2, -1)
     for node in module2node.values():
         if node.type != tp_ops.OPTYPE.CONCAT or len(node.inputs) < 2:
             continue
-        sources, dims = set(), set()
+        sources, dims, parts = set(), set(), []
         for inp in node.inputs:
             cur = inp
             for _ in range(3):  # through single-input element-wise ops (neg, scaling)
@@ -390,11 +410,13 @@ def _rotate_half_nodes(module2node: dict) -> set[Node]:
             if cur.type not in cuts or len(cur.inputs) != 1:
                 break
             sources.add(cur.inputs[0])
+            parts.append(cur)
             dims.add(cur.module.dim if cur.type == tp_ops.OPTYPE.SLICE else getattr(cur.grad_fn, "_saved_dim", None))
         else:
             cat_dim = getattr(node.grad_fn, "_saved_dim", None)
             if len(sources) == 1 and len(dims) == 1 and cat_dim in dims:
                 found.add(node)
+                found.update(parts)
     return found
 
 
