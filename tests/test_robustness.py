@@ -19,13 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
 from torch import nn
 
 import wtcore
 from wtcore.errors import TraceError
 from wtcore.ir import Run, UnitGroup, runs_length, runs_to_list
 from wtcore.ir import Slice as IrSlice
-from wtcore.testing import reference_unit_values, zero_units
+from wtcore.testing import reference_unit_values, structures, zero_units
 from wtfront import trace
 from wtfront.tpgroups import WalkDiverged, WalkLimits, all_groups
 
@@ -286,6 +287,22 @@ def test_partly_coupled_axis_makes_groups_not_prunable() -> None:
     # the rest of the axis covered by another group: closed again
     rest = UnitGroup("d.out", "feature", 2, (IrSlice("b.weight", 0, (Run(2, -1, 0), Run(2, 0))),))
     assert all(g.prunable for g in T._mark_partial_coverage([*groups[:2], rest], shapes))
+
+
+@settings(max_examples=60, deadline=None)
+@given(structures())
+def test_partial_coverage_marking_matches_elementwise_reference(s: wtcore.Structure) -> None:
+    """A group stays as it is iff every (param, axis) it touches is covered entry by entry by some group."""
+    covered: dict[tuple[str, int, int], set[int]] = {}  # per layout (a grouped conv's axis is longer)
+    for g in s.groups:
+        for sl in g.slices:
+            covered.setdefault((sl.param, sl.axis, sl.groups), set()).update(
+                i for i, u in enumerate(runs_to_list(sl.index)) if u >= 0)
+    shapes = {p.name: p.shape for p in s.params}
+    out = T._mark_partial_coverage(list(s.groups), shapes)
+    for g, h in zip(s.groups, out):
+        closed = all(len(covered[sl.param, sl.axis, sl.groups]) == runs_length(sl.index) for sl in g.slices)
+        assert (h == g) if closed else (not h.prunable and "not closed" in h.reason and h.slices == g.slices)
 
 
 # ------------------------------------------------------------------------------------------------- Swin

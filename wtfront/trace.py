@@ -518,21 +518,20 @@ def _mark_partial_coverage(groups: list[UnitGroup], shapes: Mapping[str, tuple[i
     heads couples the first 16 of 64 query features with the 16 key features); such a group's units are not
     what pruning them would remove.
     """
-    covered: dict[tuple[str, int], np.ndarray] = {}
+    covered: dict[tuple[str, int, int], np.ndarray] = {}  # (param, axis, conv groups of the layout)
     for g in groups:
         for sl in g.slices:
             length = shapes[sl.param][sl.axis] * sl.groups
-            cov = covered.setdefault((sl.param, sl.axis), np.zeros(length, dtype=bool))
-            if cov.size == length:
-                cov |= _materialize(sl.index, length) >= 0
+            cov = covered.setdefault((sl.param, sl.axis, sl.groups), np.zeros(length, dtype=bool))
+            cov |= _materialize(sl.index, length) >= 0
     partial = {k: (int(c.sum()), c.size) for k, c in covered.items() if not c.all()}
     if not partial:
         return groups
     out = []
     for g in groups:
-        hits = [(sl.param, sl.axis) for sl in g.slices if (sl.param, sl.axis) in partial]
+        hits = [k for k in ((sl.param, sl.axis, sl.groups) for sl in g.slices) if k in partial]
         if hits:
-            (p, ax), (have, n) = hits[0], partial[hits[0]]
+            (p, ax, _), (have, n) = hits[0], partial[hits[0]]
             why = (f"Torch-Pruning coupled only {have} of the {n} entries of {p!r} axis {ax} to units (it couples "
                    "tensors of different widths element-wise, e.g. grouped-query attention), so its units are not "
                    "closed")
@@ -546,7 +545,9 @@ def _materialize(runs: Sequence[Any], length: int) -> np.ndarray:
     parts = [np.full(r.length, -1, dtype=np.int64) if r.start < 0 else
              r.start + (np.arange(r.length) // r.repeat) * r.step for r in runs]
     idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    return idx if idx.size == length else np.full(length, -1, dtype=np.int64)
+    if idx.size != length:
+        raise TraceError(f"internal: a slice index of {idx.size} entries on an axis of {length}")
+    return idx
 
 
 # ----------------------------------------------------------------------------------------- lowering
