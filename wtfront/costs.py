@@ -131,8 +131,11 @@ def _linear(r: _Resolver, inputs: list, outputs: list) -> list[OpRecord]:
 
 
 def _addmm(r: _Resolver, inputs: list, outputs: list) -> list[OpRecord]:
+    """`bias + x @ W`: W is a transposed [out, in] Linear weight, or read as is ([in, out]: Hugging Face's
+    Conv1D, flagged `transposed` so its cost axes are out = axis 1, in = axis 0)."""
     a, b = _shape(inputs[1]), _shape(inputs[2])
-    return [OpRecord("linear", a[0] * a[1] * b[1], r(inputs[2]))]
+    as_is = inputs[2].node().kind() == "prim::Param"
+    return [OpRecord("linear", a[0] * a[1] * b[1], r(inputs[2]), transposed=as_is)]
 
 
 def _matmul(r: _Resolver, inputs: list, outputs: list) -> list[OpRecord]:
@@ -373,8 +376,9 @@ def _weight_axes(structure: Structure, slices: Mapping, pname: str, rec: OpRecor
         )
     if len(shape) != 2:
         return rec.kind, ()
-    if rec.kind == "matmul" and rec.weight_operand == 1:  # x @ W: W is [in, out]
-        return "matmul", (_axis(structure, slices, pname, 1, "out", shape[1]),
+    if (rec.kind == "matmul" and rec.weight_operand == 1) or (rec.kind == "linear" and rec.transposed):
+        # x @ W: W is [in, out]
+        return rec.kind, (_axis(structure, slices, pname, 1, "out", shape[1]),
                           _axis(structure, slices, pname, 0, "in", shape[0]))
     return rec.kind, (_axis(structure, slices, pname, 0, "out", shape[0]),
                       _axis(structure, slices, pname, 1, "in", shape[1]))

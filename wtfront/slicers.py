@@ -7,6 +7,7 @@ IR and physical pruning agree on what a unit is.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +17,8 @@ import torch.nn as nn
 
 from wtcore.errors import TraceError
 
-__all__ = ["KNOWN_PARAMS", "Pairs", "RawSlice", "UnloweredModule", "is_depthwise", "lower_item"]
+__all__ = ["CONV1D_PARAMS", "KNOWN_PARAMS", "Pairs", "RawSlice", "UnloweredModule", "is_depthwise", "is_hf_conv1d",
+           "lower_item"]
 
 
 class UnloweredModule(TraceError):
@@ -63,6 +65,25 @@ KNOWN_PARAMS: dict[type[nn.Module], frozenset[str]] = {
         {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"}
     ),
 }
+
+
+#: Parameters of Hugging Face's `Conv1D` (GPT-2's linear layer, weight stored [in, out]).
+CONV1D_PARAMS = frozenset({"weight", "bias"})
+
+
+def is_hf_conv1d(m: object) -> bool:
+    """Hugging Face's `transformers.pytorch_utils.Conv1D`, recognized without importing transformers: a linear
+    layer computing `x @ weight + bias` with `weight` of shape [in, out] and `nf` out features."""
+    w = getattr(m, "weight", None)
+    return (type(m).__name__ == "Conv1D" and isinstance(m, nn.Module) and isinstance(getattr(m, "nf", None), int)
+            and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == m.nf)
+
+
+def _hf_conv1d(m: nn.Module, out: bool, pairs: Pairs) -> list[RawSlice]:
+    """wtfront.trace's Conv1D pruner: out features are weight columns and bias entries, in features weight rows."""
+    if out:
+        return _axis_slice(m, "weight", m.weight, 1, pairs) + _axis_slice(m, "bias", getattr(m, "bias", None), 0, pairs)
+    return _axis_slice(m, "weight", m.weight, 0, pairs)
 
 
 def is_depthwise(m: nn.Module) -> bool:
@@ -176,7 +197,7 @@ def rule_type(m: nn.Module) -> type[nn.Module] | None:
     for t, _ in _RULES:
         if isinstance(m, t):
             return t
-    return None
+    return type(m) if is_hf_conv1d(m) else None
 
 
 def lower_item(
@@ -196,7 +217,7 @@ def lower_item(
     if isinstance(target, torch.Tensor):
         slices = _axis_slice(None, name, target, pruning_dim, pairs)
     else:
-        rule = next((r for t, r in _RULES if isinstance(target, t)), None)
+        rule = _hf_conv1d if is_hf_conv1d(target) else next((r for t, r in _RULES if isinstance(target, t)), None)
         if rule is None:
             raise UnloweredModule(
                 f"module {name!r} ({type(target).__name__}) is coupled to a pruning group, but wt cannot map its "
@@ -210,8 +231,11 @@ def lower_item(
                 what, owner = f"parameter {name!r}", name.rpartition(".")[0]
             else:
                 what, owner = f"{name!r} ({type(target).__name__}) {s.attr}", name
+            every = re.sub(r"\.\d+(?=\.|$)", ".*", owner)  # the same module in every block
+            also = f" or, for every block, ignore=[{every!r}]" if every != owner else ""
             raise UnloweredModule(
                 f"Torch-Pruning couples channel {bad[0]} to {what} axis {s.axis}, which has only {s.length} entries: "
-                f"it mis-maps this layer, so wt cannot lower it; pass the module in ignore= (e.g. ignore=[{owner!r}])"
+                f"it mis-maps this layer, so wt cannot lower it; pass the module in ignore= (e.g. ignore=[{owner!r}]"
+                f"{also})"
             )
     return slices

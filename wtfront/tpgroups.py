@@ -7,6 +7,11 @@ does the same walk with the same semantics (same triggers, index mappings, de-du
 see `DependencyGraph.get_pruning_group` and `Group.add_and_merge` in torch_pruning 1.6), with indices as
 numpy arrays. TP's known index-mapping classes are applied vectorized; any other mapping is called as TP
 would, on `_HybridIndex` lists.
+
+The walk is bounded (`WalkLimits`): on some graphs TP's index mappings diverge (Swin's relative-position
+bias path has reshapes TP reads as flattens, and each pass around the cycle multiplies the index set by 32,
+which exhausts memory within a minute). A diverging walk raises `WalkDiverged` with the node where it
+happened instead.
 """
 
 from __future__ import annotations
@@ -22,9 +27,46 @@ from torch_pruning.dependency import index_mapping as tp_im
 from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.pruner import function as tp_fn
 
-__all__ = ["GroupItem", "all_groups", "pruning_group"]
+__all__ = ["Group", "GroupItem", "WalkDiverged", "WalkLimits", "all_groups", "pruning_group"]
 
 NO_ROOT = -1  # TP's root_idx=None (e.g. after a grouped-query-attention mapping)
+
+
+class Group(list):
+    """A group's `GroupItem`s, and `cut_at`: the graph nodes where an index mapping dropped coupled channels
+    (TP's grouped-query-attention mapping maps KV channels to *no* query channels), so the items are not
+    everything that pruning a unit touches."""
+
+    cut_at: list[Any]
+
+    def __init__(self, items: Sequence[GroupItem] = (), cut_at: Sequence[Any] = ()) -> None:
+        super().__init__(items)
+        self.cut_at = list(cut_at)
+
+
+@dataclass(frozen=True)
+class WalkLimits:
+    """Bounds of one group walk. A correct index set never holds more channels than the widest axis a
+    layer can have, and a group never more entries than its items times that; beyond either, TP's
+    mappings have diverged. `for_model` derives both from the model's largest parameter dimension."""
+
+    max_index: int = 1 << 22  # largest index value / index-set size at any node
+    max_total: int = 1 << 25  # index entries summed over one group's items (16 bytes each with roots)
+
+    @staticmethod
+    def for_model(model: nn.Module, slack: int = 4) -> WalkLimits:
+        widest = max((int(d) for p in model.parameters() for d in p.shape), default=1)
+        max_index = max(slack * widest, 1 << 16)
+        return WalkLimits(max_index=max_index, max_total=max(1 << 25, 64 * max_index))
+
+
+class WalkDiverged(Exception):
+    """TP's index mappings grew an index set past `WalkLimits` at `node` (a TP graph node) while walking the
+    group of `root` (a module): the walk would not end, or not before memory runs out."""
+
+    def __init__(self, root: Any, node: Any, what: str, value: int, limit: int) -> None:
+        super().__init__(f"{what} reached {value} (limit {limit}) at {getattr(node, 'name', node)}")
+        self.root, self.node, self.what, self.value, self.limit = root, node, what, value, limit
 
 
 @dataclass
@@ -68,11 +110,16 @@ def _apply(mapping: Any, idx: np.ndarray, root: np.ndarray) -> tuple[np.ndarray,
     )
 
 
-def pruning_group(dg: Any, module: Any, pruning_fn: Any, n: int) -> list[GroupItem]:
+def pruning_group(
+    dg: Any, module: Any, pruning_fn: Any, n: int, limits: WalkLimits | None = None
+) -> Group:
     """`DependencyGraph.get_pruning_group(module, pruning_fn, range(n))`, merged, with array indices.
 
     The caller must have run `index_mapping.update_index_mapping(dg)` once (TP does it on every call).
+    Raises `WalkDiverged` when an index set or the group outgrows `limits` (default `WalkLimits()`).
     """
+    limits = limits or WalkLimits()
+    total = n
     if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
         pruning_fn = tp_fn.prune_depthwise_conv_out_channels
     root_node = dg.module2node[module]
@@ -81,6 +128,7 @@ def pruning_group(dg: Any, module: Any, pruning_fn: Any, n: int) -> list[GroupIt
     items: list[tuple[Dependency, np.ndarray, np.ndarray]] = [(root_dep, idx, idx)]
     seen: dict[tuple[Any, Any], list[tuple[np.ndarray, np.ndarray]]] = {(root_node, pruning_fn): [(idx, idx)]}
     visited: set[Any] = set()
+    cut_at: list[Any] = []
     stack = [(root_dep, idx, idx)]
     while stack:
         dep, cur, cur_root = stack.pop()
@@ -92,9 +140,16 @@ def pruning_group(dg: Any, module: Any, pruning_fn: Any, n: int) -> list[GroupIt
             nidx, nroot = cur, cur_root
             for mapping in new_dep.index_mapping:
                 if mapping is not None:
+                    if isinstance(mapping, tp_im._GQAIndexMapping) and not mapping.reverse and nidx.size:
+                        cut_at.append(new_dep.target)
                     nidx, nroot = _apply(mapping, nidx, nroot)
             if nidx.size == 0:
                 continue
+            if nidx.size > limits.max_index:
+                raise WalkDiverged(module, new_dep.target, "index set size", int(nidx.size), limits.max_index)
+            top = int(nidx.max())
+            if top >= limits.max_index:
+                raise WalkDiverged(module, new_dep.target, "channel index", top, limits.max_index)
             key = (new_dep.target, new_dep.handler)
             done = seen.setdefault(key, [])
             if new_dep.target in visited and any(
@@ -102,9 +157,12 @@ def pruning_group(dg: Any, module: Any, pruning_fn: Any, n: int) -> list[GroupIt
             ):
                 continue
             done.append((nidx, nroot))
+            total += nidx.size
+            if total > limits.max_total:
+                raise WalkDiverged(module, new_dep.target, "index entries of the group", total, limits.max_total)
             items.append((new_dep, nidx, nroot))
             stack.append((new_dep, nidx, nroot))
-    return _merge(dg, items)
+    return Group(_merge(dg, items), cut_at)
 
 
 def _merge(dg: Any, items: Sequence[tuple[Dependency, np.ndarray, np.ndarray]]) -> list[GroupItem]:
@@ -135,9 +193,13 @@ def _merge(dg: Any, items: Sequence[tuple[Dependency, np.ndarray, np.ndarray]]) 
 
 
 def all_groups(
-    dg: Any, ignored_layers: Sequence[Any] = (), root_module_types: tuple[type, ...] = ()
-) -> Iterator[list[GroupItem]]:
-    """`DependencyGraph.get_all_groups` with array indices (same roots, order and skipping rules)."""
+    dg: Any,
+    ignored_layers: Sequence[Any] = (),
+    root_module_types: tuple[type, ...] = (),
+    limits: WalkLimits | None = None,
+) -> Iterator[Group]:
+    """`DependencyGraph.get_all_groups` with array indices (same roots, order and skipping rules); each walk
+    bounded by `limits` (see `pruning_group`)."""
     tp_im.update_index_mapping(dg)
     ignored = {id(m) for m in [*ignored_layers, *dg.IGNORED_LAYERS_IN_TRACING]}
     visited: set[int] = set()
@@ -147,7 +209,7 @@ def all_groups(
         pruner = dg.get_pruner_of_module(m)
         if pruner is None or pruner.get_out_channels(m) is None or id(m) in visited:
             continue
-        group = pruning_group(dg, m, pruner.prune_out_channels, pruner.get_out_channels(m))
+        group = pruning_group(dg, m, pruner.prune_out_channels, pruner.get_out_channels(m), limits)
         prunable = True
         for item in group:
             if dg.is_out_channel_pruning_fn(item.dep.handler):

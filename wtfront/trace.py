@@ -6,13 +6,17 @@ layer, whether its out- or in-channels are cut (the pruning function), the layer
 and, for each, the root channel it belongs to. `trace` turns every group into one `UnitGroup`: a unit
 per root channel, and per parameter axis a `Slice` whose `index[i]` is the unit of entry `i`.
 
-Guards: inputs on the wrong device, a wall-clock budget that interrupts TP's known infinite loops, a fix
+Guards: inputs on the wrong device, a wall-clock budget that interrupts TP's known infinite loops, bounded
+group walks (`tpgroups.WalkLimits`: a diverging index mapping raises instead of exhausting memory), a fix
 for TP reading `torch.cat(dim=-1)` as dim 2**64-1 (TP issue #532), and errors naming the module for any
-layer whose parameters cannot be mapped to units.
+layer whose parameters cannot be mapped to units. Groups whose coupling TP gets wrong without failing are
+marked not prunable with the reason: units that are not closed (grouped-query attention) and rotary
+embeddings' rotate_half. Hugging Face's `Conv1D` (GPT-2) gets a TP pruner (weight [in, out]).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -30,10 +34,10 @@ from wtcore.ir import Param, Slice, Structure, UnitGroup, runs_from_list
 
 from .budget import Budget, BudgetExceeded
 from .filters import DEFAULT_ROOT_TYPES, IgnoreSpec, resolve_ignored
-from .slicers import KNOWN_PARAMS, RawSlice, UnloweredModule, lower_item, rule_type
-from .tpgroups import NO_ROOT, all_groups
+from .slicers import CONV1D_PARAMS, KNOWN_PARAMS, RawSlice, UnloweredModule, is_hf_conv1d, lower_item, rule_type
+from .tpgroups import NO_ROOT, WalkDiverged, WalkLimits, all_groups
 
-__all__ = ["DEFAULT_ROOT_TYPES", "OUTPUT_REASON", "SHUFFLE_REASON", "trace"]
+__all__ = ["DEFAULT_ROOT_TYPES", "OUTPUT_REASON", "ROTARY_REASON", "SHUFFLE_REASON", "trace"]
 
 OUTPUT_REASON = "feeds the model output"
 
@@ -76,7 +80,8 @@ def trace(
             parameters cannot be mapped to units is left out of every group instead of raising.
             Parameters in no group are listed in `Structure.uncoupled`.
         root_types: module types whose out-channels root a group; default `DEFAULT_ROOT_TYPES` (convs incl.
-            transposed, Linear, MultiheadAttention, LayerNorm, Embedding).
+            transposed, Linear, MultiheadAttention, LayerNorm, Embedding; plus Hugging Face's Conv1D when the
+            model has one).
         budget_s: wall-clock limit; past it a `TraceError` names the phase that did not finish.
         check_device: raise a `TraceError` if input tensors and parameters are on different devices.
         costs: count baseline MACs per costed op (`wtfront.costs.add_costs`).
@@ -102,6 +107,8 @@ def trace(
         _check_devices(model, inputs)
     ignored = resolve_ignored(model, ignore)
     roots = tuple(root_types) if root_types is not None else DEFAULT_ROOT_TYPES
+    if root_types is None:  # Hugging Face's Conv1D is GPT-2's linear layer: it roots its out features too
+        roots += tuple({type(m) for m in model.modules() if is_hf_conv1d(m)})
     budget = Budget(budget_s)
     model_name = type(model).__name__
     try:
@@ -110,7 +117,10 @@ def trace(
             dg = _DependencyGraph(budget)
             dg.build_dependency(model, example_inputs=inputs, forward_fn=_forward, verbose=False)
             budget.phase = "collecting pruning groups"
-            tp_groups = list(all_groups(dg, list(ignored), roots))
+            try:
+                tp_groups = list(all_groups(dg, [*ignored, *_fused_linears(dg)], roots, WalkLimits.for_model(model)))
+            except WalkDiverged as e:
+                raise _diverged_error(model, dg, e) from None
             budget.phase = "lowering pruning groups to the IR"
             structure = _Lowering(model, dg, ignored, roots).run(tp_groups, model_name)
         if costs:  # one more forward pass (fvcore's jit trace), outside TP's hooks: cost ops and baseline MACs
@@ -132,6 +142,67 @@ def trace(
         raise TraceError(
             f"tracing {model_name} failed while {budget.phase}: {type(e).__name__}: {e}"
         ) from e
+
+
+def _fused_linears(dg: _DependencyGraph) -> list[nn.Module]:
+    """Linear (and HF Conv1D) layers whose output features are split or sliced into parts (GPT-2's fused
+    `c_attn`, Phi-3's `gate_up_proj` and `qkv_proj`): they root no group. TP splits only along dim 1, so
+    every part of the output would be coupled to the first part's consumers; and a unit of such a layer is
+    one feature of each part (a row of the gate and of the up projection; a head's q, k and v rows), which
+    TP cannot express."""
+    out = []
+    for m, n in dg.module2node.items():
+        if not (isinstance(m, nn.Linear) or is_hf_conv1d(m)):
+            continue
+        slices = 0
+        for o in n.outputs:
+            if o in dg.rotary:  # rotate_half's own halves: the features are permuted, not fused
+                continue
+            sizes = getattr(o.grad_fn, "_saved_self_sym_sizes", None) or getattr(o.grad_fn, "_saved_self_sizes", None)
+            dim = getattr(o.grad_fn, "_saved_dim", None)
+            if not (sizes and isinstance(dim, int) and _dim(dim, len(sizes)) == len(sizes) - 1):
+                continue  # not along the feature dim
+            if o.type == tp_ops.OPTYPE.SPLIT and _dim(dim, len(sizes)) != 1:
+                slices += 2
+            elif o.type == tp_ops.OPTYPE.SLICE:  # qkv[..., :q], qkv[..., q:q + kv], ...
+                slices += 1
+        if slices >= 2:
+            out.append(m)
+    return out
+
+
+def _diverged_error(model: nn.Module, dg: _DependencyGraph, e: WalkDiverged) -> TraceError:
+    """A TraceError naming the group being walked and the modules/parameters nearest to where TP's index
+    mappings diverged (the node itself is usually a parameter-free reshape or expand)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    names.update({id(p): n for n, p in model.named_parameters()})
+    near = _nearest_named(e.node, names)
+    root = names.get(id(e.root), type(e.root).__name__)
+    where = f" next to {', '.join(repr(n) for n in near)}" if near else ""
+    return TraceError(
+        f"tracing {type(model).__name__}: Torch-Pruning's channel index mappings diverge while collecting the group "
+        f"of {root!r} ({type(e.root).__name__}): the {e.what} reached {e.value:,} (more than any layer of the model "
+        f"can have, limit {e.limit:,}) at {e.node.name}{where}. Torch-Pruning mis-reads a reshape/expand there "
+        "(e.g. the window partition and relative-position bias of Swin Transformers); the walk would not end before "
+        "memory runs out. wt cannot trace this model's channels; ignore= does not help, since the mis-read ops stay "
+        "in the graph"
+    )
+
+
+def _nearest_named(node: Node, names: Mapping[int, str], limit: int = 3) -> list[str]:
+    """Names of the closest graph nodes (breadth-first over inputs and outputs) that are model modules or
+    parameters, at most `limit`."""
+    seen, frontier, found = {node}, [node], []
+    while frontier and not found:
+        nxt = []
+        for n in frontier:
+            for m in (*n.inputs, *n.outputs):
+                if m not in seen:
+                    seen.add(m)
+                    nxt.append(m)
+        found = sorted({names[id(m.module)] for m in nxt if id(m.module) in names})
+        frontier = nxt
+    return found[:limit]
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -261,6 +332,15 @@ class _DependencyGraph(tp.DependencyGraph):
         super().__init__()
         self._budget = budget
         self.barriers: set[Node] = set()
+        self.rotary: set[Node] = set()
+
+    def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> _DependencyGraph:
+        """TP's, with a pruner for Hugging Face's `Conv1D` (GPT-2). Without one TP treats its weight and bias
+        as unwrapped parameters and prunes their *last* axis, so the hidden dimension would be coupled to
+        columns of `c_attn.weight` (its out features) instead of its rows."""
+        for t in {type(m) for m in model.modules() if is_hf_conv1d(m)}:
+            self.register_customized_layer(t, _HFConv1DPruner())
+        return super().build_dependency(model, *args, **kwargs)
 
     def _trace(self, model: nn.Module, example_inputs: Any, forward_fn: Any, output_transform: Any) -> dict:
         self._budget.phase = "running the example forward pass and reading its autograd graph"
@@ -273,8 +353,71 @@ class _DependencyGraph(tp.DependencyGraph):
                     if isinstance(node.module, tp_ops._SliceOp):
                         node.module.dim = dim
         self.barriers = _cut_channel_shuffles(module2node)
+        self.rotary = _rotate_half_nodes(module2node)
         self._budget.phase = "building dependencies and index mappings (Torch-Pruning)"
         return module2node
+
+
+class _HFConv1DPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning pruning functions for Hugging Face's `Conv1D`: `y = x @ weight + bias`, weight [in, out]."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.nf)) - set(idxs))
+        layer.nf = len(keep)
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
+        if hasattr(layer, "nx"):
+            layer.nx = len(keep)
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return int(layer.nf)
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return int(layer.weight.shape[0])
+
+
+ROTARY_REASON = ("its channels pass through a rotary position embedding, whose rotate_half pairs entry d of each "
+                 "head with entry d + head_dim/2, which Torch-Pruning couples as if element-wise; prune attention "
+                 "heads instead")
+
+
+def _rotate_half_nodes(module2node: dict) -> set[Node]:
+    """Concat nodes, and their slice/split nodes, that put slices (or chunks) of one tensor along the
+    concatenated dim back together, possibly negated: `cat((-x[..., h:], x[..., :h]), -1)`, the rotate_half
+    of rotary position embeddings. It permutes the entries of that dim; Torch-Pruning maps neither the
+    slices nor the concat there (it reads them as element-wise), so entry d is coupled to itself instead of
+    to its rotation partner, and zeroing a channel's slices would not remove it from the rotated queries
+    and keys."""
+    found: set[Node] = set()
+    cuts = (tp_ops.OPTYPE.SLICE, tp_ops.OPTYPE.SPLIT)  # x[..., h:] and x.chunk(2, -1)
+    for node in module2node.values():
+        if node.type != tp_ops.OPTYPE.CONCAT or len(node.inputs) < 2:
+            continue
+        sources, dims, parts = set(), set(), []
+        for inp in node.inputs:
+            cur = inp
+            for _ in range(3):  # through single-input element-wise ops (neg, scaling)
+                if cur.type in cuts or len(cur.inputs) != 1 or not isinstance(cur.module, tp_ops._ElementWiseOp):
+                    break
+                cur = cur.inputs[0]
+            if cur.type not in cuts or len(cur.inputs) != 1:
+                break
+            sources.add(cur.inputs[0])
+            parts.append(cur)
+            dims.add(cur.module.dim if cur.type == tp_ops.OPTYPE.SLICE else getattr(cur.grad_fn, "_saved_dim", None))
+        else:
+            cat_dim = getattr(node.grad_fn, "_saved_dim", None)
+            if len(sources) == 1 and len(dims) == 1 and cat_dim in dims:
+                found.add(node)
+                found.update(parts)
+    return found
 
 
 SHUFFLE_REASON = "its channels pass through a channel shuffle (view-transpose-view), which wt does not model"
@@ -358,6 +501,55 @@ def _cut_channel_shuffles(module2node: dict) -> set[Node]:
     return barriers
 
 
+# ------------------------------------------------------------------------------ groups that are not closed
+def _unrooted_reason(modules: Sequence[str]) -> str:
+    shown = ", ".join(repr(m) for m in modules[:3]) + (f" (+{len(modules) - 3})" if len(modules) > 3 else "")
+    return (f"Torch-Pruning could not map channels coupled through {shown} to the group's units (e.g. repeat_kv "
+            "of grouped-query attention), so its units are not closed")
+
+
+def _mark_partial_coverage(groups: list[UnitGroup], shapes: Mapping[str, tuple[int, ...]]) -> list[UnitGroup]:
+    """Groups made not prunable where Torch-Pruning coupled only part of a parameter axis.
+
+    Every axis a group touches must be covered entirely by the union of all groups' slices: Torch-Pruning
+    marks a module visited once any group reaches its out-channels, so channels a group leaves out of a
+    module it reaches never get a group of their own. That happens when it couples tensors of different
+    widths element-wise (e.g. `scaled_dot_product_attention(..., enable_gqa=True)` with 8 query and 2 KV
+    heads couples the first 16 of 64 query features with the 16 key features); such a group's units are not
+    what pruning them would remove.
+    """
+    covered: dict[tuple[str, int, int], np.ndarray] = {}  # (param, axis, conv groups of the layout)
+    for g in groups:
+        for sl in g.slices:
+            length = shapes[sl.param][sl.axis] * sl.groups
+            cov = covered.setdefault((sl.param, sl.axis, sl.groups), np.zeros(length, dtype=bool))
+            cov |= _materialize(sl.index, length) >= 0
+    partial = {k: (int(c.sum()), c.size) for k, c in covered.items() if not c.all()}
+    if not partial:
+        return groups
+    out = []
+    for g in groups:
+        hits = [k for k in ((sl.param, sl.axis, sl.groups) for sl in g.slices) if k in partial]
+        if hits:
+            (p, ax, _), (have, n) = hits[0], partial[hits[0]]
+            why = (f"Torch-Pruning coupled only {have} of the {n} entries of {p!r} axis {ax} to units (it couples "
+                   "tensors of different widths element-wise, e.g. grouped-query attention), so its units are not "
+                   "closed")
+            g = dataclasses.replace(g, prunable=False, reason="; ".join(r for r in (g.reason, why) if r))
+        out.append(g)
+    return out
+
+
+def _materialize(runs: Sequence[Any], length: int) -> np.ndarray:
+    """The unit of each entry of a run-encoded slice index (-1: none)."""
+    parts = [np.full(r.length, -1, dtype=np.int64) if r.start < 0 else
+             r.start + (np.arange(r.length) // r.repeat) * r.step for r in runs]
+    idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if idx.size != length:
+        raise TraceError(f"internal: a slice index of {idx.size} entries on an axis of {length}")
+    return idx
+
+
 # ----------------------------------------------------------------------------------------- lowering
 @dataclass
 class _Acc:
@@ -401,6 +593,7 @@ class _Lowering:
         self.param_order = {n: i for i, n in enumerate(self.tensors)}
         self.outputs = self._output_reaching_nodes()
         self.lowered_modules: dict[int, nn.Module] = {}
+        self.names_by_id = {**self.module_names, **self.canonical}
 
     # -- names -----------------------------------------------------------------------------------
     def module_name(self, m: Any) -> str:
@@ -472,6 +665,7 @@ class _Lowering:
                 ug = UnitGroup(name, ug.kind, ug.size, ug.slices, ug.prunable, ug.root, ug.baseline_size, ug.reason)
             groups.append(ug)
         self.check_unknown_params()
+        groups = _mark_partial_coverage(groups, {n: tuple(t.shape) for n, t in self.tensors.items()})
         touched = {s.param for g in groups for s in g.slices}
         params = tuple(self.make_param(n) for n in self.tensors)
         uncoupled = tuple(sorted(n for n in self.tensors if n not in touched))
@@ -497,7 +691,10 @@ class _Lowering:
         root_name = self.module_name(root)
         size = len(group[0].idxs)
         accs: dict[tuple[str, int], _Acc] = {}
-        feeds_output = shuffled = False
+        feeds_output = shuffled = rotary = False
+        unrooted: list[str] = []
+        for node in getattr(group, "cut_at", ()):  # couplings a mapping dropped: name the modules next to them
+            unrooted.extend(n for n in _nearest_named(node, self.names_by_id) if n not in unrooted)
         for item in group:
             node: Node = item.dep.target
             target = node.module
@@ -505,17 +702,20 @@ class _Lowering:
             if node in self.outputs and (out or isinstance(target, _TP_DUMMY)):
                 feeds_output = True
             shuffled = shuffled or node in dg.barriers
+            rotary = rotary or node in dg.rotary
             if isinstance(target, _TP_DUMMY):
                 continue
             name = self.module_name(target)
             units = item.root_idxs
-            if (units == NO_ROOT).any():
-                raise TraceError(
-                    f"Torch-Pruning could not map the channels of {name!r} ({type(target).__name__}) back to the "
-                    f"root {root_name!r} (an index mapping without root indices, e.g. grouped-query attention); "
-                    "pass it in ignore="
-                )
-            pairs = (item.idxs, relabel[units])
+            local = item.idxs
+            lost = units == NO_ROOT
+            if lost.any():  # e.g. repeat_kv of grouped-query attention: keep what maps, mark the group
+                if name not in unrooted:
+                    unrooted.append(name)
+                local, units = local[~lost], units[~lost]
+                if not units.size:
+                    continue
+            pairs = (local, relabel[units])
             try:
                 raws = lower_item(target, name, out=out, pairs=pairs, pruning_dim=node.pruning_dim)
                 keyed = [(self.param_name(s, name), s) for s in raws]
@@ -537,9 +737,10 @@ class _Lowering:
             kind="channel" if isinstance(root, nn.modules.conv._ConvNd) else "feature",
             size=size,
             slices=tuple(slices),
-            prunable=not (feeds_output or shuffled),
+            prunable=not (feeds_output or shuffled or unrooted or rotary),
             root=root_name,
-            reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (SHUFFLE_REASON, shuffled)) if on),
+            reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (SHUFFLE_REASON, shuffled),
+                                             (ROTARY_REASON, rotary), (_unrooted_reason(unrooted), unrooted)) if on),
         )
 
     def choose_root(self, group: Any) -> tuple[Any, np.ndarray]:
@@ -615,7 +816,8 @@ class _Lowering:
             if id(m) in self.ignored:
                 continue
             t = rule_type(m)
-            known = KNOWN_PARAMS.get(t, frozenset()) if t is not None else frozenset()
+            known = KNOWN_PARAMS.get(t, CONV1D_PARAMS if is_hf_conv1d(m) else frozenset()) if t is not None \
+                else frozenset()
             extra = [n for n, _ in m.named_parameters(recurse=False) if n.removesuffix("_orig") not in known]
             if extra:
                 name = self.module_name(m)
