@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors")
 
 #: Scalar metrics per checkpoint, in CSV column order, with what they mean (1 MAC = one multiply-add).
 METRICS: dict[str, str] = {
-    "group_lasso": "sum over prunable units of the unit L2 norm",
+    "group_lasso": "sum over prunable units of sqrt(params per unit) x unit L2 norm (the group_lasso spec)",
     "macs": "active MACs (1 MAC = one multiply-add) of the cost ops",
     "macs_ratio": "active MACs / MACs of the unpruned model",
     "bops": "structured BOPs (active MACs x 32 x 32 bits)",
@@ -182,8 +182,13 @@ def _strip_prefix(sd: dict[str, torch.Tensor], names: set[str]) -> dict[str, tor
     return sd
 
 
-def _params_for(structure: Structure, sd: dict[str, torch.Tensor], path: str, model: str) -> dict[str, torch.Tensor]:
+def _params_for(structure: Structure, sd: dict[str, torch.Tensor], path: str, model: str,
+                model_keys: Collection[str] | None = None) -> dict[str, torch.Tensor]:
     sd = _strip_prefix(sd, {n for p in structure.params for n in (p.name, *p.aliases)})
+    extra = [k for k in sd if model_keys is not None and k not in model_keys]
+    if extra:
+        raise AnalysisError(f"checkpoint {path!r} does not fit {model}: it has {len(extra)} entries the model does "
+                            f"not have (e.g. {extra[0]!r}); is it a checkpoint of another architecture?")
     out: dict[str, torch.Tensor] = {}
     for p in structure.params:
         t = next((sd[n] for n in (p.name, *p.aliases) if n in sd), None)
@@ -263,6 +268,7 @@ def analyze(
     trust_pickle: bool = False,
     build: Callable[[], nn.Module] | None = None,
     example_inputs: Any = None,
+    model_keys: Collection[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Analysis:
     """Evaluate the metrics of `METRICS` for every checkpoint in `paths` (files or folders, see
@@ -311,7 +317,8 @@ def analyze(
         sd = _state_dict_of(obj if module is None else module, str(path))
         if module is not None and _shapes_differ(structure, sd):
             arch = _arch_of(archs, module, structure, example_inputs, str(path))
-        arch.items.append((k, path, _params_for(arch.structure, sd, str(path), model_name)))
+        keys = model_keys if arch.structure is structure else None  # a pruned variant has its own buffers' shapes
+        arch.items.append((k, path, _params_for(arch.structure, sd, str(path), model_name, keys)))
         del obj, module, sd
         if len(arch.items) >= chunk:
             flush(arch)

@@ -27,9 +27,10 @@ _EPILOG = """\
 model references:
   torchvision:NAME         torchvision.models.get_model(NAME, weights=None)
   timm:NAME                timm.create_model(NAME, pretrained=False)
-  hf:ARCH                  a transformers class from a small config (2 layers, hidden 64); --config key=value
+  hf:ARCH                  a transformers class from a small config (2 layers, hidden 64)
   hf:/local/dir            a save_pretrained folder: config.json, and the weights when present
   module.path:callable     your own model: callable() returns an nn.Module (the current directory is importable)
+  --config key=value ...   hf: config overrides; constructor keyword arguments for the others
 
 examples:
   wt inspect torchvision:resnet18 --input 1,3,64,64
@@ -175,7 +176,7 @@ def _analyze(args: argparse.Namespace) -> int:
         task = bar.add_task("checkpoints", total=None)
         result = analyze(structure, args.checkpoints, chunk=args.chunk, tolerance=args.tolerance,
                          threshold=args.threshold, trust_pickle=args.trust_pickle, build=build,
-                         example_inputs=shape,
+                         example_inputs=shape, model_keys=set(ref.model.state_dict()),
                          progress=lambda done, total: bar.update(task, completed=done, total=total))
     write_csv(result, out_dir / "metrics.csv")
     write_json(result, out_dir / "metrics.json")
@@ -271,7 +272,8 @@ def _model_options() -> argparse.ArgumentParser:
                    help="example input shape, e.g. 1,3,224,224; for language models a token length (32) or "
                         "batch,length (default: the model's own image size, or 16 tokens)")
     g.add_argument("--config", nargs="+", metavar="KEY=VALUE",
-                   help="hf: models: config overrides, e.g. num_hidden_layers=4 hidden_size=128")
+                   help="hf: config overrides (num_hidden_layers=4), or constructor keyword arguments for the "
+                        "others (num_classes=10, timm's img_size=64)")
     g.add_argument("--heads", nargs="*", metavar="MODULE=N",
                    help="trace attention heads as units (optionally overriding the head count of modules); "
                         "needs a wtfront.trace with the heads option")

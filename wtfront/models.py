@@ -8,6 +8,9 @@ A reference names a model the way a user would type it:
 - `hf:/local/dir`: a transformers model directory with a `config.json` (its weights too, when present);
 - `module.path:callable`: the user's own model, `callable()` returning an `nn.Module`.
 
+`config=` (the command line's `--config key=value`) overrides keys of a transformers config, or is passed as
+keyword arguments to the other constructors (`num_classes=10`, timm's `img_size=64`).
+
 Example inputs follow the model: images `[1, 3, H, W]` from the model's own config, token ids `[1, 16]` for
 language models; `input_shape` overrides (for a language model a shape of one or two numbers is the token
 length, e.g. `(32,)` → `input_ids` of shape `[1, 32]`).
@@ -97,17 +100,17 @@ def load_model(
 ) -> ModelRef:
     """Build the model a reference names (random weights, except `hf:/dir` with weights) and an example input.
 
-    `config`: overrides of a transformers config (`hf:` references only)."""
+    `config`: for `hf:` the config keys to override; otherwise keyword arguments of the constructor
+    (`torchvision.models.get_model`, `timm.create_model`, or the user's callable), e.g. `num_classes=10`."""
     kind, sep, name = ref.partition(":")
     if not sep or not name:
         raise WtError(
             f"model reference {ref!r} is not understood; use torchvision:NAME, timm:NAME, hf:ARCH, hf:/local/dir "
             "or module.path:callable"
         )
-    if config and kind != "hf":
-        raise WtError(f"--config applies to hf: models only, not to {ref!r}")
+    config = dict(config or {})
     if kind == "hf":
-        model = _hf_model(name, dict(config or {}))
+        model = _hf_model(name, config)
         model.eval()
         return ModelRef(model, _hf_inputs(model, input_shape), ref)
     if kind == "torchvision":
@@ -116,26 +119,28 @@ def load_model(
         except ImportError:
             raise WtError("torchvision is not installed: pip install torchvision") from None
         try:
-            model = torchvision.models.get_model(name, weights=None)
+            model = torchvision.models.get_model(name, weights=None, **config)
         except (ValueError, KeyError):
             raise WtError(f"torchvision has no model named {name!r}; see torchvision.models.list_models()") from None
+        except TypeError as e:
+            raise WtError(f"torchvision:{name} does not take the --config options {sorted(config)}: {e}") from None
     elif kind == "timm":
         try:
             import timm
         except ImportError:
             raise WtError("timm is not installed: pip install timm") from None
         try:
-            model = timm.create_model(name, pretrained=False)
-        except RuntimeError as e:
-            raise WtError(f"timm cannot build {name!r}: {e}") from None
+            model = timm.create_model(name, pretrained=False, **config)
+        except (RuntimeError, TypeError) as e:
+            raise WtError(f"timm cannot build {name!r} with options {config}: {e}") from None
     else:
-        model = _user_model(ref, kind, name)
+        model = _user_model(ref, kind, name, config)
     model.eval()
     shape = input_shape or _default_input(model)
     return ModelRef(model, torch.randn(shape), ref)
 
 
-def _user_model(ref: str, module_name: str, attr: str) -> nn.Module:
+def _user_model(ref: str, module_name: str, attr: str, config: dict[str, Any]) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -143,7 +148,10 @@ def _user_model(ref: str, module_name: str, attr: str) -> nn.Module:
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise WtError(f"module {module_name!r} has no callable {attr!r} (model reference {ref!r})")
-    model = factory()
+    try:
+        model = factory(**config)
+    except TypeError as e:
+        raise WtError(f"{ref}: calling {attr}(**{config}) failed: {e}") from None
     if not isinstance(model, nn.Module):
         raise WtError(f"{ref} returned a {type(model).__name__}, not an nn.Module")
     return model
