@@ -121,6 +121,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from . import report
     from .interop import effective_params
 
+    specs = [parse_spec(s) for s in args.program] if args.program else ["group_lasso", "group_active_units"]
     ref = _load(args)
     t0 = time.perf_counter()
     structure = _trace(args, ref)
@@ -134,7 +135,6 @@ def _inspect(args: argparse.Namespace) -> int:
         if table is not None:
             con.print(table)
     con.print(report.params_table(structure, args.rows))
-    specs = [parse_spec(s) for s in args.program] if args.program else ["group_lasso", "group_active_units"]
     t0 = time.perf_counter()
     program = wtcore.compile(structure, specs)
     t_compile = time.perf_counter() - t0
@@ -246,9 +246,9 @@ def _bench(args: argparse.Namespace) -> int:
     from . import report
     from .benchmark import floor_ratios
 
+    spec = parse_spec(args.spec)
     ref = _load(args)
     structure = _trace(args, ref)
-    spec = parse_spec(args.spec)
     r = floor_ratios(structure, dict(ref.model.named_parameters()), spec=spec, reps=args.reps)
     con = _console()
     _text(con, report.summary_line(structure))
@@ -367,8 +367,6 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the `wt` command; returns the exit code (0, or 2 with a one-line error on stderr)."""
     args = build_parser().parse_args(argv)
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # module.path:callable finds the user's own modules
     try:
         return args.func(args)
     except WtError as e:

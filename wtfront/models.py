@@ -22,6 +22,7 @@ import ast
 import importlib
 import inspect
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,10 +142,17 @@ def load_model(
 
 
 def _user_model(ref: str, module_name: str, attr: str, config: dict[str, Any]) -> nn.Module:
+    """`module.path:callable`, importable from the current directory too (as `python -m` would)."""
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise WtError(f"cannot import module {module_name!r} for model reference {ref!r}: {e}") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise WtError(f"module {module_name!r} has no callable {attr!r} (model reference {ref!r})")
