@@ -180,9 +180,11 @@ def test_csv_json_and_plots(resnet, refs, tmp_path: Path) -> None:
     prunable = torch.cat([torch.full((g.size,), g.prunable) for g in structure.groups])
     for c in analysis.checkpoints[:4]:  # the drawn bars are the direct program's unit norms, binned by numpy
         l2 = refs[c.name]["unit_l2"][prunable].double().numpy()
-        want, _ = np.histogram(np.clip(l2, edges[0], edges[-1] * (1 - 1e-12)), bins=edges)
-        assert hist.y[c.name] == want.tolist()
-        assert hist.x[c.name] == pytest.approx(edges[:-1].tolist())
+        want, _ = np.histogram(np.clip(l2[l2 > 0], edges[0], edges[-1] * (1 - 1e-12)), bins=edges)
+        assert hist.y[c.name] == [int((l2 == 0).sum()), *want.tolist()]  # the zero bar first
+        assert hist.y[c.name][0] == c.scalars["units"] - c.scalars["active_units"]
+        assert hist.x[c.name][1:] == pytest.approx(edges[:-1].tolist())
+        assert hist.x[c.name][0] < edges[0]
         assert sum(hist.y[c.name]) == int(prunable.sum())
     for png in (tmp_path / "trends.png", tmp_path / "norms.png"):
         img = matplotlib.image.imread(png)

@@ -254,3 +254,11 @@ def test_wrong_architecture_checkpoint(tmp_path: Path, capsys: pytest.CaptureFix
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "does not fit ResNet" in lines[0] and "another architecture" in lines[0], err
+
+
+# ------------------------------------------------------------------------------------------------------- docs
+def test_api_reference_is_current() -> None:
+    from wtfront.apidoc import render
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+    assert path.read_text() == render(), "docs/api.md is stale: run python -m wtfront.apidoc > docs/api.md"

@@ -397,51 +397,65 @@ def _panels(n: int, max_panels: int) -> list[int]:
 
 
 def histogram_edges(analysis: Analysis, bins: int = 40) -> torch.Tensor:
-    """Log-spaced edges shared by every panel, from the smallest nonzero to the largest unit norm; zero norms
-    are drawn in the first bin."""
+    """Log-spaced edges shared by every panel, from below the smallest nonzero unit norm (and the threshold) to
+    above the largest; exact zeros get a bar of their own, left of the first edge."""
     norms = torch.cat([c.unit_l2 for c in analysis.checkpoints]) if analysis.checkpoints else torch.zeros(0)
     nz = norms[norms > 0]
-    lo = float(nz.min()) if nz.numel() else 1e-8
+    lo = float(nz.min()) if nz.numel() else 1e-6
     hi = float(nz.max()) if nz.numel() else 1.0
+    if analysis.threshold > 0:
+        lo = min(lo, analysis.threshold)
     lo, hi = lo / 1.5, max(hi * 1.5, lo * 10)
     return torch.logspace(math.log10(lo), math.log10(hi), bins + 1, dtype=torch.float64)
 
 
-def unit_norm_counts(l2: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """Units per bin (`edges[k] <= norm < edges[k+1]`); norms below the first edge (zeros) count in bin 0."""
-    clamped = l2.to(torch.float64).clamp(min=float(edges[0]), max=float(edges[-1]) * (1 - 1e-12))
-    return torch.histogram(clamped, bins=edges).hist.round().to(torch.int64)
+def unit_norm_counts(l2: torch.Tensor, edges: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(units with norm exactly 0, units per bin `edges[k] <= norm < edges[k+1]` of the others)."""
+    l2 = l2.to(torch.float64)
+    zero = l2 == 0
+    clamped = l2[~zero].clamp(min=float(edges[0]), max=float(edges[-1]) * (1 - 1e-12))
+    return int(zero.sum()), torch.histogram(clamped, bins=edges).hist.round().to(torch.int64)
 
 
 def plot_unit_norms(analysis: Analysis, path: str | os.PathLike[str], *, bins: int = 40,
                     max_panels: int = 16) -> PlotData:
     """Per-unit L2 norm histograms, one panel per checkpoint (at most `max_panels`, evenly spaced), on a shared
-    log x axis; a vertical line marks the threshold. Units of a group that collapses toward zero show up as a
-    separate mode on the left: the epoch where it has separated is ready to prune."""
+    log x axis; exact zeros are the red bar at the left, the threshold a dashed line. Units that collapse toward
+    zero show up as a separate mode on the left: the epoch where it has separated is ready to prune.
+
+    The returned data, per checkpoint, is read from the drawn bars: x = left edges, y = heights, the zero bar
+    first."""
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter
+
     edges = histogram_edges(analysis, bins)
     idx = _panels(len(analysis.checkpoints), max_panels)
     ncols = min(4, len(idx))
     nrows = math.ceil(len(idx) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.4 * nrows), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.5 * nrows), squeeze=False, sharex=True)
     xs: dict[str, list[float]] = {}
     ys: dict[str, list[float]] = {}
     e = edges.numpy()
+    step = e[1] / e[0]
+    zero_left, zero_width = e[0] / step**3, e[0] / step**2 - e[0] / step**3
     for ax, k in zip(axes.flat, idx):
         c = analysis.checkpoints[k]
-        counts = unit_norm_counts(c.unit_l2, edges).numpy()
-        bars = ax.bar(e[:-1], counts, width=e[1:] - e[:-1], align="edge", color="tab:blue")
+        zeros, counts = unit_norm_counts(c.unit_l2, edges)
+        zbar = ax.bar([zero_left], [zeros], width=[zero_width], align="edge", color="tab:red")
+        bars = ax.bar(e[:-1], counts.numpy(), width=e[1:] - e[:-1], align="edge", color="tab:blue")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # a range under a decade would label every minor tick
         if analysis.threshold > 0:
             ax.axvline(analysis.threshold, color="tab:red", lw=0.8, ls="--")
         below = int(c.scalars["units_below_threshold"])
-        ax.set_title(f"{c.name}: {below}/{int(c.scalars['units'])} <= thr", fontsize=8)
+        ax.set_title(f"{c.name}: {zeros} zero, {below}/{int(c.scalars['units'])} <= threshold", fontsize=8)
         ax.tick_params(labelsize=7)
-        xs[c.name] = [float(b.get_x()) for b in bars]
-        ys[c.name] = [float(b.get_height()) for b in bars]
+        drawn = [*zbar, *bars]
+        xs[c.name] = [float(b.get_x()) for b in drawn]
+        ys[c.name] = [float(b.get_height()) for b in drawn]
     for ax in list(axes.flat)[len(idx):]:
         ax.set_visible(False)
-    fig.supxlabel("unit L2 norm (prunable groups; zeros in the first bin)", fontsize=9)
+    fig.supxlabel("unit L2 norm (units of prunable groups; red: exactly zero; dashed: threshold)", fontsize=9)
     fig.supylabel("units", fontsize=9)
     fig.suptitle(f"{analysis.model}: per-unit L2 norms by checkpoint", fontsize=10)
     fig.tight_layout()
@@ -468,11 +482,13 @@ def plot_trends(analysis: Analysis, path: str | os.PathLike[str]) -> PlotData:
     xs: dict[str, list[float]] = {}
     ys: dict[str, list[float]] = {}
     x = list(range(n))
-    for key, label in TREND_LINES.items():
+    styles = ["-", "--", "-.", ":", "-"]
+    markers = ["o", "s", "^", "D", "v"]
+    for j, (key, label) in enumerate(TREND_LINES.items()):
         vals = analysis.column(key)
         if key == "units_below_threshold":
             vals = [v / max(c.scalars["units"], 1.0) for v, c in zip(vals, analysis.checkpoints)]
-        (line,) = ax.plot(x, vals, marker="o", ms=3, label=label)
+        (line,) = ax.plot(x, vals, ls=styles[j], marker=markers[j], ms=4, label=label)
         xs[key] = [float(v) for v in line.get_xdata()]
         ys[key] = [float(v) for v in line.get_ydata()]
     ax.set_xticks(x)
