@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import re
 from pathlib import Path
 
@@ -23,12 +22,6 @@ from wtfront.cli import build_parser, main, parse_spec
 from wtfront.models import load_model, parse_config_overrides, parse_input_shape
 
 HAS_HEADS = "heads" in inspect.signature(trace).parameters
-try:
-    from wtfront.controller import solve_keep  # noqa: F401
-
-    HAS_CONTROLLER = True
-except ImportError:
-    HAS_CONTROLLER = False
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -186,37 +179,76 @@ def test_bench(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- prune
-@pytest.mark.xfail(not HAS_CONTROLLER, reason="waits for the controller: wtfront.controller.solve_keep (helper "
-                   "ctrl) is not merged yet", strict=True)
-def test_prune_cnn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _conv_linear_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """fvcore's count (its "flops" are MACs) of the ops wt costs: convolutions and linear layers."""
     from fvcore.nn import FlopCountAnalysis
+
+    by_op = FlopCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False).by_operator()
+    return sum(v for k, v in by_op.items() if k in ("conv", "linear", "addmm", "matmul", "bmm", "einsum"))
+
+
+def test_prune_cnn_to_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from wtfront.checkpoint import load_pruned
+
+    x = torch.randn(1, 3, 64, 64)
+    code, out, err = run(capsys, "prune", "torchvision:resnet18", "--input", "1,3,64,64", "--target-macs", "0.5",
+                         "--max-fraction", "0.8", "--out", str(tmp_path))
+    assert code == 0, err
+    dense = _conv_linear_macs(torchvision.models.resnet18(weights=None).eval(), x)
+    pruned = load_pruned(torchvision.models.resnet18(weights=None), tmp_path / "pruned.pt").eval()
+    macs = _conv_linear_macs(pruned, x)
+    assert 0.45 * dense < macs <= 0.5 * dense
+    saved = wtcore.Structure.from_json((tmp_path / "structure.json").read_text())
+    assert sum(o.macs for o in saved.ops) == macs and sum(o.baseline_macs for o in saved.ops) == dense
+    assert all(g.size >= 0.2 * g.baseline_size - 1 for g in saved.groups)  # --max-fraction 0.8
+    assert "Before → after" in out and f"{100 * macs / dense:.1f}% of the original" in out
+
+
+@pytest.mark.slow
+def test_prune_trained_weights_removes_the_zero_units(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A model whose units were zeroed in training: pruning to the MACs they leave removes exactly them, and the
+    pruned model computes what the trained one did."""
+    from wtfront.checkpoint import load_pruned
+    from wtfront.prune import apply_masks
+
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 64, 64)
+    model = torchvision.models.resnet18(weights=None).eval()
+    structure = trace(model, x)
+    mask = wtcore.compile(structure, wtcore.Spec("random_structured", amount=0.3, scope="local"))
+    apply_masks(model, structure, mask(dict(model.named_parameters()))["random_structured"])
+    with torch.no_grad():
+        ratio = float(wtcore.compile(structure, ["active_macs"])(dict(model.named_parameters()))["active_macs/ratio"])
+        y = model(x)
+    torch.save(model.state_dict(), tmp_path / "trained.pt")
+    code, _, err = run(capsys, "prune", "torchvision:resnet18", "--input", "1,3,64,64", "--weights",
+                       str(tmp_path / "trained.pt"), "--target-macs", f"{ratio + 1e-6}", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    pruned = load_pruned(torchvision.models.resnet18(weights=None), tmp_path / "o" / "pruned.pt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), y, rtol=1e-5, atol=1e-5)
+    assert _conv_linear_macs(pruned, x) == round(ratio * _conv_linear_macs(torchvision.models.resnet18().eval(), x))
+
+
+@pytest.mark.slow
+def test_prune_vit_mlp_features(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import timm
 
     from wtfront.checkpoint import load_pruned
 
-    code, out, err = run(capsys, "prune", "torchvision:resnet18", "--input", "1,3,64,64", "--target-macs", "0.5",
-                         "--out", str(tmp_path))
-    assert code == 0, err
-    x = torch.randn(1, 3, 64, 64)
-    fresh = torchvision.models.resnet18(weights=None).eval()
-    dense = FlopCountAnalysis(fresh, x).unsupported_ops_warnings(False).total()
-    pruned = load_pruned(torchvision.models.resnet18(weights=None), tmp_path / "pruned.pt").eval()
-    macs = FlopCountAnalysis(pruned, x).unsupported_ops_warnings(False).total()  # fvcore: 1 "flop" = one MAC
-    assert macs <= 0.5 * dense * 1.001
-    saved = wtcore.Structure.from_json((tmp_path / "structure.json").read_text())
-    assert sum(o.macs for o in saved.ops) == macs
-    assert "Before → after" in out and "MACs" in out
-
-
-@pytest.mark.xfail(not HAS_CONTROLLER, reason="waits for the controller: wtfront.controller.solve_keep (helper "
-                   "ctrl) is not merged yet", strict=True)
-def test_prune_vit_random(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "prune", "hf:ViTForImageClassification", "--target-macs", "0.7", "--method",
-                         "random", "--scope", "local", "--out", str(tmp_path))
+    code, _, err = run(capsys, "prune", "timm:vit_tiny_patch16_224", "--config", "img_size=32", "depth=2",
+                         "--input", "1,3,32,32", "--target-macs", "0.7", "--method", "random", "--scope", "local",
+                         "--groups", "*mlp.fc1.out", "--out", str(tmp_path))
     assert code == 0, err
     saved = wtcore.Structure.from_json((tmp_path / "structure.json").read_text())
-    dense = sum(o.baseline_macs for o in saved.ops)
-    assert sum(o.macs for o in saved.ops) <= 0.7 * dense * 1.001
-    assert json.loads((tmp_path / "structure.json").read_text())["format"] == "wt.structure/1"
+    assert sum(o.macs for o in saved.ops) <= 0.7 * sum(o.baseline_macs for o in saved.ops)
+    changed = {g.name: g.size for g in saved.groups if g.size != g.baseline_size}
+    assert set(changed) == {"blocks.0.mlp.fc1.out", "blocks.1.mlp.fc1.out"}
+    assert len(set(changed.values())) == 1  # local scope: the same fraction of every group
+    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    pruned = load_pruned(fresh, tmp_path / "pruned.pt").eval()
+    assert pruned.blocks[0].mlp.fc1.out_features == changed["blocks.0.mlp.fc1.out"]
+    assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
 
 
 # -------------------------------------------------------------------------------------------------- errors
@@ -235,8 +267,9 @@ def test_prune_vit_random(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         (["inspect", "torchvision:resnet18", "--input", "1,3,64,64", "--program", "no_such_spec"],
          "unknown spec 'no_such_spec'"),
         (["analyze", "torchvision:resnet18", "/no/such/ckpt.pt"], "checkpoint '/no/such/ckpt.pt' does not exist"),
-        (["prune", "torchvision:resnet18", "--target-macs", "1.5", "--out", "x"], "--target-macs"
-         if HAS_CONTROLLER else "solve_keep"),
+        (["prune", "torchvision:resnet18", "--target-macs", "1.5", "--out", "x"], "--target-macs is a fraction"),
+        (["prune", "torchvision:resnet18", "--input", "1,3,32,32", "--target-macs", "0.5", "--groups", "nope*",
+          "--out", "x"], "--groups nope* matches no unit group"),
     ],
 )
 def test_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

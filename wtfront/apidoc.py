@@ -34,6 +34,12 @@ def _modules() -> Iterator[ModuleType]:
 
 
 def _default(value: Any) -> str:
+    """repr without memory addresses, with sets sorted (their order follows the per-process hash seed)."""
+    if isinstance(value, (set, frozenset)):
+        inner = ", ".join(sorted(_default(v) for v in value))
+        return f"{type(value).__name__}({{{inner}}})" if value else f"{type(value).__name__}()"
+    if isinstance(value, dict) and any(isinstance(v, (set, frozenset)) for v in value.values()):
+        return "{" + ", ".join(f"{k!r}: {_default(v)}" for k, v in value.items()) + "}"
     return _ADDRESS.sub("", repr(value))
 
 
@@ -99,7 +105,7 @@ def _render_object(module: str, name: str, obj: Any, out: list[str]) -> None:
         if _doc(obj):
             out.append(_doc(obj) + "\n")
     else:
-        text = _ADDRESS.sub("", repr(obj))
+        text = _default(obj)
         short = text if len(text) <= 300 else f"{type(obj).__name__} of {len(obj)} entries" if hasattr(
             obj, "__len__") else type(obj).__name__
         out.append(f"### `{module}.{name}`\n")

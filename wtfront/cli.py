@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import fnmatch
+import glob
 import inspect
 import os
 import sys
@@ -197,7 +199,7 @@ def _prune(args: argparse.Namespace) -> int:
     from . import report
     from .checkpoint import save_pruned
     from .interop import effective_params
-    from .prune import prune_units
+    from .prune import lossy_groups, prune_units
     from .trace import trace
 
     try:
@@ -214,10 +216,25 @@ def _prune(args: argparse.Namespace) -> int:
     structure = trace(ref.model, ref.example_inputs, **kwargs)
     with torch.no_grad():
         params = {k: v.detach() for k, v in effective_params(ref.model, structure).items()}
+    groups = None if not args.groups else [
+        glob.escape(g.name) for g in structure.groups if any(fnmatch.fnmatchcase(g.name, p) for p in args.groups)]
+    if groups == []:
+        raise WtError(f"--groups {' '.join(args.groups)} matches no unit group; group names look like "
+                      f"{', '.join(g.name for g in structure.groups[:3])}")
+    if not args.allow_lossy:  # groups where removing is not zeroing (a LayerNorm over the units): left out
+        lossy = lossy_groups(ref.model, structure, ref.example_inputs)
+        if lossy and (groups is None or any(glob.escape(n) in groups for n in lossy)):
+            groups = [glob.escape(g.name) for g in structure.groups if g.prunable and g.name not in lossy
+                      and (groups is None or glob.escape(g.name) in groups)]
+            name, reason = next(iter(lossy.items()))
+            print(f"wt: note: {len(lossy)} groups keep their units because removing them would change the output "
+                  f"(e.g. {name!r}: {reason.split(' (')[0]}); --allow-lossy prunes them too", file=sys.stderr)
     keep = solve_keep(structure, params, target=args.target_macs, metric="macs",
                       importance="unit_l2" if args.method == "l2" else "random", scope=args.scope,
-                      max_fraction=args.max_fraction, round_to=args.round_to, seed=args.seed)
-    new = prune_units(ref.model, structure, ref.example_inputs, keep, trace_kwargs=kwargs)
+                      max_fraction=args.max_fraction, round_to=args.round_to, seed=args.seed,
+                      **({"groups": groups} if groups is not None else {}))
+    new = prune_units(ref.model, structure, ref.example_inputs, keep, trace_kwargs=kwargs,
+                      strict=not args.allow_lossy)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_pruned(ref.model, out_dir / "pruned.pt")
@@ -343,7 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove at most this fraction of any group's units")
     r.add_argument("--round-to", type=int, default=None, metavar="N", help="keep unit counts multiples of N")
     r.add_argument("--seed", type=int, default=0, help="seed of --method random (default 0)")
+    r.add_argument("--groups", nargs="+", metavar="PATTERN",
+                   help="only these unit groups may lose units (fnmatch patterns over group names, as wt inspect "
+                        "lists them), e.g. '*.mlp.fc1.out'")
     r.add_argument("--weights", metavar="CKPT", help="load this state_dict into the model first")
+    r.add_argument("--allow-lossy", action="store_true",
+                   help="also prune groups whose units a norm mixes (e.g. a transformer's LayerNorm'ed hidden width), "
+                        "where removing a unit is not the same as zeroing it: the output changes, unverified")
     r.add_argument("--out", required=True, metavar="DIR", help="folder for pruned.pt and structure.json")
     r.set_defaults(func=_prune)
 
