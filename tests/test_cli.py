@@ -22,6 +22,7 @@ from wtfront.cli import build_parser, main, parse_spec
 from wtfront.models import load_model, parse_config_overrides, parse_input_shape
 
 HAS_HEADS = "heads" in inspect.signature(trace).parameters
+HAS_UNITS = "units" in inspect.signature(trace).parameters
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -147,6 +148,15 @@ def test_inspect_vit_program(capsys: pytest.CaptureFixture[str]) -> None:
         assert "has no heads option" in err and "Attention heads" not in out
 
 
+def test_units_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--units` reaches the trace's unit-kind option (attention heads) when it has one, else is a clear error."""
+    code, out, err = run(capsys, "inspect", "hf:BertModel", "--units", "head", "--rows", "0")
+    if HAS_UNITS:
+        assert code == 0 and "Attention heads" in out, err
+    else:
+        assert code == 2 and err.startswith("wt: error: --units needs") and len(err.strip().splitlines()) == 1
+
+
 def test_inspect_llm_token_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "inspect", "hf:LlamaForCausalLM", "--input", "32", "--config",
                          "num_hidden_layers=1", "--json", str(tmp_path / "s.json"))
@@ -167,8 +177,10 @@ def test_interleaved_medians_runs_each_function_in_rounds() -> None:
 
 
 def test_bench(capsys: pytest.CaptureFixture[str]) -> None:
-    model = torchvision.models.resnet18(weights=None)
-    structure = trace(model, torch.randn(1, 3, 64, 64), costs=False)
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    structure = trace(model, torch.randn(1, 3, 32, 32), costs=False)
     r = floor_ratios(structure, dict(model.named_parameters()), reps=2, warmup=1)
     assert 0 < r.fwd < 100 and 0 < r.fwd_bwd < 100 and r.reps == 2
     code, out, err = run(capsys, "bench", "timm:vit_tiny_patch16_224", "--config", "img_size=32", "depth=2",
@@ -268,6 +280,7 @@ def test_prune_vit_mlp_features(tmp_path: Path, capsys: pytest.CaptureFixture[st
          "unknown spec 'no_such_spec'"),
         (["analyze", "torchvision:resnet18", "/no/such/ckpt.pt"], "checkpoint '/no/such/ckpt.pt' does not exist"),
         (["prune", "torchvision:resnet18", "--target-macs", "1.5", "--out", "x"], "--target-macs is a fraction"),
+        (["inspect", "hf:BertModel", "--heads", "encoder.layer.0.attention=x"], "--heads takes MODULE=NUM_HEADS"),
         (["prune", "torchvision:resnet18", "--input", "1,3,32,32", "--target-macs", "0.5", "--groups", "nope*",
           "--out", "x"], "--groups nope* matches no unit group"),
     ],

@@ -65,29 +65,41 @@ def parse_spec(text: str) -> Any:
 
 
 def _trace_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """`--ignore` and `--heads` for `wtfront.trace.trace`. `--heads` is passed only when `trace()` has a `heads`
-    parameter (attention heads as units); otherwise a note says attention is traced at channel level."""
+    """`--ignore`, `--units` and `--heads` for `wtfront.trace.trace`. `--units`/`--heads` go to the trace options of
+    the same names (unit kinds of transformers; head-count overrides by module) when `trace()` has them; without
+    them `--heads` notes that attention is traced at channel level and `--units` is an error."""
     from .trace import trace
 
+    accepted = inspect.signature(trace).parameters
     kwargs: dict[str, Any] = {}
     if args.ignore:
         kwargs["ignore"] = tuple(args.ignore)
+    units = getattr(args, "units", None)
+    if units:
+        if "units" not in accepted:
+            raise WtError("--units needs a wtfront.trace with unit kinds of transformers (heads); this one has none")
+        kwargs["units"] = tuple(units)
     heads = getattr(args, "heads", None)
     if heads is not None:
-        if "heads" in inspect.signature(trace).parameters:
-            overrides = dict(_pair(h) for h in heads)
-            kwargs["heads"] = overrides or True
+        overrides = dict(_heads_override(h) for h in heads)
+        if "heads" in accepted:
+            if overrides:
+                kwargs["heads"] = overrides
         else:
             print("wt: note: this version of wtfront.trace has no heads option; attention is traced at channel "
                   "level", file=sys.stderr)
     return kwargs
 
 
-def _pair(item: str) -> tuple[str, int]:
+def _heads_override(item: str) -> tuple[str, int | tuple[int, int]]:
+    """`blocks.0.attn=6` → 6 query heads; `model.layers.0.self_attn=8:2` → 8 query heads on 2 KV heads."""
     name, eq, value = item.partition("=")
-    if not eq or not value.strip().isdigit():
-        raise WtError(f"--heads takes MODULE=NUM_HEADS overrides (e.g. blocks.0.attn=6), got {item!r}")
-    return name.strip(), int(value)
+    counts = value.split(":")
+    if not eq or not name.strip() or not 1 <= len(counts) <= 2 or not all(c.strip().isdigit() for c in counts):
+        raise WtError(f"--heads takes MODULE=NUM_HEADS or MODULE=NUM_HEADS:NUM_KV_HEADS overrides (e.g. "
+                      f"blocks.0.attn=6), got {item!r}")
+    n = [int(c) for c in counts]
+    return name.strip(), n[0] if len(n) == 1 else (n[0], n[1])
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -291,9 +303,12 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--config", nargs="+", metavar="KEY=VALUE",
                    help="hf: config overrides (num_hidden_layers=4), or constructor keyword arguments for the "
                         "others (num_classes=10, timm's img_size=64)")
-    g.add_argument("--heads", nargs="*", metavar="MODULE=N",
-                   help="trace attention heads as units (optionally overriding the head count of modules); "
-                        "needs a wtfront.trace with the heads option")
+    g.add_argument("--heads", nargs="*", metavar="MODULE=N[:NKV]",
+                   help="attention heads as units, with optional head counts per module (N query heads, NKV "
+                        "key/value heads); needs a wtfront.trace with the heads option")
+    g.add_argument("--units", nargs="+", metavar="KIND",
+                   help="unit kinds of transformers to make prunable, e.g. head kv_head mlp_feature hidden "
+                        "(default: the trace's own choice)")
     g.add_argument("--ignore", nargs="+", metavar="NAME",
                    help="module names or fnmatch globs to leave out of the trace, e.g. 'head' 'blocks.*.attn'")
     p.add_argument("--rows", type=int, default=40, metavar="N", help="rows per table (0: all; default 40)")
