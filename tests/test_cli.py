@@ -282,7 +282,7 @@ def test_prune_vit_mlp_features(tmp_path: Path, capsys: pytest.CaptureFixture[st
         (["prune", "torchvision:resnet18", "--target-macs", "1.5", "--out", "x"], "--target-macs is a fraction"),
         (["inspect", "hf:BertModel", "--heads", "encoder.layer.0.attention=x"], "--heads takes MODULE=NUM_HEADS"),
         (["prune", "torchvision:resnet18", "--input", "1,3,32,32", "--target-macs", "0.5", "--groups", "nope*",
-          "--out", "x"], "--groups nope* matches no unit group"),
+          "--out", "x"], "--groups nope* matches no prunable unit group"),
     ],
 )
 def test_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -308,3 +308,18 @@ def test_api_reference_is_current() -> None:
 
     path = Path(__file__).resolve().parent.parent / "docs" / "api.md"
     assert path.read_text() == render(), "docs/api.md is stale: run python -m wtfront.apidoc > docs/api.md"
+
+
+def test_unexpected_errors_are_one_line_too(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import wtfront.models
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("something\nunforeseen")
+
+    monkeypatch.setattr(wtfront.models, "load_model", broken)
+    code, _, err = run(capsys, "inspect", "torchvision:resnet18")
+    assert code == 3 and err.strip() == ("wt: error: unexpected ValueError: something unforeseen (set WT_TRACEBACK=1 "
+                                         "for the traceback)")
+    monkeypatch.setenv("WT_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="unforeseen"):
+        main(["inspect", "torchvision:resnet18"])

@@ -211,7 +211,7 @@ def _prune(args: argparse.Namespace) -> int:
     from . import report
     from .checkpoint import save_pruned
     from .interop import effective_params
-    from .prune import lossy_groups, prune_units
+    from .prune import prune_units
     from .trace import trace
 
     try:
@@ -228,23 +228,25 @@ def _prune(args: argparse.Namespace) -> int:
     structure = trace(ref.model, ref.example_inputs, **kwargs)
     with torch.no_grad():
         params = {k: v.detach() for k, v in effective_params(ref.model, structure).items()}
-    groups = None if not args.groups else [
-        glob.escape(g.name) for g in structure.groups if any(fnmatch.fnmatchcase(g.name, p) for p in args.groups)]
-    if groups == []:
-        raise WtError(f"--groups {' '.join(args.groups)} matches no unit group; group names look like "
-                      f"{', '.join(g.name for g in structure.groups[:3])}")
-    if not args.allow_lossy:  # groups where removing is not zeroing (a LayerNorm over the units): left out
-        lossy = lossy_groups(ref.model, structure, ref.example_inputs)
-        if lossy and (groups is None or any(glob.escape(n) in groups for n in lossy)):
-            groups = [glob.escape(g.name) for g in structure.groups if g.prunable and g.name not in lossy
-                      and (groups is None or glob.escape(g.name) in groups)]
+    eligible = [g.name for g in structure.groups if g.prunable]  # the groups that may lose units
+    if args.groups:
+        eligible = [n for n in eligible if any(fnmatch.fnmatchcase(n, p) for p in args.groups)]
+        if not eligible:
+            raise WtError(f"--groups {' '.join(args.groups)} matches no prunable unit group; group names look like "
+                          f"{', '.join(g.name for g in structure.groups[:3])}")
+    if not args.allow_lossy:  # groups where removing is not zeroing (a LayerNorm over the units) keep their units
+        lossy = _lossy(ref.model, structure, ref.example_inputs, eligible)
+        eligible = [n for n in eligible if n not in lossy]
+        if lossy:
             name, reason = next(iter(lossy.items()))
             print(f"wt: note: {len(lossy)} groups keep their units because removing them would change the output "
                   f"(e.g. {name!r}: {reason.split(' (')[0]}); --allow-lossy prunes them too", file=sys.stderr)
+    if not eligible:
+        raise WtError("no unit group may lose units (all are lossy or excluded); see --allow-lossy and --groups")
     keep = solve_keep(structure, params, target=args.target_macs, metric="macs",
                       importance="unit_l2" if args.method == "l2" else "random", scope=args.scope,
                       max_fraction=args.max_fraction, round_to=args.round_to, seed=args.seed,
-                      **({"groups": groups} if groups is not None else {}))
+                      groups=[glob.escape(n) for n in eligible])
     new = prune_units(ref.model, structure, ref.example_inputs, keep, trace_kwargs=kwargs,
                       strict=not args.allow_lossy)
     out_dir = Path(args.out)
@@ -258,6 +260,18 @@ def _prune(args: argparse.Namespace) -> int:
                f"{100 * args.target_macs:.1f}%, 1 MAC = one multiply-add); wrote {out_dir / 'pruned.pt'} "
                f"(load with wtfront.checkpoint.load_pruned) and {out_dir / 'structure.json'}")
     return 0
+
+
+def _lossy(model: Any, structure: Any, inputs: Any, names: list[str]) -> dict[str, str]:
+    """`wtfront.prune.lossy_groups`, asked only about the groups named (the ones that may lose units)."""
+    from wtcore.ir import Structure
+
+    from .prune import lossy_groups
+
+    wanted = set(names)
+    subset = Structure(structure.params, tuple(g for g in structure.groups if g.name in wanted), (), structure.model,
+                       structure.uncoupled)
+    return lossy_groups(model, subset, inputs)
 
 
 def _load_weights(model: Any, path: str) -> None:
@@ -413,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, KeyboardInterrupt) as e:
         print(f"wt: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug or an unforeseen model: still one line, the traceback on request
+        if os.environ.get("WT_TRACEBACK"):
+            raise
+        print(f"wt: error: unexpected {type(e).__name__}: {_one_line(e)} (set WT_TRACEBACK=1 for the traceback)",
+              file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
