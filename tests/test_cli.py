@@ -310,7 +310,8 @@ def test_api_reference_is_current() -> None:
     assert path.read_text() == render(), "docs/api.md is stale: run python -m wtfront.apidoc > docs/api.md"
 
 
-def test_unexpected_errors_are_one_line_too(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unexpected_errors_are_one_line_too(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     import wtfront.models
 
     def broken(*args: object, **kwargs: object) -> None:
