@@ -263,14 +263,17 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _lossy(model: Any, structure: Any, inputs: Any, names: list[str]) -> dict[str, str]:
-    """`wtfront.prune.lossy_groups`, asked only about the groups named (the ones that may lose units)."""
+    """`wtfront.prune.lossy_groups`, asked only about the groups named (the ones that may lose units). Attention
+    head groups are left out: `prune_units` removes heads from the IR itself, not through Torch-Pruning's groups,
+    and does not check them for lossiness either."""
     from wtcore.ir import Structure
 
     from .prune import lossy_groups
+    from .report import HEAD_KINDS
 
     wanted = set(names)
-    subset = Structure(structure.params, tuple(g for g in structure.groups if g.name in wanted), (), structure.model,
-                       structure.uncoupled)
+    subset = Structure(structure.params, tuple(g for g in structure.groups if g.name in wanted
+                                               and g.kind not in HEAD_KINDS), (), structure.model, structure.uncoupled)
     return lossy_groups(model, subset, inputs)
 
 
