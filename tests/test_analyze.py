@@ -193,15 +193,23 @@ def test_csv_json_and_plots(resnet, refs, tmp_path: Path) -> None:
         assert len(np.unique(img[..., :3].reshape(-1, 3), axis=0)) > 20  # drawn content, not a blank canvas
 
 
-def test_pickled_models_need_trust(resnet, tmp_path: Path) -> None:
+def test_other_checkpoint_formats(resnet, tmp_path: Path) -> None:
+    """Whole pickled models (only when trusted), training dicts, DDP prefixes and safetensors give the metrics of
+    the state_dict they hold."""
+    from safetensors.torch import save_file
+
     model, structure, root, _, analysis = resnet
     m = copy.deepcopy(model)
     m.load_state_dict(torch.load(root / "ckpts" / "epoch_5.pt", weights_only=True))
     torch.save(m, tmp_path / "whole.pt")
     torch.save({"epoch": 5, "state_dict": m.state_dict()}, tmp_path / "training.ckpt")
+    torch.save({f"module.{k}": v for k, v in m.state_dict().items()}, tmp_path / "ddp.pt")
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp_path / "w.safetensors")
     with pytest.raises(AnalysisError, match="--trust-pickle"):
         analyze(structure, [tmp_path / "whole.pt"])
-    got = analyze(structure, [tmp_path / "whole.pt", tmp_path / "training.ckpt"], trust_pickle=True)
+    files = [tmp_path / n for n in ("whole.pt", "training.ckpt", "ddp.pt", "w.safetensors")]
+    got = analyze(structure, files, trust_pickle=True, model_keys=set(model.state_dict()))
+    assert len(got.checkpoints) == 4
     want = analysis.checkpoints[2].scalars
     for c in got.checkpoints:
         assert c.scalars == pytest.approx(want, rel=1e-6)
