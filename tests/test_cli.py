@@ -99,11 +99,19 @@ def test_constructor_options_and_own_modules(tmp_path: Path, monkeypatch: pytest
         "import torch\n\ndef tiny(width=4):\n"
         "    return torch.nn.Sequential(torch.nn.Conv2d(3, width, 3), torch.nn.ReLU(), torch.nn.Conv2d(width, 2, 1))\n"
     )
+    (tmp_path / "my_lm.py").write_text(
+        "import torch\n\ndef lm():\n"
+        "    return torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 16), torch.nn.Linear(16, 50))\n"
+    )
     monkeypatch.chdir(tmp_path)
     own = load_model("my_models:tiny", (1, 3, 8, 8), {"width": 5})
     assert own.model[0].out_channels == 5
     s = trace(own.model, own.example_inputs)
     assert [g.size for g in s.groups] == [5, 2]
+    lm = load_model("my_lm:lm", (12,))  # starts with an embedding: a token length gives token ids
+    assert lm.example_inputs.shape == (1, 12) and lm.example_inputs.dtype == torch.long
+    assert int(lm.example_inputs.max()) < 50
+    assert [g.size for g in trace(lm.model, lm.example_inputs).groups] == [8, 16, 50]
 
 
 # ------------------------------------------------------------------------------------------------- inspect

@@ -12,7 +12,8 @@ A reference names a model the way a user would type it:
 keyword arguments to the other constructors (`num_classes=10`, timm's `img_size=64`).
 
 Example inputs follow the model: images `[1, 3, H, W]` from the model's own config, token ids `[1, 16]` for
-language models; `input_shape` overrides (for a language model a shape of one or two numbers is the token
+language models (transformers models whose main input is `input_ids`, and other models whose first layer is an
+`nn.Embedding`); `input_shape` overrides (for a language model a shape of one or two numbers is the token
 length, e.g. `(32,)` → `input_ids` of shape `[1, 32]`).
 """
 
@@ -137,8 +138,18 @@ def load_model(
     else:
         model = _user_model(ref, kind, name, config)
     model.eval()
-    shape = input_shape or _default_input(model)
-    return ModelRef(model, torch.randn(shape), ref)
+    return ModelRef(model, _example_input(model, input_shape), ref)
+
+
+def _example_input(model: nn.Module, shape: tuple[int, ...] | None) -> torch.Tensor:
+    """Random images (or any float tensor) of `shape`; token ids when the model starts with an embedding (a
+    language model), where a shape of one number is a token length."""
+    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+    if isinstance(first, nn.Embedding):
+        shape = shape or (1, _DEFAULT_TOKENS)
+        shape = (1, shape[0]) if len(shape) == 1 else shape
+        return torch.randint(0, first.num_embeddings, shape, generator=torch.Generator().manual_seed(0))
+    return torch.randn(shape or _default_input(model))
 
 
 def _user_model(ref: str, module_name: str, attr: str, config: dict[str, Any]) -> nn.Module:
