@@ -167,9 +167,10 @@ def test_units_option(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_inspect_llm_token_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "inspect", "hf:LlamaForCausalLM", "--input", "32", "--config",
-                         "num_hidden_layers=1", "--json", str(tmp_path / "s.json"))
+                         "num_hidden_layers=1", "--ignore", "lm_head", "--json", str(tmp_path / "s.json"))
     assert code == 0, err
     s = wtcore.Structure.from_json((tmp_path / "s.json").read_text())
+    assert not any(g.name.startswith("lm_head") for g in s.groups)  # --ignore reached the trace
     assert any(p.name.startswith("model.layers.0.") for p in s.params)
     assert not any(p.name.startswith("model.layers.1.") for p in s.params)
     q = next(o for o in s.ops if o.name == "model.layers.0.self_attn.q_proj")
