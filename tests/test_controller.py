@@ -131,6 +131,8 @@ def test_physically_pruned_model_meets_target_fvcore():
     dense = fv(torchvision.models.resnet18(num_classes=10).eval())
     new = ctrl.prune(x)
     assert not ctrl.physical_prune_due and new.num_units < s.num_units
+    after = ctrl.step(3)  # fine-tuning goes on: nothing left to do
+    assert not after.pruned and after.done and not after.physical_prune_due
     with torch.no_grad():
         assert torch.allclose(model(x), y_fake, rtol=1e-4, atol=1e-5)
     assert fv(model) / dense == pytest.approx(rep.ratio, rel=1e-12) and rep.ratio <= 0.5

@@ -293,9 +293,12 @@ class Controller:
         configured spec (e.g. Taylor scores from gradients). Times already handled are no-ops."""
         if isinstance(t, bool) or not isinstance(t, int) or t < 0:
             raise ControllerError(f"controller.step: t must be a non-negative int, got {t!r}")
-        fake = self._fake()
         st = self._state
         total = sum(len(v) for v in st.removed.values())
+        if st.physically_pruned:  # finished: later calls (the rest of fine-tuning) do nothing
+            st.last_t = max(t, st.last_t or 0)
+            return StepReport(t, False, self.target_at(t), None, 0, total, True, False)
+        fake = self._fake()
         due = (not st.done and st.next_due is not None and t >= st.next_due
                and (st.last_t is None or t > st.last_t))
         if not due:
