@@ -265,3 +265,29 @@ def test_epoch_schedule_driven_per_step():
     assert 4 <= last <= 6 and all(r.pruned for r in reports[: last + 1])
     assert not any(r.pruned for r in reports[last + 1:])
     assert ctrl.done and copy.deepcopy(ctrl.history)[-1]["ratio"] <= 0.6
+
+
+def test_failed_physical_prune_keeps_the_masks_enforced(monkeypatch):
+    import wtfront.controller as controller_module
+    from wtfront.prune import PruneError
+
+    model, s = _setup()
+    ctrl = Controller(_config(start=0, end=0)).bind(model, s)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctrl.attach(opt)
+    assert ctrl.step(0).physical_prune_due
+
+    def refuse(*args, **kwargs):
+        raise PruneError("refused (test)")
+
+    monkeypatch.setattr(controller_module, "prune_zero_units", refuse)
+    with pytest.raises(PruneError, match="refused"):
+        ctrl.prune(X)
+    assert ctrl.physical_prune_due
+    _train(model, opt, _data(1)[0])  # the optimizer hook still re-zeroes the removed units
+    active = wtcore.compile(s, ["unit_active"])(effective_params(model, s))["unit_active"]
+    assert not bool(active[~ctrl.fake.keep].any())
+    monkeypatch.undo()
+    ctrl.prune(X)
+    with pytest.raises(ControllerError, match="physically pruned"):
+        ctrl.attach(torch.optim.SGD(model.parameters(), lr=0.1))

@@ -259,6 +259,9 @@ class Controller:
                 "bind the model traced the same way (before physical pruning)"
             )
         self.model, self.structure = model, structure
+        if st.physically_pruned:  # nothing left to enforce: the removed units are gone from the model
+            self.fake = None
+            return self
         st.structure = structure.fingerprint
         keep = keep_from_removed(structure, st.removed) if st.removed else None
         self.fake = FakePruning(model, structure) if keep is None else apply_masks(model, structure, keep)
@@ -269,6 +272,8 @@ class Controller:
         return self._fake().attach(optimizer)
 
     def _fake(self) -> FakePruning:
+        if self._state.physically_pruned:
+            raise ControllerError("the model was physically pruned: the controller has nothing left to do")
         if self.fake is None or self.model is None or self.structure is None:
             raise ControllerError("the controller is not bound to a model: call bind(model, structure) first")
         return self.fake
@@ -307,7 +312,8 @@ class Controller:
             return StepReport(t, False, self.target_at(t), None, 0, total, st.done, self.physical_prune_due)
         assert self.structure is not None and self.model is not None
         cfg = self.config
-        target = self.target_at(t)
+        # at the end, exactly the configured target (1 - (1 - target) may differ from it in the last bit)
+        target = cfg.target if t >= self.schedule.end else max(self.target_at(t), cfg.target)
         params = {k: v.detach() for k, v in effective_params(self.model, self.structure).items()}
         importance: Any = scores if scores is not None else cfg.importance
         try:
@@ -339,8 +345,8 @@ class Controller:
         if not self._state.done:
             raise ControllerError("controller.prune: the final target is not met yet; keep stepping")
         assert self.model is not None and self.structure is not None
-        fake.detach()
-        new = prune_zero_units(self.model, self.structure, example_inputs, **options)
+        new = prune_zero_units(self.model, self.structure, example_inputs, **options)  # restores the model on failure
+        fake.detach()  # only now: after a failure, training goes on with the masks enforced
         self._state.physically_pruned = True
         self.structure, self.fake = new, None
         return new
