@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -43,7 +44,7 @@ def test_schedules_are_monotone_and_geometric_keeps_a_constant_factor(s, tt):
     for kind in ("cubic", "linear", "geometric"):
         sc = Schedule(sf, start, end, every, kind, s0)
         vals = [sc.sparsity(t) for t in range(start - 2, end + 3)]
-        assert all(a <= b + 1e-15 for a, b in zip(vals, vals[1:]))
+        assert all(a <= b + 1e-15 for a, b in itertools.pairwise(vals))
     geo = Schedule(sf, start, end, 1, "geometric", s0)
     if s0 < sf:
         factors = [geo.keep(t + 1) / geo.keep(t) for t in range(start, end)]
@@ -71,6 +72,7 @@ def test_epoch_schedule_in_steps():
         assert st_.sparsity(e * 10) == pytest.approx(ep.sparsity(e))
     assert st_.sparsity(25) == pytest.approx(ep.sparsity(2.5))
     assert st_.in_steps(3) is st_
+    assert ep.in_steps(10, every=1).steps() == list(range(10, 51))
     assert Schedule.from_dict(ep.to_dict()) == ep
 
 

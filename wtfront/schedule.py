@@ -127,14 +127,14 @@ class Schedule:
         return min(self.start + k * self.every, self.end)
 
     # ------------------------------------------------------------------------------------------ units
-    def in_steps(self, steps_per_epoch: int) -> Schedule:
-        """This epoch schedule as a step schedule (epoch `e` = step `e * steps_per_epoch`), e.g. to prune a
-        little after every optimizer step instead of once per epoch (then with `every=1`)."""
+    def in_steps(self, steps_per_epoch: int, every: int | None = None) -> Schedule:
+        """This epoch schedule as a step schedule (epoch `e` = step `e * steps_per_epoch`) pruning every
+        `every` steps (default: once per epoch as before; `every=1` prunes a little after every step)."""
         if self.by == "step":
             return self
         n = _check_int(steps_per_epoch, "steps_per_epoch", 1)
-        return Schedule(self.final, self.start * n, self.end * n, self.every * n, self.kind, self.initial, "step",
-                        self.initially_zero)
+        return Schedule(self.final, self.start * n, self.end * n, self.every * n if every is None else every,
+                        self.kind, self.initial, "step", self.initially_zero)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -380,4 +380,4 @@ def metric_ratio(structure: Structure, params: Mapping[str, torch.Tensor], metri
         return float(out["active_macs/ratio"])
     if metric == "params":
         return float(out["active_params/ratio"])
-    return 1.0 - float(out["structured_bops/compression"])
+    return float(out["structured_bops/total"] / out["structured_bops/baseline"])
