@@ -298,9 +298,9 @@ def _bench(args: argparse.Namespace) -> int:
     r = floor_ratios(structure, dict(ref.model.named_parameters()), spec=spec, reps=args.reps)
     con = _console()
     _text(con, report.summary_line(structure))
-    t = report.table(f"{spec.name} against the floor sum(p.pow(2).sum() for p in params): medians of {r.reps} "
-                      f"interleaved repetitions, {r.threads} threads", [("", "left"), ("ms", "right"),
-                                                                         ("x floor", "right")])
+    _text(con, f"floor: sum(p.pow(2).sum() for p in params); medians of {r.reps} interleaved repetitions, "
+               f"{r.threads} threads, one process")
+    t = report.table(f"{spec.name} against the floor", [("", "left"), ("ms", "right"), ("x floor", "right")])
     for k in ("floor fwd", "wt fwd", "floor fwd+bwd", "wt fwd+bwd"):
         base = r.seconds["floor fwd+bwd" if "bwd" in k else "floor fwd"]
         report.add_row(t, k, f"{1e3 * r.seconds[k]:.3f}", f"{r.seconds[k] / base:.2f}")
