@@ -1,7 +1,9 @@
 """The `wt` command line: inspect a model, analyze checkpoints, prune to a MAC target, benchmark programs.
 
 Every subcommand takes a model reference (`wtfront.models`) and the same model options (`--input`,
-`--config`, `--heads`, `--ignore`). Errors are one line on stderr (`wt: error: ...`) and exit code 2.
+`--config`, `--heads`, `--units`, `--ignore`). Errors are one line on stderr (`wt: error: ...`): exit code 2 for
+a `WtError` or an OS error (a bad reference, a missing or unfitting file), 3 for anything unforeseen
+(`WT_TRACEBACK=1` re-raises it with its traceback).
 """
 
 from __future__ import annotations
@@ -112,8 +114,7 @@ def _load(args: argparse.Namespace) -> Any:
 def _trace(args: argparse.Namespace, ref: Any) -> Any:
     from .trace import trace
 
-    structure = trace(ref.model, ref.example_inputs, **_trace_kwargs(args))
-    return structure
+    return trace(ref.model, ref.example_inputs, **_trace_kwargs(args))
 
 
 def _console() -> Any:
@@ -168,20 +169,15 @@ def _analyze(args: argparse.Namespace) -> int:
 
     from . import report
     from .analyze import analyze, plot_trends, plot_unit_norms, write_csv, write_json
-    from .models import load_model
 
     for p in args.checkpoints:  # fail on a missing file before the (slower) trace
         if not os.path.exists(p):
             raise WtError(f"checkpoint {p!r} does not exist")
     ref = _load(args)
     structure = _trace(args, ref)
-    shape, cfg = ref.example_inputs, args.config
 
-    def build() -> Any:
-        from .models import parse_config_overrides, parse_input_shape
-
-        return load_model(args.model, parse_input_shape(args.input) if args.input else None,
-                          parse_config_overrides(cfg or ())).model
+    def build() -> Any:  # a fresh unpruned model, for save_pruned checkpoints
+        return _load(args).model
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +186,7 @@ def _analyze(args: argparse.Namespace) -> int:
         task = bar.add_task("checkpoints", total=None)
         result = analyze(structure, args.checkpoints, chunk=args.chunk, tolerance=args.tolerance,
                          threshold=args.threshold, trust_pickle=args.trust_pickle, build=build,
-                         example_inputs=shape, model_keys=set(ref.model.state_dict()),
+                         example_inputs=ref.example_inputs, model_keys=set(ref.model.state_dict()),
                          progress=lambda done, total: bar.update(task, completed=done, total=total))
     write_csv(result, out_dir / "metrics.csv")
     write_json(result, out_dir / "metrics.json")
