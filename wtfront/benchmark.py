@@ -1,0 +1,88 @@
+"""The floor-ratio benchmark of DESIGN.md ("Performance contract") on any model, and the timing helpers that
+`bench/` shares.
+
+The floor is `sum(p.pow(2).sum() for p in params)` on the same parameters: forward under `no_grad`, and
+forward+backward with `torch.autograd.grad`. A program's time divided by the floor's, both medians over
+interleaved repetitions in one process, says how close it is to reading every parameter once; ratios are
+comparable across machines, absolute times are not.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+import wtcore
+from wtcore.ir import Structure
+
+__all__ = ["FloorRatios", "floor_ratios", "interleaved_medians", "once"]
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 3) -> dict[str, float]:
+    """Run every function once per round (so drift hits all alike) and return each one's median seconds."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def once(fn: Callable[[], object]) -> float:
+    """Seconds one call takes."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class FloorRatios:
+    """Median seconds of each timed function (`seconds`) and the program/floor ratios."""
+
+    seconds: dict[str, float]
+    reps: int
+    threads: int
+
+    @property
+    def fwd(self) -> float:
+        return self.seconds["wt fwd"] / self.seconds["floor fwd"]
+
+    @property
+    def fwd_bwd(self) -> float:
+        return self.seconds["wt fwd+bwd"] / self.seconds["floor fwd+bwd"]
+
+
+def floor_ratios(structure: Structure, params: Mapping[str, torch.Tensor], *, spec: str | wtcore.Spec = "group_lasso",
+                 reps: int = 15, warmup: int = 3) -> FloorRatios:
+    """Time the compiled `spec` program (default: group lasso) forward and forward+backward against the floor,
+    interleaved, on `params` (e.g. `dict(model.named_parameters())`; tensors that require grad)."""
+    program = wtcore.compile(structure, [spec])
+    key = program.output_keys[0]
+    tensors = program.gather(params)
+    plist = [t if t.requires_grad else t.detach().requires_grad_(True) for t in tensors]
+    bound = dict(zip(program.param_names, plist))
+
+    def floor_fwd() -> torch.Tensor:
+        with torch.no_grad():
+            return sum(p.pow(2).sum() for p in plist)
+
+    def floor_bwd() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(sum(p.pow(2).sum() for p in plist), plist)
+
+    def wt_fwd() -> torch.Tensor:
+        with torch.no_grad():
+            return program(bound)[key]
+
+    def wt_bwd() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(program(bound)[key].sum(), plist, allow_unused=True)
+
+    fns = {"floor fwd": floor_fwd, "floor fwd+bwd": floor_bwd, "wt fwd": wt_fwd, "wt fwd+bwd": wt_bwd}
+    return FloorRatios(interleaved_medians(fns, reps=reps, warmup=warmup), reps, torch.get_num_threads())
