@@ -121,6 +121,8 @@ def _specs(out: list[str]) -> None:
     out.append("|---|---|---|---|")
     for name in sorted(wtcore.REGISTRY):
         d = wtcore.REGISTRY[name]
+        if not d.fn.__module__.startswith("wtcore.specs."):  # user specs (docs, tests) are not the library's API
+            continue
         opts = ", ".join(f"`{k}={_default(v)}`" for k, v in d.defaults) or "—"
         first = (d.doc.split("\n\n")[0] if d.doc else "").replace("\n", " ").replace("|", "\\|")
         out.append(f"| `{name}` | {opts} | {', '.join(d.deps) or '—'} | {first} |")
