@@ -48,6 +48,7 @@ from wtcore.errors import WtError
 from wtcore.ir import Structure, UnitGroup
 from wtcore.masking import as_unit_vector, keep_from_removed, param_masks, pruned_shapes, removed_by_group
 
+from .attention import HEAD_KINDS, remove_units
 from .budget import Budget, BudgetExceeded
 from .interop import effective_params, reparametrized_params
 from .trace import _DependencyGraph, _forward, _normalize_inputs, _tensors, _tracing_state, trace
@@ -558,7 +559,10 @@ def prune_units(
             dg = _graph(model, inputs, budget)
             phase = "collecting the pruning groups"
             lossy = {}
+            heads = {g: us for g, us in removed.items() if structure.group_map[g].kind in HEAD_KINDS}
             for gname, us in removed.items():
+                if gname in heads:  # cut from the IR below: Torch-Pruning does not know heads
+                    continue
                 reason = _lossy_reason(_tp_group(dg, model, structure.group_map[gname], us), names)
                 if reason:
                     lossy[gname] = reason
@@ -571,8 +575,13 @@ def prune_units(
                 )
             ties = _tie_sets(model)
             for gname, us in removed.items():
+                if gname in heads:
+                    continue
                 phase = f"pruning group {gname!r} with Torch-Pruning"
                 _tp_group(dg, model, structure.group_map[gname], us).prune()
+            if heads:
+                phase = f"removing attention heads of {sorted(heads)[:3]} from the IR"
+                remove_units(model, structure, heads)
             phase = "restoring weight ties"
             _retie(ties, names)
             phase = "syncing module metadata"
@@ -635,3 +644,6 @@ def prune_zero_units(
         if us:
             remove[gname] = us
     return prune_units(model, structure, example_inputs, remove, force=force, **kwargs)
+
+
+from . import integrations  # noqa: E402, F401  (registers the timm / nn.MultiheadAttention / transformers hooks)
