@@ -207,8 +207,8 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
     if isinstance(m, nn.MultiheadAttention):
         if not m._qkv_same_embed_dim or m.in_proj_weight is None:
             return None
-        e = m.embed_dim
-        nh, nkv, hd = _heads_from(name, e, None, override, m.num_heads)
+        e = m.in_proj_weight.shape[0] // 3  # embed_dim, or fewer rows once heads are pruned
+        nh, nkv, hd = _heads_from(name, e, m.head_dim if override is None else None, override, m.num_heads)
         segs = [s for off, r in ((0, "q"), (e, "k"), (2 * e, "v")) for s in seg(m.in_proj_weight, 0, off, r)
                 + seg(m.in_proj_bias, 0, off, r)] + seg(m.out_proj.weight, 1, 0, "o")
         blocked = f"MultiheadAttention {name!r} has bias_k/bias_v" if m.bias_k is not None else ""
@@ -281,6 +281,91 @@ def discover_attention(model: nn.Module, heads: Mapping[str, HeadOverride] | Non
     return out
 
 
+# ============================================================================================ Conv1D
+def _is_conv1d(m: Any) -> bool:
+    """transformers' `Conv1D` (GPT-2): a linear layer whose weight is stored `[in, out]`."""
+    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
+def _mapped(s: Slice) -> np.ndarray:
+    return np.asarray(s.index_list(), dtype=np.int64) >= 0
+
+
+def repair_conv1d(structure: Structure, model: nn.Module) -> Structure:
+    """Fix Torch-Pruning's view of transformers' `Conv1D` layers and add their MLP feature groups.
+
+    Torch-Pruning does not know `Conv1D`: it couples its `[in, out]` weight along axis 1 whatever side the
+    channels are on. Where the layer *writes* a group (all `out` entries mapped, bias too) that is right; where
+    it *reads* one, the group's units land on the first `in` entries of axis 1, which we move to axis 0 (and
+    drop the bias slice). An MLP made of two Conv1D layers (`c_fc`, `c_proj`) gets its feature group, which
+    Torch-Pruning never forms.
+    """
+    convs = {n: m for n, m in model.named_modules() if _is_conv1d(m)}
+    if not convs:
+        return structure
+    canon = _canonical(model)
+    owner: dict[str, tuple[str, nn.Module, str]] = {}
+    for n, m in convs.items():
+        for attr in ("weight", "bias"):
+            p = _pname(canon, getattr(m, attr, None))
+            if p is not None:
+                owner[p] = (n, m, attr)
+    groups: list[UnitGroup] = []
+    for g in structure.groups:
+        out: list[Slice] = []
+        for s in g.slices:
+            hit = owner.get(s.param)
+            if hit is None:
+                out.append(s)
+                continue
+            name, m, attr = hit
+            nx = m.weight.shape[0]
+            if attr == "bias":
+                if _mapped(s).all():
+                    out.append(s)
+                continue  # a partial bias slice comes with a misread input side (handled with the weight)
+            mapped = _mapped(s)
+            if s.axis == 1 and mapped.all():
+                out.append(s)  # the layer writes this group: right as it is
+            elif s.axis == 1 and mapped[:nx].all() and not mapped[nx:].any():
+                out.append(Slice(s.param, 0, runs_from_list(s.index_list()[:nx])))
+            elif s.axis == 0 and len(mapped) == nx:
+                out.append(s)
+            else:
+                raise TraceError(f"Conv1D {name!r} is coupled to group {g.name!r} in a way wt cannot read "
+                                 f"(axis {s.axis}); pass it in ignore=")
+        groups.append(replace(g, slices=tuple(out)))
+    names = {p.name for p in structure.params}
+    added: list[UnitGroup] = []
+    for n, m in model.named_modules():
+        fc, proj = getattr(m, "c_fc", None), getattr(m, "c_proj", None)
+        if not (_is_conv1d(fc) and _is_conv1d(proj)) or fc.weight.shape[1] != proj.weight.shape[0]:
+            continue
+        width = int(fc.weight.shape[1])
+        ident = runs_from_list(range(width))
+        sl = [Slice(p, axis, ident) for p, axis in ((_pname(canon, fc.weight), 1), (_pname(canon, fc.bias), 0),
+                                                     (_pname(canon, proj.weight), 0)) if p in names]
+        prefix = f"{n}." if n else ""
+        added.append(UnitGroup(f"{prefix}c_fc.out", "feature", width, tuple(sl), root=f"{prefix}c_fc"))
+    return replace(structure, groups=tuple(groups) + tuple(added))
+
+
+def ir_surgery_groups(model: nn.Module, structure: Structure, names: Iterable[str]) -> set[str]:
+    """Groups among `names` that physical pruning cuts from the IR instead of through Torch-Pruning: head
+    groups, and groups with a `Conv1D` parameter (Torch-Pruning cannot prune those layers)."""
+    conv_params: set[str] = set()
+    for n, m in model.named_modules():
+        if _is_conv1d(m):
+            prefix = f"{n}." if n else ""
+            conv_params.update(f"{prefix}{a}" for a in ("weight", "bias"))
+    out = set()
+    for gname in names:
+        g = structure.group_map[gname]
+        if g.kind in HEAD_KINDS or any(s.param in conv_params for s in g.slices):
+            out.add(gname)
+    return out
+
+
 # ============================================================================================ the IR pass
 def _check_units(units: Iterable[str]) -> tuple[str, ...]:
     units = tuple(units)
@@ -335,6 +420,7 @@ def apply_attention_units(
     Returns the new structure (no cost ops yet) and the layouts (for `apply_attention_costs`).
     """
     units = _check_units(units)
+    structure = repair_conv1d(structure, model)
     layouts = discover_attention(model, heads)
     if not layouts:
         return structure, layouts
@@ -374,6 +460,14 @@ def apply_attention_units(
         out.append(g)
     out.extend(placed.get(len(new_groups), ()))
     out.extend(pending)  # heads whose rows Torch-Pruning left in no group
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+
+    def position(g: UnitGroup) -> int:  # trace's rule: groups in the order of their roots in named_modules()
+        if g.root in order:
+            return order[g.root]
+        return order.get(g.root.rpartition(".")[0], len(order))
+
+    out.sort(key=position)
     touched_params = {s.param for g in out for s in g.slices}
     uncoupled = tuple(p for p in structure.uncoupled if p not in touched_params)
     return replace(structure, groups=tuple(out), ops=(), uncoupled=uncoupled), layouts

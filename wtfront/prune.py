@@ -48,7 +48,7 @@ from wtcore.errors import WtError
 from wtcore.ir import Structure, UnitGroup
 from wtcore.masking import as_unit_vector, keep_from_removed, param_masks, pruned_shapes, removed_by_group
 
-from .attention import HEAD_KINDS, remove_units
+from .attention import ir_surgery_groups, remove_units
 from .budget import Budget, BudgetExceeded
 from .interop import effective_params, reparametrized_params
 from .trace import _DependencyGraph, _forward, _normalize_inputs, _tensors, _tracing_state, trace
@@ -559,7 +559,7 @@ def prune_units(
             dg = _graph(model, inputs, budget)
             phase = "collecting the pruning groups"
             lossy = {}
-            heads = {g: us for g, us in removed.items() if structure.group_map[g].kind in HEAD_KINDS}
+            heads = {g: removed[g] for g in ir_surgery_groups(model, structure, removed)}
             for gname, us in removed.items():
                 if gname in heads:  # cut from the IR below: Torch-Pruning does not know heads
                     continue

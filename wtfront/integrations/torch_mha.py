@@ -42,23 +42,33 @@ def pruned_mha_forward(
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
     inner = self.num_heads * self.head_dim
     w, b = self.in_proj_weight, self.in_proj_bias
-    bq, bk, bv = (None, None, None) if b is None else b.split(inner)
-    wq, wk, wv = w.split(inner)
     n, length, s = query.shape[0], query.shape[1], key.shape[1]
-    q = F.linear(query, wq, bq).view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
-    k = F.linear(key, wk, bk).view(n, s, self.num_heads, self.head_dim).transpose(1, 2)
-    v = F.linear(value, wv, bv).view(n, s, self.num_heads, self.head_dim).transpose(1, 2)
+    if query is key and key is value:  # self-attention: one in-projection (counted as the in_proj op)
+        q, k, v = F.linear(query, w, b).split(inner, dim=-1)
+    else:
+        bq, bk, bv = (None, None, None) if b is None else b.split(inner)
+        wq, wk, wv = w.split(inner)
+        q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+    q = q.reshape(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+    k = k.reshape(n, s, self.num_heads, self.head_dim).transpose(1, 2)
+    v = v.reshape(n, s, self.num_heads, self.head_dim).transpose(1, 2)
     mask = _merge_masks(attn_mask, key_padding_mask, q.dtype, n, self.num_heads, length, s)
-    scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
-    if mask is not None:
-        scores = scores + mask
-    if is_causal and attn_mask is None:
-        causal = torch.ones(length, s, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(causal, float("-inf"))
-    attn = F.dropout(scores.softmax(-1), p=self.dropout, training=self.training)
-    out = (attn @ v).transpose(1, 2).reshape(n, length, inner)
-    out = self.out_proj(out)
-    weights = (attn.mean(1) if average_attn_weights else attn) if need_weights else None
+    p = self.dropout if self.training else 0.0
+    if not need_weights:
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                             is_causal=is_causal and mask is None)
+        weights = None
+    else:
+        scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        if is_causal and attn_mask is None:
+            causal = torch.ones(length, s, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(causal, float("-inf"))
+        attn = F.dropout(scores.softmax(-1), p=p)
+        ctx = attn @ v
+        weights = attn.mean(1) if average_attn_weights else attn
+    out = self.out_proj(ctx.transpose(1, 2).reshape(n, length, inner))
     if unbatched:
         out = out.squeeze(0)
         weights = weights.squeeze(0) if weights is not None else None

@@ -140,3 +140,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], **
             "wtfront.checkpoint.save_pruned(model, path) and restore it with load_pruned(fresh_model, path)"
         )
     model.save_pretrained(save_directory, **kwargs)
+
+
+@register_metadata_hook("transformers.pytorch_utils.Conv1D")
+def sync_conv1d(m: nn.Module) -> None:
+    """`Conv1D` records its widths (`nx`, `nf`) and reshapes its output with `nf`."""
+    m.nx, m.nf = (int(d) for d in m.weight.shape)
