@@ -38,6 +38,7 @@ __all__ = [
     "ALL_UNIT_KINDS",
     "DEFAULT_UNITS",
     "HEAD_KINDS",
+    "HIDDEN_REASON",
     "AttentionLayout",
     "Segment",
     "apply_attention_costs",
@@ -380,7 +381,7 @@ def _check_units(units: Iterable[str]) -> tuple[str, ...]:
     return units
 
 
-_HIDDEN_REASON = (
+HIDDEN_REASON = (
     "the residual (hidden) width, coupled across all blocks; pass units=(..., 'hidden') to trace() to prune it "
     "(LayerNorm makes removal lossy: prune_units(..., strict=False))"
 )
@@ -401,7 +402,7 @@ def _head_group(lay: AttentionLayout, kind: str, structure: Structure, units: Co
             idx[a: a + lay.head_dim] = lay.unit_of_head(kind, s.role, h)
     order = {p.name: i for i, p in enumerate(structure.params)}
     slices = tuple(Slice(p, axis, runs_from_list(idx)) for (p, axis), idx in
-                   sorted(by_key.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])))
+                   sorted(by_key.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])) if (idx >= 0).any())
     active = kind in units or (kind == "head" and lay.num_kv_heads == lay.num_heads and "kv_head" in units)
     reason = lay.blocked or ("" if active else _not_selected(kind))
     return UnitGroup(lay.group_name(kind), kind, lay.group_size(kind), slices, prunable=not reason,
@@ -448,7 +449,7 @@ def apply_attention_units(
             continue
         g = replace(g, slices=kept) if touched else g
         if any((s.param, s.axis) in input_keys for s in g.slices):
-            reason = "; ".join(r for r in (g.reason, "" if "hidden" in units else _HIDDEN_REASON) if r)
+            reason = "; ".join(r for r in (g.reason, "" if "hidden" in units else HIDDEN_REASON) if r)
             g = replace(g, kind="hidden", prunable=g.prunable and "hidden" in units, reason=reason)
         elif g.kind == "feature" and g.prunable:
             on = "mlp_feature" in units
