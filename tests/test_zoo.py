@@ -91,7 +91,7 @@ SHUFFLE = "channel shuffle couples channels by a permutation that Torch-Pruning 
 def test_zoo_lasso_gradient_reaches_every_weight(ref: str) -> None:
     torch.manual_seed(0)
     model, x = build(ref)
-    structure = trace(model, x)
+    structure = trace(model, x, units=("head", "kv_head", "mlp_feature", "hidden"))  # transformers: all widths
     prog = wtcore.compile(structure, ["group_lasso"])
     # random values everywhere: some architectures zero-initialize a layer (e.g. vit_b_16's head), and the
     # lasso gradient at an exactly-zero entry is 0 by definition

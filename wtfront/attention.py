@@ -367,6 +367,20 @@ def ir_surgery_groups(model: nn.Module, structure: Structure, names: Iterable[st
     return out
 
 
+def ir_lossy_reason(model: nn.Module, structure: Structure, gname: str) -> str | None:
+    """Why removing units of a group cut from the IR is not the same function as zeroing them (a LayerNorm or
+    GroupNorm normalizes over them), or None."""
+    for s in structure.group_map[gname].slices:
+        owner = structure.param_map[s.param].module
+        try:
+            m = model.get_submodule(owner) if owner else model
+        except AttributeError:
+            continue
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            return f"{type(m).__name__} {owner!r} normalizes over its units (zeroing a unit changes the statistics)"
+    return None
+
+
 # ============================================================================================ the IR pass
 def _check_units(units: Iterable[str]) -> tuple[str, ...]:
     units = tuple(units)
@@ -449,8 +463,14 @@ def apply_attention_units(
             continue
         g = replace(g, slices=kept) if touched else g
         if any((s.param, s.axis) in input_keys for s in g.slices):
-            reason = "; ".join(r for r in (g.reason, "" if "hidden" in units else HIDDEN_REASON) if r)
-            g = replace(g, kind="hidden", prunable=g.prunable and "hidden" in units, reason=reason)
+            mha = [lay.module for lay in layouts if lay.family == "torch_mha"
+                   and any((sl.param, sl.axis) in set(lay.inputs) for sl in g.slices)]
+            why = "" if "hidden" in units else HIDDEN_REASON
+            if mha and not why:
+                why = (f"nn.MultiheadAttention {mha[0]!r} ties its q/k/v width to embed_dim, which Torch-Pruning "
+                       f"prunes with the hidden width; trace with heads={{{mha[0]!r}: None}} to prune the hidden width")
+            reason = "; ".join(r for r in (g.reason, why) if r)
+            g = replace(g, kind="hidden", prunable=g.prunable and not why, reason=reason)
         elif g.kind == "feature" and g.prunable:
             on = "mlp_feature" in units
             g = replace(g, kind="mlp_feature", prunable=on, reason="" if on else _not_selected("mlp_feature"))

@@ -48,7 +48,7 @@ from wtcore.errors import WtError
 from wtcore.ir import Structure, UnitGroup
 from wtcore.masking import as_unit_vector, keep_from_removed, param_masks, pruned_shapes, removed_by_group
 
-from .attention import ir_surgery_groups, remove_units
+from .attention import ir_lossy_reason, ir_surgery_groups, remove_units
 from .budget import Budget, BudgetExceeded
 from .interop import effective_params, reparametrized_params
 from .trace import _DependencyGraph, _forward, _normalize_inputs, _tensors, _tracing_state, trace
@@ -410,9 +410,13 @@ def lossy_groups(
         with budget.guard():
             dg = _graph(model, _normalize_inputs(example_inputs), budget)
             out = {}
+            ir = ir_surgery_groups(model, structure, [g.name for g in structure.groups if g.prunable])
             for g in structure.groups:
                 if g.prunable:
-                    reason = _lossy_reason(_tp_group(dg, model, g, [0]), names)
+                    if g.name in ir:
+                        reason = ir_lossy_reason(model, structure, g.name)
+                    else:
+                        reason = _lossy_reason(_tp_group(dg, model, g, [0]), names)
                     if reason:
                         out[g.name] = reason
             return out
@@ -561,7 +565,10 @@ def prune_units(
             lossy = {}
             heads = {g: removed[g] for g in ir_surgery_groups(model, structure, removed)}
             for gname, us in removed.items():
-                if gname in heads:  # cut from the IR below: Torch-Pruning does not know heads
+                if gname in heads:  # cut from the IR below: Torch-Pruning does not know heads (nor Conv1D)
+                    reason = ir_lossy_reason(model, structure, gname)
+                    if reason:
+                        lossy[gname] = reason
                     continue
                 reason = _lossy_reason(_tp_group(dg, model, structure.group_map[gname], us), names)
                 if reason:
