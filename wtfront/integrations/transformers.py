@@ -82,12 +82,24 @@ def _mlp_width(m: nn.Module) -> int | None:
 
 @register_metadata_hook("transformers.modeling_utils.PreTrainedModel")
 def sync_config(model: nn.Module) -> None:
-    """Update the config's widths where every layer agrees (the config is shared by all layers)."""
+    """Update the config's widths where every layer agrees (the config is shared by all layers).
+
+    The updated config is a copy, set on every module that held the old one: the caller's config object is
+    left alone, and a failed physical prune (which restores the modules' attributes) restores it too."""
+    old = getattr(model, "config", None)
+    if old is None:
+        return
+    cfg = copy.deepcopy(old)
+    _update_config(model, cfg)
+    if cfg.to_dict() != old.to_dict():
+        for m in model.modules():
+            if getattr(m, "config", None) is old:
+                m.config = cfg
+
+
+def _update_config(model: nn.Module, cfg: Any) -> None:
     from ..attention import discover_attention
 
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return
     layouts = [lay for lay in discover_attention(model) if lay.family in ("hf", "gpt2")]
     heads = _uniform([lay.num_heads for lay in layouts])
     kv = _uniform([lay.num_kv_heads for lay in layouts])
