@@ -367,6 +367,28 @@ def test_failed_head_pruning_leaves_the_model_bit_identical(monkeypatch: pytest.
         assert p is objects[n] and torch.equal(p, before[n])
 
 
+def test_failed_hf_pruning_restores_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import wtfront.prune as prune_mod
+
+    torch.manual_seed(0)
+    model = _llama().eval()
+    x = _ids()()
+    s = trace(model, x)
+    cfg = model.config
+    real = prune_mod.trace
+
+    def broken(*args: Any, **kwargs: Any) -> Structure:  # the re-trace fails after pruning and metadata sync
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(prune_mod, "trace", broken)
+    with pytest.raises(PruneError, match=r"re-tracing.*injected"):
+        prune_units(model, s, x, {"model.layers.0.self_attn.kv_heads": [0], "model.layers.1.self_attn.kv_heads": [1]})
+    monkeypatch.setattr(prune_mod, "trace", real)
+    assert model.config is cfg and (cfg.num_attention_heads, cfg.num_key_value_heads) == (8, 2)
+    assert all(m.config is cfg for m in model.modules() if hasattr(m, "config"))
+    assert model.model.layers[0].self_attn.q_proj.out_features == 32
+
+
 # ============================================================================================ checkpoints
 def _prune_llama(model: nn.Module, x: torch.Tensor, plan: dict[str, list[int]]) -> torch.Tensor:
     s = trace(model, x)
