@@ -415,6 +415,30 @@ def test_hf_save_pretrained_round_trip(tmp_path: Any) -> None:
     assert torch.equal(_call(fresh, x), y)
 
 
+@pytest.mark.parametrize("name", ["hf:Qwen2ForCausalLM", "hf:MistralForCausalLM", "hf:GPT2LMHeadModel",
+                                  "hf:ViTModel"])
+def test_hf_save_pretrained_round_trip_other_families(name: str, tmp_path: Any) -> None:
+    """Grouped-query families with KV heads and MLP features pruned evenly; GPT-2 and ViT (whose configs derive
+    the head size from the hidden size) with MLP features only."""
+    from wtfront.integrations.transformers import save_pretrained
+
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    x = case.inputs()
+    s = trace(model, x)
+    plan = {g.name: list(range(i % 2, g.size, 4)) for i, g in enumerate(s.groups) if g.kind == "mlp_feature"}
+    if case.kv_heads < case.heads:
+        plan.update({g.name: [i % 2] for i, g in enumerate(s.groups) if g.kind == "kv_head"})
+    keep = keep_from_removed(s, plan)
+    apply_masks(model, s, keep)
+    prune_units(model, s, x, keep)
+    y = _call(model, x)
+    save_pretrained(model, tmp_path / "hf")
+    fresh = type(model).from_pretrained(tmp_path / "hf").eval()
+    assert torch.equal(_call(fresh, x), y)
+
+
 def test_uneven_heads_refuse_save_pretrained_but_save_pruned_works(tmp_path: Any) -> None:
     from wtfront.integrations.transformers import ConfigMismatch, save_pretrained
 

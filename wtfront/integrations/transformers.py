@@ -105,17 +105,20 @@ def _update_config(model: nn.Module, cfg: Any) -> None:
     kv = _uniform([lay.num_kv_heads for lay in layouts])
     hd = _uniform([lay.head_dim for lay in layouts])
     if heads is not None:
+        changed = heads != getattr(cfg, "num_attention_heads", heads)
         for attr in ("num_attention_heads", "n_head"):
             _set(cfg, attr, heads)
         _set(cfg, "num_key_value_heads", kv)
-        if hd is not None:
-            _set(cfg, "head_dim", hd)
+        # an explicit head size (Llama-style configs read `head_dim`; others derive it from hidden / heads)
+        if hd is not None and (changed or getattr(cfg, "head_dim", None) is not None):
+            cfg.head_dim = hd
     widths = [w for _, mod in model.named_modules() if mod is not model
               for w in [_mlp_width(mod)] if w is not None]
     inter = _uniform(widths)
     if inter is not None:
-        for attr in ("intermediate_size", "n_inner"):
-            _set(cfg, attr, inter)
+        _set(cfg, "intermediate_size", inter)
+        if hasattr(cfg, "n_inner") and cfg.n_inner != inter and (cfg.n_inner is not None or inter != 4 * cfg.n_embd):
+            cfg.n_inner = inter  # GPT-2: None means 4 * n_embd
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     w = getattr(emb, "weight", None)
     if isinstance(w, torch.Tensor) and w.dim() == 2:
