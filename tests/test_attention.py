@@ -327,6 +327,26 @@ def test_unit_kind_selection_and_errors() -> None:
         prune_units(model, s, x, {"model.layers.0.self_attn.kv_heads": [0]})
 
 
+def test_hidden_width_when_selected() -> None:
+    """The residual width, selected with units=(..., "hidden"): normalized by LayerNorm / RMSNorm, so pruning it
+    is refused unless strict=False; GPT-2's goes through IR surgery (Conv1D), keeping the tied embedding."""
+    torch.manual_seed(0)
+    x = _ids()()
+    kw = {"units": ("kv_head", "mlp_feature", "hidden")}
+    llm = _llama().eval()
+    s = trace(llm, x, **kw)
+    with pytest.raises(PruneError, match=r"LlamaRMSNorm .*strict=False"):
+        prune_units(llm, s, x, {"model.embed_tokens.out": [0, 5]}, trace_kwargs=kw)
+    gpt = CASES["hf:GPT2LMHeadModel"].build().eval()
+    s = trace(gpt, x, **kw)
+    with pytest.raises(PruneError, match=r"LayerNorm .*strict=False"):
+        prune_units(gpt, s, x, {"transformer.wte.out": [0, 5]}, trace_kwargs=kw)
+    new = prune_units(gpt, s, x, {"transformer.wte.out": [0, 5]}, strict=False, trace_kwargs=kw)
+    assert gpt.lm_head.weight is gpt.transformer.wte.weight and gpt.transformer.wte.weight.shape == (64, 30)
+    assert gpt.config.n_embd == 30 and new.group_map["transformer.wte.out"].size == 30
+    assert _call(gpt, x).shape == (2, 8, 64)
+
+
 def test_head_overrides() -> None:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, depth=2).eval()

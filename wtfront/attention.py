@@ -376,7 +376,7 @@ def ir_lossy_reason(model: nn.Module, structure: Structure, gname: str) -> str |
             m = model.get_submodule(owner) if owner else model
         except AttributeError:
             continue
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or type(m).__name__.endswith("RMSNorm"):
             return f"{type(m).__name__} {owner!r} normalizes over its units (zeroing a unit changes the statistics)"
     return None
 

@@ -396,6 +396,9 @@ def _lossy_reason(tp_group: Any, names: Mapping[int, str]) -> str | None:
         for t, msg in _LOSSY_TYPES:
             if isinstance(mod, t):
                 return msg.format(name=names.get(id(mod), type(mod).__name__))
+        if isinstance(mod, nn.Module) and type(mod).__name__.endswith("RMSNorm"):  # nn.RMSNorm, LlamaRMSNorm, ...
+            return (f"{type(mod).__name__} {names.get(id(mod), '?')!r} normalizes over its units (zeroing a unit "
+                    "changes the root mean square of the others; removing it does not)")
     return None
 
 
@@ -416,7 +419,8 @@ def lossy_groups(
                     if g.name in ir:
                         reason = ir_lossy_reason(model, structure, g.name)
                     else:
-                        reason = _lossy_reason(_tp_group(dg, model, g, [0]), names)
+                        reason = (_lossy_reason(_tp_group(dg, model, g, [0]), names)
+                                  or ir_lossy_reason(model, structure, g.name))
                     if reason:
                         out[g.name] = reason
             return out
@@ -570,7 +574,8 @@ def prune_units(
                     if reason:
                         lossy[gname] = reason
                     continue
-                reason = _lossy_reason(_tp_group(dg, model, structure.group_map[gname], us), names)
+                reason = (_lossy_reason(_tp_group(dg, model, structure.group_map[gname], us), names)
+                          or ir_lossy_reason(model, structure, gname))
                 if reason:
                     lossy[gname] = reason
             if lossy and strict:
