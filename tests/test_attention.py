@@ -246,8 +246,10 @@ def test_heads_metrics_macs_and_physical_pruning(name: str, record_property: Any
     # fake-prune ~30% of the heads and MLP features, then remove them physically: same outputs, no user hook
     plan = _plan(s)
     keep = keep_from_removed(s, plan)
+    y_dense = _call(model, x)
     apply_masks(model, s, keep)
     y_fake = _call(model, x)
+    assert _rel(y_dense, y_fake) > 1e-3  # the removed heads and features matter
     zeroed = {p.name: model.get_parameter(p.name).detach() for p in s.params}
     active = wtcore.compile(s, ["active_macs"])(zeroed)["active_macs/per_op"].tolist()
     for o, got in zip(s.ops, active):
@@ -255,7 +257,9 @@ def test_heads_metrics_macs_and_physical_pruning(name: str, record_property: Any
             gone = len(plan.get(by_module[o.module].name, ()))
             kept_q = case.heads - gone * (case.heads // case.kv_heads)
             assert got == case.batch * kept_q * case.seq * case.seq * case.head_dim, o.name
+    n_before = sum(p.numel() for p in model.parameters())
     new = prune_units(model, s, x, keep)
+    assert sum(p.numel() for p in model.parameters()) < n_before
     y = _call(model, x)
     err = _rel(y_fake, y)
     record_property("fake_physical_rel_err", err)
