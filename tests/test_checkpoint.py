@@ -51,11 +51,13 @@ def pruned_types() -> Types:
     with torch.no_grad():
         net.bn.running_mean.uniform_(-0.5, 0.5)
         net.bn.running_var.uniform_(0.5, 1.5)
-    s = trace(net, IDS)
+    # the hidden width is pruned as a whole, MHA included (Torch-Pruning's embed_dim pruning: no head units)
+    kw = {"units": ("head", "mlp_feature", "hidden"), "heads": {"mha": None}}
+    s = trace(net, IDS, **kw)
     # the hidden width (MHA, LayerNorm) and the GroupNorm'ed channels are lossy: strict=False; one channel of
     # each GroupNorm group and one per attention head, so both stay divisible
     removed = {"emb.out": [0, 7], "fc.out": [2, 3, 11], "conv.out": [0, 5, 10, 15], "up.out": [4]}
-    prune_units(net, s, IDS, removed, strict=False)
+    prune_units(net, s, IDS, removed, strict=False, trace_kwargs=kw)
     return net
 
 

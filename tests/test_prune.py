@@ -574,15 +574,18 @@ def test_zoo_fake_equals_physical_and_checkpoints(name: str, tmp_path: Any) -> N
 
 @pytest.mark.slow
 def test_vit_hidden_width_is_lossy_and_qkv_features_are_refused() -> None:
-    """What the zoo test leaves out on ViTs, and why: the residual width is LayerNorm'ed (pruning it needs
-    strict=False and changes the output), and timm's fused q/k/v features are coupled by Torch-Pruning per
-    head triplet while the IR has one unit per row (heads are the transformer issue): the shape check
-    refuses instead of building a wrong model."""
+    """What the zoo test leaves out on ViTs, and why: the residual width is LayerNorm'ed (it must be selected
+    with units=(..., "hidden"), and pruning it needs strict=False and changes the output); timm's fused q/k/v
+    rows are heads (tests/test_attention.py). Left to Torch-Pruning's row-level groups (heads={...: None}), the
+    q/k/v features are coupled per head triplet while the IR has one unit per row: the shape check refuses
+    instead of building a wrong model."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
     x = torch.randn(1, 3, 224, 224)
-    s = trace(model, x)
+    with pytest.raises(PruneError, match=r"not prunable .*units=\(\.\.\., 'hidden'\)"):
+        prune_units(model, trace(model, x), x, {"patch_embed.proj.out": [0, 1]})
+    s = trace(model, x, units=("head", "mlp_feature", "hidden"), heads={"blocks.0.attn": None})
     assert set(lossy_groups(model, s, x)) == {"patch_embed.proj.out"}
     before = state(model)
     with pytest.raises(PruneError, match=r"LayerNorm 'blocks\.0\.norm1'"):

@@ -17,6 +17,7 @@ from torch import nn
 from toys import Net, X
 
 from wtcore import Structure, TraceError, UnitGroup
+from wtfront.attention import HIDDEN_REASON
 from wtfront.trace import OUTPUT_REASON, SHUFFLE_REASON, trace
 
 T = sys.modules["wtfront.trace"]  # the module (the package re-exports the function under the same name)
@@ -195,7 +196,7 @@ class MHANet(nn.Module):
 
 
 def test_multihead_attention_slices() -> None:
-    s = trace(MHANet(), torch.randn(2, 5, 3))
+    s = trace(MHANet(), torch.randn(2, 5, 3), heads={"attn": None})  # Torch-Pruning's view: embed_dim everywhere
     g = s.group_map["inp.out"]
     m = slice_map(g)
     assert m[("attn.in_proj_weight", 0)] == (ident(8) * 3, 1)  # q, k and v rows of unit i
@@ -205,6 +206,16 @@ def test_multihead_attention_slices() -> None:
     assert m[("attn.out_proj.weight", 1)] == (ident(8), 1)
     assert m[("attn.out_proj.bias", 0)] == (ident(8), 1)
     assert m[("out.weight", 1)] == (ident(8), 1)
+    assert s.uncoupled == ()
+    # by default the q/k/v rows and out_proj columns are heads (wtfront.attention), not the residual stream
+    s = trace(MHANet(), torch.randn(2, 5, 3))
+    hidden, heads = slice_map(s.group_map["inp.out"]), slice_map(s.group_map["attn.heads"])
+    assert s.group_map["inp.out"].kind == "hidden" and s.group_map["attn.heads"].kind == "head"
+    assert ("attn.in_proj_weight", 0) not in hidden and ("attn.out_proj.weight", 1) not in hidden
+    assert hidden[("attn.in_proj_weight", 1)] == hidden[("attn.out_proj.weight", 0)] == (ident(8), 1)
+    rows = [h for h in range(2) for _ in range(4)]
+    assert heads[("attn.in_proj_weight", 0)] == heads[("attn.in_proj_bias", 0)] == (rows * 3, 1)
+    assert heads[("attn.out_proj.weight", 1)] == (rows, 1)
     assert s.uncoupled == ()
 
 
@@ -560,7 +571,8 @@ ZOO: dict[str, tuple[str, int, str]] = {
     "efficientnet_b0 ": ("timm", 64, "classifier.out"),  # trailing space: a distinct test id from torchvision's
 }
 # Groups allowed to be not prunable for another reason than feeding the output, per model.
-KNOWN_NOT_PRUNABLE = {"shufflenet_v2_x1_0": SHUFFLE_REASON}
+KNOWN_NOT_PRUNABLE = {"shufflenet_v2_x1_0": SHUFFLE_REASON, "vit_b_16": HIDDEN_REASON,
+                      "vit_tiny_patch16_224": HIDDEN_REASON, "deit_small_patch16_224": HIDDEN_REASON}
 
 
 def build(name: str, lib: str) -> nn.Module:

@@ -91,7 +91,10 @@ SHUFFLE = "channel shuffle couples channels by a permutation that Torch-Pruning 
 def test_zoo_lasso_gradient_reaches_every_weight(ref: str) -> None:
     torch.manual_seed(0)
     model, x = build(ref)
-    structure = trace(model, x)
+    # transformers: every width prunable, so the lasso covers them all (nn.MultiheadAttention's hidden width is
+    # prunable with its rows, as Torch-Pruning does, only when its heads are left to Torch-Pruning)
+    mha = {n: None for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    structure = trace(model, x, units=("head", "kv_head", "mlp_feature", "hidden"), heads=mha)
     prog = wtcore.compile(structure, ["group_lasso"])
     # random values everywhere: some architectures zero-initialize a layer (e.g. vit_b_16's head), and the
     # lasso gradient at an exactly-zero entry is 0 by definition

@@ -48,6 +48,7 @@ from wtcore.errors import WtError
 from wtcore.ir import Structure, UnitGroup
 from wtcore.masking import as_unit_vector, keep_from_removed, param_masks, pruned_shapes, removed_by_group
 
+from .attention import ir_lossy_reason, ir_surgery_groups, remove_units
 from .budget import Budget, BudgetExceeded
 from .interop import effective_params, reparametrized_params
 from .trace import _DependencyGraph, _forward, _normalize_inputs, _tensors, _tracing_state, trace
@@ -395,6 +396,9 @@ def _lossy_reason(tp_group: Any, names: Mapping[int, str]) -> str | None:
         for t, msg in _LOSSY_TYPES:
             if isinstance(mod, t):
                 return msg.format(name=names.get(id(mod), type(mod).__name__))
+        if isinstance(mod, nn.Module) and type(mod).__name__.endswith("RMSNorm"):  # nn.RMSNorm, LlamaRMSNorm, ...
+            return (f"{type(mod).__name__} {names.get(id(mod), '?')!r} normalizes over its units (zeroing a unit "
+                    "changes the root mean square of the others; removing it does not)")
     return None
 
 
@@ -409,9 +413,14 @@ def lossy_groups(
         with budget.guard():
             dg = _graph(model, _normalize_inputs(example_inputs), budget)
             out = {}
+            ir = ir_surgery_groups(model, structure, [g.name for g in structure.groups if g.prunable])
             for g in structure.groups:
                 if g.prunable:
-                    reason = _lossy_reason(_tp_group(dg, model, g, [0]), names)
+                    if g.name in ir:
+                        reason = ir_lossy_reason(model, structure, g.name)
+                    else:
+                        reason = (_lossy_reason(_tp_group(dg, model, g, [0]), names)
+                                  or ir_lossy_reason(model, structure, g.name))
                     if reason:
                         out[g.name] = reason
             return out
@@ -558,8 +567,15 @@ def prune_units(
             dg = _graph(model, inputs, budget)
             phase = "collecting the pruning groups"
             lossy = {}
+            heads = {g: removed[g] for g in ir_surgery_groups(model, structure, removed)}
             for gname, us in removed.items():
-                reason = _lossy_reason(_tp_group(dg, model, structure.group_map[gname], us), names)
+                if gname in heads:  # cut from the IR below: Torch-Pruning does not know heads (nor Conv1D)
+                    reason = ir_lossy_reason(model, structure, gname)
+                    if reason:
+                        lossy[gname] = reason
+                    continue
+                reason = (_lossy_reason(_tp_group(dg, model, structure.group_map[gname], us), names)
+                          or ir_lossy_reason(model, structure, gname))
                 if reason:
                     lossy[gname] = reason
             if lossy and strict:
@@ -571,8 +587,13 @@ def prune_units(
                 )
             ties = _tie_sets(model)
             for gname, us in removed.items():
+                if gname in heads:
+                    continue
                 phase = f"pruning group {gname!r} with Torch-Pruning"
                 _tp_group(dg, model, structure.group_map[gname], us).prune()
+            if heads:
+                phase = f"removing attention heads of {sorted(heads)[:3]} from the IR"
+                remove_units(model, structure, heads)
             phase = "restoring weight ties"
             _retie(ties, names)
             phase = "syncing module metadata"
@@ -635,3 +656,6 @@ def prune_zero_units(
         if us:
             remove[gname] = us
     return prune_units(model, structure, example_inputs, remove, force=force, **kwargs)
+
+
+from . import integrations  # noqa: E402, F401  (registers the timm / nn.MultiheadAttention / transformers hooks)

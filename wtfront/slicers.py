@@ -164,13 +164,18 @@ def _mha(m: nn.MultiheadAttention, out: bool, pairs: Pairs) -> list[RawSlice]:
     s += _axis_slice(m, "q_proj_weight", m.q_proj_weight, 0, pairs)
     s += _axis_slice(m, "k_proj_weight", m.k_proj_weight, 0, pairs)
     s += _axis_slice(m, "v_proj_weight", m.v_proj_weight, 0, pairs)
-    s += _axis_slice(m, "in_proj_weight", m.in_proj_weight, 0, pairs, repeat=3)
+    # heads pruned (wtfront.attention): the q/k/v rows and out_proj columns are heads, no longer embed_dim wide
+    heads_pruned = m.in_proj_weight is not None and m.in_proj_weight.shape[0] != 3 * m.embed_dim
+    if not heads_pruned:
+        s += _axis_slice(m, "in_proj_weight", m.in_proj_weight, 0, pairs, repeat=3)
     s += _axis_slice(m, "in_proj_weight", m.in_proj_weight, 1, pairs)
-    s += _axis_slice(m, "in_proj_bias", m.in_proj_bias, 0, pairs, repeat=3)
+    if not heads_pruned:
+        s += _axis_slice(m, "in_proj_bias", m.in_proj_bias, 0, pairs, repeat=3)
     s += _axis_slice(m, "bias_k", m.bias_k, 2, pairs)
     s += _axis_slice(m, "bias_v", m.bias_v, 2, pairs)
     s += _axis_slice(m, "out_proj.weight", m.out_proj.weight, 0, pairs)
-    s += _axis_slice(m, "out_proj.weight", m.out_proj.weight, 1, pairs)
+    if not heads_pruned:
+        s += _axis_slice(m, "out_proj.weight", m.out_proj.weight, 1, pairs)
     s += _axis_slice(m, "out_proj.bias", m.out_proj.bias, 0, pairs)
     return s
 

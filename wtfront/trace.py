@@ -63,6 +63,8 @@ def trace(
     budget_s: float = 120.0,
     check_device: bool = True,
     costs: bool = True,
+    units: Iterable[str] | None = None,
+    heads: Mapping[str, Any] | None = None,
 ) -> Structure:
     """Trace `model` on `example_inputs` and return its `Structure` (unit groups and parameter slices; no ops).
 
@@ -85,6 +87,13 @@ def trace(
         budget_s: wall-clock limit; past it a `TraceError` names the phase that did not finish.
         check_device: raise a `TraceError` if input tensors and parameters are on different devices.
         costs: count baseline MACs per costed op (`wtfront.costs.add_costs`).
+        units: unit kinds of transformers that are prunable (`wtfront.attention`): "head", "kv_head",
+            "mlp_feature", "hidden"; default `DEFAULT_UNITS` (heads, KV heads under grouped-query attention,
+            MLP features). Attention heads are discovered from the modules and replace Torch-Pruning's
+            row-level groups of q/k/v and the output projection; kinds not selected stay in the IR, not
+            prunable. Models without attention are unaffected.
+        heads: overrides of the discovered heads by qualified module name: `N` query heads, `(N, N_kv)`, or
+            None to leave that module to Torch-Pruning's row-level groups.
 
     One `UnitGroup` per TP group, rooted at the group's earliest module (in `model.named_modules()` order)
     of a root type whose out-channels map one-to-one to the units, so unit `i` is that module's channel `i`
@@ -123,11 +132,17 @@ def trace(
                 raise _diverged_error(model, dg, e) from None
             budget.phase = "lowering pruning groups to the IR"
             structure = _Lowering(model, dg, ignored, roots).run(tp_groups, model_name)
+            budget.phase = "discovering attention heads"
+            from .attention import DEFAULT_UNITS, apply_attention_costs, apply_attention_units
+
+            units = tuple(DEFAULT_UNITS if units is None else units)
+            structure, layouts = apply_attention_units(structure, model, units, heads)
         if costs:  # one more forward pass (fvcore's jit trace), outside TP's hooks: cost ops and baseline MACs
             from .costs import add_costs
 
             budget.phase = "counting MACs (fvcore)"
             structure = add_costs(structure, model, inputs)
+            structure = apply_attention_costs(structure, layouts, units)
         return structure
     except BudgetExceeded:
         raise TraceError(
