@@ -268,3 +268,19 @@ def test_side_effect_units_are_solved_with_the_cost_program():
     zeroed = zero_units(s, params, [0])
     # 8 MACs x 1/3 (g0 axis) x 2/3 (g1 lost unit 2 too) = 1.8 -> 2; without the side effect it would be 3
     assert sol.ratio == _ratio(_ratio_program(s, "macs"), "macs", zeroed) == 2 / 8
+
+
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_chunked_prefix_scan_gives_the_same_answer(monkeypatch, scope):
+    """The prefix costs are evaluated in chunks of bounded memory; tiny chunks change nothing."""
+    import wtfront.solver as solver_module
+    from wtfront import trace
+
+    model, x = _toy()
+    s = trace(model, x)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    whole = [solve(s, params, target=t, scope=scope, round_to=2) for t in (0.8, 0.5, 0.3)]
+    monkeypatch.setattr(solver_module, "_CHUNK_ENTRIES", 5)  # a few prefix rows per chunk
+    for t, ref in zip((0.8, 0.5, 0.3), whole):
+        got = solve(s, params, target=t, scope=scope, round_to=2)
+        assert torch.equal(got.keep, ref.keep) and got.ratio == ref.ratio and got.best == ref.best
