@@ -244,3 +244,43 @@ def test_importance_options_and_errors():
         solve_keep(s, params, target=0.5, importance=torch.full((s.num_units,), math.nan))
     with pytest.raises(wtcore.SpecError, match="several outputs"):
         solve_keep(s, params, target=0.5, importance="active_macs")
+
+
+def test_side_effect_units_are_solved_with_the_cost_program():
+    """Two groups share every element of one unit (g1's unit 2 is m0.w[2], also g0's unit 0): removing g0's
+    unit 0 zeroes it too. The solver sees that the unit has no element of its own and follows the program."""
+    from wtcore.ir import Param, Run, Slice, UnitGroup
+
+    params_ir = (Param("m0.w", (3,), module="m0", module_type="Toy"), Param("m1.w", (1, 1, 1, 1), module="m1",
+                                                                             module_type="Toy"))
+    g0 = UnitGroup("g0", "channel", 2, (Slice("m0.w", 0, (Run(2, 0), Run(1, 0))),))
+    g1 = UnitGroup("g1", "channel", 3, (Slice("m0.w", 0, (Run(3, 0),)), Slice("m1.w", 0, (Run(1, 0),))),
+                   prunable=False)
+    ops = (CostOp("op1", "m1", "linear", 8, (CostAxis("a0", 3, parts=(AxisPart("g0", (Run(2, 0, 1, 2), Run(1, 1))),)),
+                                             CostAxis("a2", 3, "g1"))),)
+    s = Structure(params_ir, (g0, g1), ops)
+    params = {"m0.w": torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64),
+              "m1.w": torch.ones(1, 1, 1, 1, dtype=torch.float64)}
+    scores = torch.tensor([0.0, 1.0, 5.0, 5.0, 5.0], dtype=torch.float64)
+    sol = solve(s, params, target=0.5, importance=scores, scope="local")
+    want = brute_force(s, params, scores, target=0.5, metric="macs", scope="local", max_fraction=1.0, round_to=1)
+    assert torch.equal(sol.keep, want) and sol.keep.tolist() == [False, True, True, True, True]
+    zeroed = zero_units(s, params, [0])
+    # 8 MACs x 1/3 (g0 axis) x 2/3 (g1 lost unit 2 too) = 1.8 -> 2; without the side effect it would be 3
+    assert sol.ratio == _ratio(_ratio_program(s, "macs"), "macs", zeroed) == 2 / 8
+
+
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_chunked_prefix_scan_gives_the_same_answer(monkeypatch, scope):
+    """The prefix costs are evaluated in chunks of bounded memory; tiny chunks change nothing."""
+    import wtfront.solver as solver_module
+    from wtfront import trace
+
+    model, x = _toy()
+    s = trace(model, x)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    whole = [solve(s, params, target=t, scope=scope, round_to=2) for t in (0.8, 0.5, 0.3)]
+    monkeypatch.setattr(solver_module, "_CHUNK_ENTRIES", 5)  # a few prefix rows per chunk
+    for t, ref in zip((0.8, 0.5, 0.3), whole):
+        got = solve(s, params, target=t, scope=scope, round_to=2)
+        assert torch.equal(got.keep, ref.keep) and got.ratio == ref.ratio and got.best == ref.best

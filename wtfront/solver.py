@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ import torch
 import wtcore
 from wtcore.errors import SpecError, WtError
 from wtcore.ir import Structure
+from wtcore.masking import param_masks
 from wtcore.specs.costs import _table as axis_table  # the cost specs' own axis tables: the same semantics
 from wtcore.specs.costs import axis_desc, bits_vector, param_axes
 from wtcore.specs.masks import SCOPES, isomorphism_key
@@ -309,6 +310,34 @@ def _prefix_totals(c: _Cost, inactive0: np.ndarray, order: np.ndarray, ends: np.
     return before, out
 
 
+# ============================================================================================ side effects
+def own_elements(structure: Structure, params: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Per unit: whether it has a nonzero element that no other unit is coupled to (an element of a parameter
+    only one slice touches: a bias, a norm entry, a weight sliced on one axis only). Removing other units
+    never makes such a unit inactive, so the cost of a removal set is the sum of its own decrements."""
+    count: dict[str, int] = {}
+    for g in structure.groups:
+        for s in g.slices:
+            count[s.param] = count.get(s.param, 0) + 1
+    groups = tuple(replace(g, slices=tuple(s for s in g.slices if count[s.param] == 1)) for g in structure.groups)
+    sub = replace(structure, groups=groups, ops=())
+    with torch.no_grad():
+        mass = wtcore.compile(sub, ["unit_l1"])({k: params[k] for k in sub.param_map})["unit_l1"]
+    return mass.detach().cpu().numpy() > 0
+
+
+def _program_ratio(structure: Structure, params: Mapping[str, torch.Tensor], metric: str, weight_bits: Any,
+                   act_bits: Any) -> Callable[[np.ndarray], float]:
+    """The metric ratio, through the cost spec's program, with the units where `removed` is True zeroed."""
+
+    def ratio(removed: np.ndarray) -> float:
+        masks = param_masks(structure, torch.from_numpy(~removed))
+        zeroed = {k: (v * masks[k].to(v.device) if k in masks else v) for k, v in params.items()}
+        return metric_ratio(structure, zeroed, metric, weight_bits, act_bits)
+
+    return ratio
+
+
 # ============================================================================================ API
 def solve(structure: Structure, params: Mapping[str, torch.Tensor], *, target: float, metric: str = "macs",
           importance: str | torch.Tensor | wtcore.Spec = "unit_l2", scope: str = "global",
@@ -318,7 +347,7 @@ def solve(structure: Structure, params: Mapping[str, torch.Tensor], *, target: f
     target, mf, rt = _check_options(structure, metric, target, scope, max_fraction, round_to)
     scores, dead, has = unit_state(structure, params, importance, seed)
     key, elig, raw = effective_keys(structure, scores, dead, has, scope=scope, max_fraction=mf, round_to=rt,
-                               groups=_patterns(groups))
+                                    groups=_patterns(groups))
     cost = _cost_model(structure, metric, weight_bits, act_bits)
     finite = np.flatnonzero(np.isfinite(key))
     order = finite[np.argsort(key[finite], kind="stable")]
@@ -327,19 +356,28 @@ def solve(structure: Structure, params: Mapping[str, torch.Tensor], *, target: f
     before, totals = _prefix_totals(cost, dead.copy(), order, ends.astype(np.int64), target)
     ratios = totals / cost.baseline
     best_known = float(ratios[-1]) if ends.size and not np.isnan(ratios[-1]) else None
+    hits = np.flatnonzero(ratios <= target)
     if before / cost.baseline <= target:
         n_removed, ratio, selected = 0, before / cost.baseline, 0
-    else:
-        hits = np.flatnonzero(ratios <= target)
-        if not hits.size:
-            best = best_known if best_known is not None else before / cost.baseline
-            raise TargetError(
-                f"solve_keep: {metric} can go down to {best:.4f} of the baseline with scope={scope!r}, "
-                f"max_fraction={max_fraction}, round_to={round_to} (prunable groups only); the target {target} is "
-                "out of reach: raise the target or max_fraction, or widen groups="
-            )
+    elif hits.size:
         n_removed, ratio = int(ends[hits[0]]), float(ratios[hits[0]])
         selected = int((raw <= levels[n_removed - 1]).sum())
+    else:
+        n_removed, ratio, selected = -1, math.inf, 0  # out of reach (unless side effects help, below)
+    if not (own_elements(structure, params) | dead | ~has).all():
+        # some live unit has no nonzero element of its own: removing others may zero it as a side effect, which
+        # only lowers the cost. Check the fast answer with the cost program; if it is off, search the same
+        # chain of states with the program (the cost stays monotone along it).
+        n_removed, ratio, selected, best_known = _exact_on_chain(
+            structure, params, metric, weight_bits, act_bits, dead, order, ends, raw, levels, target,
+            n_removed, ratio, selected, before / cost.baseline)
+    if n_removed < 0:
+        best = best_known if best_known is not None else before / cost.baseline
+        raise TargetError(
+            f"solve_keep: {metric} can go down to {best:.4f} of the baseline with scope={scope!r}, "
+            f"max_fraction={max_fraction}, round_to={round_to} (prunable groups only); the target {target} is "
+            "out of reach: raise the target or max_fraction, or widen groups="
+        )
     keep = ~(dead & elig)
     keep[order[:n_removed]] = False
     if best_known is None:  # the scan stopped early; the full removal's cost is only needed for reports
@@ -347,6 +385,39 @@ def solve(structure: Structure, params: Mapping[str, torch.Tensor], *, target: f
                            / cost.baseline) if order.size else before / cost.baseline
     return Solution(torch.from_numpy(keep), metric, target, ratio, before / cost.baseline, best_known,
                     cost.baseline, n_removed, selected)
+
+
+def _exact_on_chain(structure: Structure, params: Mapping[str, torch.Tensor], metric: str, weight_bits: Any,
+                    act_bits: Any, dead: np.ndarray, order: np.ndarray, ends: np.ndarray, raw: np.ndarray,
+                    levels: np.ndarray, target: float, n_removed: int, ratio: float, selected: int,
+                    before: float) -> tuple[int, float, int, float]:
+    """(removed, ratio, selected, best) on the chain of states, with costs from the cost program."""
+    cost_of = _program_ratio(structure, params, metric, weight_bits, act_bits)
+
+    def at(level: int) -> float:  # level -1: nothing removed
+        removed = dead.copy()
+        if level >= 0:
+            removed[order[: ends[level]]] = True
+        return cost_of(removed)
+
+    best = at(len(ends) - 1) if len(ends) else before
+    if before <= target:
+        return 0, before, 0, best
+    if n_removed > 0:
+        level = int(np.searchsorted(ends, n_removed))
+        if at(level) == ratio:  # no side effect at the answer, hence none before it: it is exact
+            return n_removed, ratio, selected, best
+    if best > target:
+        return -1, math.inf, 0, best
+    lo, hi = 0, len(ends) - 1  # the first level whose program cost meets the target (monotone)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if at(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    n = int(ends[lo])
+    return n, at(lo), int((raw <= levels[n - 1]).sum()), best
 
 
 def solve_keep(structure: Structure, params: Mapping[str, torch.Tensor], *, target: float, metric: str = "macs",
