@@ -28,6 +28,7 @@ from wtcore.ir import Run, UnitGroup, runs_length, runs_to_list
 from wtcore.ir import Slice as IrSlice
 from wtcore.testing import reference_unit_values, structures, zero_units
 from wtfront import trace
+from wtfront.attention import DEFAULT_UNITS
 from wtfront.tpgroups import WalkDiverged, WalkLimits, all_groups
 
 T = importlib.import_module("wtfront.trace")
@@ -115,9 +116,9 @@ def test_hf_llm_traces_with_correct_feature_groups(llm: LLM) -> None:
     torch.manual_seed(0)
     model = llm.build().eval()
     inputs = {"input_ids": torch.randint(0, 128, (1, SEQ))}
-    s = trace(model, inputs, budget_s=60)
+    s = trace(model, inputs, budget_s=60, units=(*DEFAULT_UNITS, "hidden"))
 
-    # the hidden width is one prunable group reaching every layer; each MLP has its own prunable group
+    # the hidden width (when asked for) is one prunable group reaching every layer; each MLP has its own group
     hidden = s.groups[0]
     assert hidden.prunable and hidden.size == 64
     for i in range(llm.layers):
@@ -136,9 +137,11 @@ def test_hf_llm_traces_with_correct_feature_groups(llm: LLM) -> None:
         if g.prunable:
             for sl in g.slices:
                 assert len(covered[sl.param, sl.axis]) == runs_length(sl.index), (g.name, sl.param, sl.axis)
-    if llm.gqa:  # attention internals of rotary grouped-query attention are reported, not silently mis-coupled
-        attn = [g for g in s.groups if ".self_attn." in g.name]
-        assert attn and all(not g.prunable and "not closed" in g.reason and "rotary" in g.reason for g in attn)
+    # attention: one head-level group per layer replaces Torch-Pruning's row groups (which rotary and grouped-query
+    # attention mis-couple); under GQA a unit is a KV head with its query heads
+    heads = [g for g in s.groups if g.kind in ("head", "kv_head")]
+    assert len(heads) == llm.layers and all(g.prunable for g in heads)
+    assert all(g.kind == ("kv_head" if llm.gqa else "head") for g in heads)
 
     # MACs: hand formula from the shapes
     assert sum(op.macs for op in s.ops) == llm.macs(SEQ)
@@ -213,8 +216,8 @@ def test_head_norm_error_suggests_every_block() -> None:
     with pytest.raises(TraceError, match=r"_norm.weight.*ignore=\['model\.layers\.\*\.self_attn\.[qk]_norm'\]"):
         trace(model, inputs)
     s = trace(model, inputs, ignore=["model.layers.*.self_attn.q_norm", "model.layers.*.self_attn.k_norm"])
-    assert [g.name for g in s.groups if g.prunable] == ["model.embed_tokens.out", "model.layers.0.mlp.gate_proj.out",
-                                                       "model.layers.1.mlp.gate_proj.out"]
+    assert [g.name for g in s.groups if g.prunable] == [
+        f"model.layers.{i}.{n}" for i in (0, 1) for n in ("self_attn.kv_heads", "mlp.gate_proj.out")]
     assert sorted(s.uncoupled) == [f"model.layers.{i}.self_attn.{n}_norm.weight" for i in (0, 1) for n in "kq"]
 
 
@@ -236,9 +239,13 @@ def test_meta_llama_matches_cpu(kv: int, attn: str) -> None:
     s_cpu = trace(cpu, {"input_ids": torch.randint(0, 128, (1, SEQ))})
     assert s_meta == s_cpu
     assert sum(o.macs for o in s_meta.ops) == llama_macs(SEQ, kv=kv)
-    attn = [g for g in s_meta.groups if ".self_attn." in g.name]
-    assert attn and all(not g.prunable for g in attn)
-    assert T.ROTARY_REASON in s_meta.group_map["model.layers.0.self_attn.q_proj.out"].reason
+    heads = [g for g in s_meta.groups if g.kind in ("head", "kv_head")]
+    assert len(heads) == 2 and all(g.prunable for g in heads)
+    # without head discovery, Torch-Pruning's row groups through rotate_half are reported, not mis-coupled
+    legacy = trace(meta, {"input_ids": torch.zeros(1, SEQ, dtype=torch.long, device="meta")},
+                   heads={f"model.layers.{i}.self_attn": None for i in (0, 1)})
+    assert T.ROTARY_REASON in legacy.group_map["model.layers.0.self_attn.q_proj.out"].reason
+    assert not legacy.group_map["model.layers.0.self_attn.q_proj.out"].prunable
 
 
 def test_rotate_half_is_not_element_wise() -> None:

@@ -288,69 +288,6 @@ def _is_conv1d(m: Any) -> bool:
     return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
-def _mapped(s: Slice) -> np.ndarray:
-    return np.asarray(s.index_list(), dtype=np.int64) >= 0
-
-
-def repair_conv1d(structure: Structure, model: nn.Module) -> Structure:
-    """Fix Torch-Pruning's view of transformers' `Conv1D` layers and add their MLP feature groups.
-
-    Torch-Pruning does not know `Conv1D`: it couples its `[in, out]` weight along axis 1 whatever side the
-    channels are on. Where the layer *writes* a group (all `out` entries mapped, bias too) that is right; where
-    it *reads* one, the group's units land on the first `in` entries of axis 1, which we move to axis 0 (and
-    drop the bias slice). An MLP made of two Conv1D layers (`c_fc`, `c_proj`) gets its feature group, which
-    Torch-Pruning never forms.
-    """
-    convs = {n: m for n, m in model.named_modules() if _is_conv1d(m)}
-    if not convs:
-        return structure
-    canon = _canonical(model)
-    owner: dict[str, tuple[str, nn.Module, str]] = {}
-    for n, m in convs.items():
-        for attr in ("weight", "bias"):
-            p = _pname(canon, getattr(m, attr, None))
-            if p is not None:
-                owner[p] = (n, m, attr)
-    groups: list[UnitGroup] = []
-    for g in structure.groups:
-        out: list[Slice] = []
-        for s in g.slices:
-            hit = owner.get(s.param)
-            if hit is None:
-                out.append(s)
-                continue
-            name, m, attr = hit
-            nx = m.weight.shape[0]
-            if attr == "bias":
-                if _mapped(s).all():
-                    out.append(s)
-                continue  # a partial bias slice comes with a misread input side (handled with the weight)
-            mapped = _mapped(s)
-            if s.axis == 1 and mapped.all():
-                out.append(s)  # the layer writes this group: right as it is
-            elif s.axis == 1 and mapped[:nx].all() and not mapped[nx:].any():
-                out.append(Slice(s.param, 0, runs_from_list(s.index_list()[:nx])))
-            elif s.axis == 0 and len(mapped) == nx:
-                out.append(s)
-            else:
-                raise TraceError(f"Conv1D {name!r} is coupled to group {g.name!r} in a way wt cannot read "
-                                 f"(axis {s.axis}); pass it in ignore=")
-        groups.append(replace(g, slices=tuple(out)))
-    names = {p.name for p in structure.params}
-    added: list[UnitGroup] = []
-    for n, m in model.named_modules():
-        fc, proj = getattr(m, "c_fc", None), getattr(m, "c_proj", None)
-        if not (_is_conv1d(fc) and _is_conv1d(proj)) or fc.weight.shape[1] != proj.weight.shape[0]:
-            continue
-        width = int(fc.weight.shape[1])
-        ident = runs_from_list(range(width))
-        sl = [Slice(p, axis, ident) for p, axis in ((_pname(canon, fc.weight), 1), (_pname(canon, fc.bias), 0),
-                                                     (_pname(canon, proj.weight), 0)) if p in names]
-        prefix = f"{n}." if n else ""
-        added.append(UnitGroup(f"{prefix}c_fc.out", "feature", width, tuple(sl), root=f"{prefix}c_fc"))
-    return replace(structure, groups=tuple(groups) + tuple(added))
-
-
 def ir_surgery_groups(model: nn.Module, structure: Structure, names: Iterable[str]) -> set[str]:
     """Groups among `names` that physical pruning cuts from the IR instead of through Torch-Pruning: head
     groups, and groups with a `Conv1D` parameter (Torch-Pruning cannot prune those layers)."""
@@ -435,7 +372,6 @@ def apply_attention_units(
     Returns the new structure (no cost ops yet) and the layouts (for `apply_attention_costs`).
     """
     units = _check_units(units)
-    structure = repair_conv1d(structure, model)
     layouts = discover_attention(model, heads)
     if not layouts:
         return structure, layouts
