@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import wtcore
 from wtcore.specs.regularizers import decay_coefficients, decay_plan
-from wtcore.testing import element_unit_maps, reference_unit_values, structures
+from wtcore.testing import reference_element_sums, reference_unit_values, structures
 from wtfront import trace
 from wtfront.decay import ChannelDecay
 from wtfront.tracker import WeightTracker
@@ -29,17 +29,7 @@ from wtfront.tracker import WeightTracker
 # ----------------------------------------------------------------------------------------- references
 def reference_coefficients(structure: wtcore.Structure, gamma: np.ndarray) -> dict[str, np.ndarray]:
     """Per element, the sum of gamma over the distinct units its slices give it (loops over slices)."""
-    ext = np.concatenate([gamma, [0.0]])
-    out = {}
-    for name, maps in element_unit_maps(structure).items():
-        coef = np.zeros(structure.param_map[name].shape)
-        for i, m in enumerate(maps):
-            fresh = m >= 0
-            for prev in maps[:i]:
-                fresh = fresh & (m != prev)
-            coef += np.where(fresh, ext[np.where(m >= 0, m, len(gamma))], 0.0)
-        out[name] = coef
-    return out
+    return reference_element_sums(structure, gamma)
 
 
 def per_module_sumsq(model: torch.nn.Module, structure: wtcore.Structure) -> np.ndarray:

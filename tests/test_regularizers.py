@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 import wtcore
 from wtcore.masking import param_masks
 from wtcore.testing import (
-    element_unit_maps,
     params_for,
+    reference_element_sums,
     reference_unit_cost,
     reference_unit_values,
     structures_with_ops,
@@ -52,17 +52,7 @@ def reference_lasso(structure, params, weighted, reweighted, eps, groups="prunab
 
 def expand_factor(structure, params, factor):
     """Per element, sum of factor over its distinct units, times w."""
-    ext = np.concatenate([factor, [0.0]])
-    out = {}
-    for name, maps in element_unit_maps(structure).items():
-        coef = np.zeros(structure.param_map[name].shape)
-        for i, m in enumerate(maps):
-            fresh = m >= 0
-            for prev in maps[:i]:
-                fresh = fresh & (m != prev)
-            coef += np.where(fresh, ext[np.where(m >= 0, m, len(factor))], 0.0)
-        out[name] = coef * params[name].numpy()
-    return out
+    return {n: c * params[n].numpy() for n, c in reference_element_sums(structure, factor).items()}
 
 
 # ----------------------------------------------------------------------------------------- properties

@@ -74,6 +74,22 @@ def element_unit_maps(
     return out
 
 
+def reference_element_sums(structure: Structure, per_unit: np.ndarray) -> dict[str, np.ndarray]:
+    """Per parameter element, the sum of `per_unit` over the *distinct* units its slices give it (float64 loops);
+    the reference for anything that spreads a per-unit coefficient back onto the weights."""
+    ext = np.concatenate([np.asarray(per_unit, dtype=np.float64), [0.0]])
+    out = {}
+    for name, maps in element_unit_maps(structure).items():
+        coef = np.zeros(structure.param_map[name].shape)
+        for i, m in enumerate(maps):
+            fresh = m >= 0
+            for prev in maps[:i]:
+                fresh = fresh & (m != prev)
+            coef += np.where(fresh, ext[np.where(m >= 0, m, len(per_unit))], 0.0)
+        out[name] = coef
+    return out
+
+
 def reference_unit_values(
     structure: Structure,
     params: Mapping[str, torch.Tensor],
