@@ -25,12 +25,13 @@ import torch
 from .errors import SpecError, StructureError
 from .ir import Slice, Structure
 from .lang import PRIMITIVES, Builder, Eqn, Var, runtime_namespace
+from .nonzero import col_any, row_any
 from .program import Program
 from .spec import REGISTRY, Spec, as_spec
 
 __all__ = ["Context", "clear_cache", "compile", "select_slices"]
 
-RUNTIME_KINDS = ("sumsq", "abssum", "nnz")
+RUNTIME_KINDS = ("sumsq", "abssum", "nnz", "active")
 CONST_KINDS = ("count",)
 
 
@@ -229,7 +230,7 @@ def _kind_value(b: Builder, kind: str, options: tuple[Any, ...], p: Var, shape: 
         return b.square(b.emit("acc", p))
     if kind == "abssum":
         return b.abs(b.emit("acc", p))
-    if kind == "nnz":
+    if kind in ("nnz", "active"):  # a count of nonzeros is also > 0 exactly when something is active
         tol = float(options[0]) if options else 0.0
         hit = b.emit("ne", p, 0) if tol == 0.0 else b.gt(b.abs(p), tol)
         return b.cast_like(hit, b.emit("acc", p))
@@ -310,6 +311,24 @@ def _sumsq_pair_vectors(b: Builder, p: Var, plan: _ParamPlan, out: list[Var]) ->
         out.append(rows if s.axis == 0 else cols)
 
 
+def _packed_active(plan: _ParamPlan) -> bool:
+    """A weight whose activity comes from the packed byte indicator: 2+ dims, ungrouped slices on axes 0
+    and/or 1 (every conv/linear weight but grouped convs)."""
+    return len(plan.shape) >= 2 and set(plan.axes) <= {0, 1} and all(s.groups == 1 for s, _ in plan.slices)
+
+
+def _active_vectors(b: Builder, p: Var, plan: _ParamPlan, tolerance: float, out: list[Var]) -> None:
+    """The `active` kind of a weight: per slice entry, 1 if its row/column has an element with |w| >
+    tolerance (byte maxima of the indicator shared with the zero counts and N:M blocks, `wtcore.nonzero`).
+    Summed per unit by the scatter, the result is > 0 exactly for active units; overlap cells need no
+    correction (counting a nonzero twice does not change > 0), so their entries are 0."""
+    for s, _ in plan.slices:
+        anys = row_any if s.axis == 0 else col_any
+        out.append(b.emit("acc_like", anys(b, p, plan.shape, tolerance), p))
+    for pos, _ in plan.corrections:
+        out.append(b.emit("acc_like", b.const(torch.zeros(pos.numel(), dtype=torch.uint8), "no_correction"), p))
+
+
 def _emit_scatter(
     b: Builder, plans: list[_ParamPlan], kinds: list[tuple[str, tuple[Any, ...]]], num_units: int
 ) -> dict[tuple[str, tuple[Any, ...]], Var]:
@@ -365,6 +384,10 @@ def _emit_scatter(
                 vectors[k].append(b.const(_count_vector(pl), "element_counts"))
                 continue
             parts: list[Var] = []
+            if k[0] == "active" and _packed_active(pl):
+                _active_vectors(b, p, pl, float(k[1][0]) if k[1] else 0.0, parts)
+                vectors[k].append(b.emit("cat", *parts) if len(parts) > 1 else parts[0])
+                continue
             if k[0] == "sumsq" and _plain_pair(pl):
                 _sumsq_pair_vectors(b, p, pl, parts)
                 vectors[k].append(b.emit("cat", *parts))

@@ -15,12 +15,11 @@ import torch
 from ..compiler import Context
 from ..errors import SpecError
 from ..lang import Var
+from ..nonzero import block_counts, sum_dtype
 from ..spec import define_spec
 from .costs import (
     WEIGHT_KINDS,
     _check_tolerance,
-    block_sums,
-    exact_sum,
     inactive_f64,
     nonzero_count,
     param_names,
@@ -120,12 +119,9 @@ def nm_sparsity(ctx: Context, n: int = 2, m: int = 4, tolerance: float = 0.0,
     if has:
         nbs = b.const(torch.from_numpy(blocks_np[has]), "nm_blocks_nonempty")
         v1, v2 = stack_scalars(ctx, s1), stack_scalars(ctx, s2)
-        if ctx.backend is not None:  # counted directly
-            strict_h, elig_h = v1, v2
-        else:
-            sd = b.sub(v1, b.mul(nbs, float(keep)))
-            sd2 = b.add(b.sub(v2, b.mul(v1, 2.0 * keep)), b.mul(nbs, float(keep * keep)))
-            strict_h, elig_h = b.sub(nbs, sd2), b.sub(nbs, b.mul(b.add(sd2, sd), 0.5))
+        sd = b.sub(v1, b.mul(nbs, float(keep)))
+        sd2 = b.add(b.sub(v2, b.mul(v1, 2.0 * keep)), b.mul(nbs, float(keep * keep)))
+        strict_h, elig_h = b.sub(nbs, sd2), b.sub(nbs, b.mul(b.add(sd2, sd), 0.5))
         if len(has) == len(blocks):
             strict_v, elig_v = strict_h, elig_h
         else:  # weights without a complete block count none
@@ -161,20 +157,19 @@ def nm_sparsity(ctx: Context, n: int = 2, m: int = 4, tolerance: float = 0.0,
 
 
 def _block_moments(ctx: Context, name: str, tolerance: float, m: int, keep: int) -> tuple[Var, Var]:
-    """Eager: (sum(x), dot(x, x)) of x = clamp(cnt, keep - 1, keep + 1) over a weight's blocks (cnt: nonzeros
-    per block), float scalars, exact (see `exact_sum`); `nm_sparsity` turns them into strict and eligible
-    counts for all weights at once (float arithmetic: torch's eager CPU comparisons and bool sums are several
-    times slower). Compiled: (strict, eligible) counted directly, which inductor fuses into one pass."""
+    """(sum(x), sum(x * x)) of x = clamp(cnt, keep - 1, keep + 1) over a weight's blocks (cnt: nonzeros per
+    block, from the packed indicator shared with the zero counts), exact int64 scalars; `nm_sparsity` turns
+    them into strict and eligible counts for all weights at once (two cheap reductions over a quarter of the
+    elements instead of two comparisons)."""
     b = ctx.b
     shape = ctx.structure.param_map[name].shape
+    cnt, _ = block_counts(b, b.param(name), shape, tolerance, m)
+    x = b.emit("clamp", cnt, max(keep - 1, 0), keep + 1)  # counts are >= 0: a lower bound of 0 is the same
     blocks = shape[0] * (shape[1] // m) * math.prod(shape[2:])
-    cnt, _ = block_sums(ctx, name, tolerance, m)
-    if ctx.backend is not None:
-        return b.sum(b.eq(cnt, keep)), b.sum(b.emit("le", cnt, keep))
-    x = b.emit("clamp", cnt, float(keep - 1), float(keep + 1))
-    if blocks * (keep + 1) ** 2 >= 2**24:
-        x = b.emit("to_float64", x)
-    return exact_sum(ctx, x, blocks), b.emit("dot", x, x)
+    if blocks * (keep + 1) ** 2 >= 2**31:  # int32 products and sums could overflow
+        x = b.to_long(x)
+    return b.emit("isum", x, None, sum_dtype(blocks * (keep + 1))), \
+        b.emit("isum", b.mul(x, x), None, sum_dtype(blocks * (keep + 1) ** 2))
 
 
 def _group_indices(ctx: Context, groups: tuple[str, ...] | None) -> list[int]:
