@@ -76,8 +76,8 @@ TRACKER_KINDS: dict[str, _Kind] = {
     "unit_l2_histogram": _Kind("unit_l2_histogram", "unit_l2_histogram", "none",
                                ("bins", "lo", "hi", "log", "groups"), ("below", "above", "zero", "units"),
                                "histogram of unit L2 norms over fixed bins"),
-    "active_params": _Kind("active_params", "active_params", "params", ("tolerance",), ("total", "numel", "ratio"),
-                           "parameter elements physical pruning would keep"),
+    "active_params": _Kind("active_params", "active_params", "params", ("tolerance",),
+                           ("total", "numel", "baseline", "ratio"), "parameter elements physical pruning would keep"),
 }
 #: torch-weighttracker names accepted for the same trackers
 _ALIASES = {"nvidia_2_4_sparsity": ("nm_sparsity", {"n": 2, "m": 4})}

@@ -340,7 +340,9 @@ def active_params(ctx: Context, tolerance: float = 0.0, params: tuple[str, ...] 
     parameter's sliced axes of (active positions / positions), float64.
 
     Outputs: `per_param` (selected parameters in structure order; default every parameter the compile filters
-    keep), `total`, `numel` (their dense element count) and `ratio` = total / numel.
+    keep), `total`, `numel` (their dense element count as traced), `baseline` (their element count in the
+    original, unpruned model: `Param.baseline_shape`, kept through physical pruning) and `ratio` = total /
+    baseline (as for `active_macs`; the same as total / numel until the model is physically pruned).
     """
     tolerance = _check_tolerance("active_params", tolerance)
     s = ctx.structure
@@ -350,9 +352,11 @@ def active_params(ctx: Context, tolerance: float = 0.0, params: tuple[str, ...] 
     numel = [s.param_map[n].numel for n in names]
     per = b.emit("round", b.mul(b.const(_f64(numel), "param_numel"), prod))
     total = b.sum(per)
+    baseline = float(sum(s.param_map[n].baseline_numel for n in names))
     return {
         "per_param": per,
         "total": total,
         "numel": b.const(torch.tensor(float(sum(numel)), dtype=torch.float64), "numel"),
-        "ratio": _safe_div(ctx, total, float(sum(numel))),
+        "baseline": b.const(torch.tensor(baseline, dtype=torch.float64), "baseline_params"),
+        "ratio": _safe_div(ctx, total, baseline),
     }

@@ -14,6 +14,7 @@ import torch
 
 from ..compiler import Context
 from ..errors import SpecError
+from ..ir import UnitGroup
 from ..lang import Var
 from ..nonzero import block_counts, sum_dtype
 from ..spec import define_spec
@@ -189,8 +190,9 @@ def group_pruning_summary(ctx: Context, tolerance: float = 0.0, groups: tuple[st
 
     A unit is pruned when it is inactive (every coupled element |w| <= tolerance) or physically removed
     (the group's `baseline_size` - `size`). A group's pruned parameters are the coupled elements of its
-    inactive units (`params_per_unit`, after compile filters); an element coupled to pruned units of two
-    groups counts in both. Outputs: `pruned_units`, `pruned_params`, `units` (baseline units),
+    inactive units (`params_per_unit`, after compile filters) plus those its removed units held in the
+    original shapes (`Param.baseline_shape`); an element coupled to pruned units of two groups counts in both.
+    Outputs: `pruned_units`, `pruned_params`, `units` (baseline units),
     `per_group_pruned_units`, `per_group_pruned_params` (selected groups in structure order).
     """
     tolerance = _check_tolerance("group_pruning_summary", tolerance)
@@ -207,6 +209,9 @@ def group_pruning_summary(ctx: Context, tolerance: float = 0.0, groups: tuple[st
     params = b.segment_sum_sorted(b.mul(inactive, b.emit("to_float64", ctx.params_per_unit())), ends)
     removed = [float(g.baseline_size - g.size) for g in s.groups]
     units = b.add(units, b.const(torch.tensor(removed, dtype=torch.float64), "removed_units"))
+    if any(removed):
+        params = b.add(params, b.const(torch.tensor([_removed_params(ctx, g) for g in s.groups],
+                                                    dtype=torch.float64), "removed_params"))
     if idx != list(range(len(s.groups))):
         sel = b.const(torch.tensor(idx, dtype=torch.long), "selected_groups")
         units, params = b.take(units, sel), b.take(params, sel)
@@ -217,6 +222,27 @@ def group_pruning_summary(ctx: Context, tolerance: float = 0.0, groups: tuple[st
         "per_group_pruned_units": units,
         "per_group_pruned_params": params,
     }
+
+
+def _removed_params(ctx: Context, g: UnitGroup) -> float:
+    """Group-attributed parameters of the units physical pruning removed from `g`: per (filtered) slice, the
+    removed units times the slice's entries per unit times the elements one entry held in the original
+    (unpruned) parameter, `baseline_numel / baseline_shape[axis]`; the same count `params_per_unit` gives the
+    units while they were only zeroed."""
+    r = g.baseline_size - g.size
+    if r <= 0:
+        return 0.0
+    total = 0.0
+    for sl in ctx.slices[g.name]:
+        p = ctx.structure.param_map[sl.param]
+        positions = p.baseline_shape[sl.axis] * (sl.groups if sl.groups > 1 else 1)
+        per_entry = p.baseline_numel / max(positions, 1)
+        if g.size:
+            per_unit = sum(1 for u in sl.index_list() if u >= 0) / g.size
+        else:  # every unit removed: the axis lost exactly the removed entries
+            per_unit = (positions - p.shape[sl.axis] * (sl.groups if sl.groups > 1 else 1)) / r
+        total += r * per_unit * per_entry
+    return float(round(total))
 
 
 def histogram_edges(bins: int, lo: float, hi: float, log: bool) -> torch.Tensor:
