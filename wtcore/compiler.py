@@ -238,20 +238,20 @@ def _kind_value(b: Builder, kind: str, options: tuple[Any, ...], p: Var, shape: 
     raise SpecError(f"unknown unit_reduce kind {kind!r}; known: {RUNTIME_KINDS + CONST_KINDS}")
 
 
-def _count_vector(plan: _ParamPlan) -> torch.Tensor:
+def _count_vector(plan: _ParamPlan) -> np.ndarray:
     """Elements per entry of each slice vector (and per overlap cell), in the order the runtime kinds emit
     them (overlap cells subtracted): arithmetic on the shape, never a parameter-sized tensor."""
     numel = 1
     for d in plan.shape:
         numel *= d
     parts = [
-        torch.full((plan.shape[s.axis] * s.groups,), numel / (plan.shape[s.axis] * s.groups), dtype=torch.float64)
+        np.full(plan.shape[s.axis] * s.groups, numel / (plan.shape[s.axis] * s.groups), dtype=np.float64)
         for s, _ in plan.slices
     ]
     if plan.corrections:
         cell = numel / (plan.shape[plan.axes[0]] * plan.shape[plan.axes[1]])
-        parts += [torch.full((pos.numel(),), -cell, dtype=torch.float64) for pos, _ in plan.corrections]
-    return torch.cat(parts)
+        parts += [np.full(pos.numel(), -cell, dtype=np.float64) for pos, _ in plan.corrections]
+    return np.concatenate(parts)
 
 
 def _leading_pair_vectors(b: Builder, v: Var, plan: _ParamPlan, out: list[Var]) -> None:
@@ -443,7 +443,7 @@ def _unit_counts(order: list[_ParamPlan], index: np.ndarray, num_units: int) -> 
     kinds, of the constant per-entry element counts (overlap cells subtracted)."""
     if index.size == 0:
         return torch.zeros(num_units, dtype=torch.float64)
-    weights = torch.cat([_count_vector(pl) for pl in order]).numpy()
+    weights = np.concatenate([_count_vector(pl) for pl in order])
     return torch.from_numpy(np.bincount(index, weights=weights, minlength=num_units + 1)[:num_units])
 
 
