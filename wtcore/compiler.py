@@ -366,7 +366,7 @@ def _unit_index(order: list[_ParamPlan], num_units: int) -> np.ndarray:
 
 def _emit_scatter(
     b: Builder, order: list[_ParamPlan], flat_names: set[str], kinds: list[tuple[str, tuple[Any, ...]]],
-    num_units: int, index: np.ndarray
+    num_units: int, index: np.ndarray, packed: bool = True
 ) -> dict[tuple[str, tuple[Any, ...]], Var]:
     """Emit the dense reductions for the runtime `kinds` and ONE index_add; return a [num_units] vector per kind."""
     vectors: dict[tuple[str, tuple[Any, ...]], list[Var]] = {k: [] for k in kinds}
@@ -402,7 +402,7 @@ def _emit_scatter(
         p = b.param(pl.name)
         for k in kinds:
             parts: list[Var] = []
-            if k[0] == "active" and _packed_active(pl):
+            if k[0] == "active" and packed and _packed_active(pl):  # eager only (see wtcore.nonzero)
                 _active_vectors(b, p, pl, float(k[1][0]) if k[1] else 0.0, parts)
                 vectors[k].append(b.emit("cat", *parts) if len(parts) > 1 else parts[0])
                 continue
@@ -448,7 +448,7 @@ def _unit_counts(order: list[_ParamPlan], index: np.ndarray, num_units: int) -> 
 
 
 def _lower_unit_reduce(
-    b: Builder, structure: Structure, slices: Mapping[str, tuple[Slice, ...]]
+    b: Builder, structure: Structure, slices: Mapping[str, tuple[Slice, ...]], backend: str | None = None
 ) -> dict[Var, Var]:
     """Replace every `unit_reduce` placeholder by its lowering; return the substitution applied."""
     lazy = [e for e in b.eqns if e.prim == "unit_reduce"]
@@ -464,7 +464,7 @@ def _lower_unit_reduce(
     runtime = [k for k in requested if k[0] in RUNTIME_KINDS]
     results: dict[tuple[str, tuple[Any, ...]], Var] = {}
     if runtime:
-        results.update(_emit_scatter(b, order, flat_names, runtime, structure.num_units, index))
+        results.update(_emit_scatter(b, order, flat_names, runtime, structure.num_units, index, backend is None))
     for k in requested:
         if k[0] == "count":  # a constant: computed here, not emitted and folded
             results[k] = b.const(_unit_counts(order, index, structure.num_units), "params_per_unit")
@@ -723,7 +723,7 @@ def _compile(structure: Structure, requests: list[Spec], resolved: list[Any], in
         else:
             raise SpecError(f"spec {r.name!r} returned {type(val).__name__}; a spec returns a Var or a dict of Vars")
 
-    replace = _lower_unit_reduce(b, structure, slices)
+    replace = _lower_unit_reduce(b, structure, slices, backend)
     outputs = [(k, replace.get(v, v)) for k, v in outputs]
     _schedule(b)
     _fold_constants(b)

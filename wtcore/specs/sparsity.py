@@ -120,9 +120,12 @@ def nm_sparsity(ctx: Context, n: int = 2, m: int = 4, tolerance: float = 0.0,
     if has:
         nbs = b.const(torch.from_numpy(blocks_np[has]), "nm_blocks_nonempty")
         v1, v2 = stack_scalars(ctx, s1), stack_scalars(ctx, s2)
-        sd = b.sub(v1, b.mul(nbs, float(keep)))
-        sd2 = b.add(b.sub(v2, b.mul(v1, 2.0 * keep)), b.mul(nbs, float(keep * keep)))
-        strict_h, elig_h = b.sub(nbs, sd2), b.sub(nbs, b.mul(b.add(sd2, sd), 0.5))
+        if ctx.backend is not None:  # counted directly
+            strict_h, elig_h = v1, v2
+        else:
+            sd = b.sub(v1, b.mul(nbs, float(keep)))
+            sd2 = b.add(b.sub(v2, b.mul(v1, 2.0 * keep)), b.mul(nbs, float(keep * keep)))
+            strict_h, elig_h = b.sub(nbs, sd2), b.sub(nbs, b.mul(b.add(sd2, sd), 0.5))
         if len(has) == len(blocks):
             strict_v, elig_v = strict_h, elig_h
         else:  # weights without a complete block count none
@@ -164,7 +167,9 @@ def _block_moments(ctx: Context, name: str, tolerance: float, m: int, keep: int)
     elements instead of two comparisons)."""
     b = ctx.b
     shape = ctx.structure.param_map[name].shape
-    cnt, _ = block_counts(b, b.param(name), shape, tolerance, m)
+    cnt, _ = block_counts(b, b.param(name), shape, tolerance, m, fused=ctx.backend is not None)
+    if ctx.backend is not None:  # compiled: counted directly, which inductor fuses into one pass
+        return b.emit("isum", b.eq(cnt, keep), None, "int64"), b.emit("isum", b.emit("le", cnt, keep), None, "int64")
     x = b.emit("clamp", cnt, max(keep - 1, 0), keep + 1)  # counts are >= 0: a lower bound of 0 is the same
     blocks = shape[0] * (shape[1] // m) * math.prod(shape[2:])
     if blocks * (keep + 1) ** 2 >= 2**31:  # int32 products and sums could overflow
