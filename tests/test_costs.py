@@ -262,7 +262,15 @@ def test_summary_and_histogram_match_reference(case, tolerance, data):
         off = s.offsets[g.name]
         pruned = [u for u in range(g.size) if not active[off + u]]
         per_units.append(len(pruned) + g.baseline_size - g.size)
-        per_params.append(sum(ref["count"][off + u] for u in pruned))
+        # physically removed units (baseline_size > size) held, per slice, their entries' elements in the
+        # original shapes (the physical-pruning test below checks this against a real pruned model)
+        removed = 0.0
+        for sl in g.slices if g.baseline_size > g.size else ():
+            p = s.param_map[sl.param]
+            positions = p.baseline_shape[sl.axis] * max(sl.groups, 1)
+            entries = sum(1 for u in sl.index_list() if u >= 0)
+            removed += (g.baseline_size - g.size) * entries / g.size * math.prod(p.baseline_shape) / positions
+        per_params.append(sum(ref["count"][off + u] for u in pruned) + round(removed))
     close(out["group_pruning_summary/per_group_pruned_units"], per_units)
     close(out["group_pruning_summary/per_group_pruned_params"], per_params)
     close(out["group_pruning_summary/pruned_units"], sum(per_units))
