@@ -179,7 +179,9 @@ class Param:
     module: str = ""
     module_type: str = ""
     aliases: tuple[str, ...] = ()
-    baseline_shape: tuple[int, ...] = ()  # shape in the original (unpruned) model; () means `shape`
+    # shape in the original (unpruned) model; () means `shape`. Not part of equality (a re-traced pruned model
+    # equals the structure it was pruned to), but part of the JSON and so of the fingerprint.
+    baseline_shape: tuple[int, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if not self.baseline_shape:
