@@ -4,13 +4,15 @@
 
 Floor: `sum(p.pow(2).sum() for p in params)`; forward under no_grad, forward+backward with
 torch.autograd.grad. Printed numbers are ratios (program time / floor time), medians over interleaved
-repetitions in one process. When the torch-weighttracker package is installed, its group lasso runs on
+repetitions in one process. When the torch-weighttracker package is installed (`pip install -e ".[bench]"`),
+its group lasso (forward, forward+backward) and its build (`WeightTracker(model, example_inputs)`) run on
 the same model in the same process; a naive per-module loop is always included for scale.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -100,9 +102,8 @@ def bench_model(name: str, reps: int, compiled: bool) -> None:
             return torch.autograd.grad(cprog(params)["group_lasso"], plist, allow_unused=True)
 
         fns |= {"wt compiled fwd": wtc_fwd, "wt compiled fwd+bwd": wtc_bwd}
-    wtt = _weighttracker(model, x)
-    if wtt is not None:
-        fns["torch-weighttracker fwd"] = wtt
+    wtt, t_wtt = _weighttracker(model, x, plist)
+    fns |= wtt
     med = interleaved_medians(fns, reps=reps)
 
     n = sum(p.numel() for p in plist)
@@ -112,6 +113,8 @@ def bench_model(name: str, reps: int, compiled: bool) -> None:
           f"Torch-Pruning build_dependency {t_tp:.3f}s; ratio {(t_trace + t_compile) / t_tp:.2f}x")
     print(f"build with the cost model (one more forward pass): {t_costs + t_compile:.3f}s; "
           f"ratio {(t_costs + t_compile) / t_tp:.2f}x")
+    if t_wtt is not None:
+        print(f"torch-weighttracker build (graph, groups, MACs) {t_wtt:.3f}s; ratio {t_wtt / t_tp:.2f}x")
     print(f"floor fwd {med['floor fwd'] * 1e3:.2f} ms, floor fwd+bwd {med['floor fwd+bwd'] * 1e3:.2f} ms, "
           f"read floor {med['read floor'] * 1e3:.2f} ms")
     for k, v in med.items():
@@ -121,24 +124,29 @@ def bench_model(name: str, reps: int, compiled: bool) -> None:
         print(f"  {k:28s} {v * 1e3:8.2f} ms   {v / base:5.2f}x floor")
 
 
-def _weighttracker(model: torch.nn.Module, x: torch.Tensor):
+def _weighttracker(model: torch.nn.Module, x: torch.Tensor, plist: list[torch.Tensor]
+                   ) -> tuple[dict[str, Callable[[], object]], float | None]:
+    """torch-weighttracker's group lasso (forward, forward+backward) and build time, when it is installed."""
     try:
         from torch_weighttracker import WeightTracker
     except ImportError:
-        print("(torch-weighttracker not installed: pip install torch-weighttracker to compare)")
-        return None
+        print("(torch-weighttracker not installed: pip install -e '.[bench]' to compare)")
+        return {}, None
     try:
-        tracker = WeightTracker(model, example_inputs=x)
-        reg = tracker.create_regularizer("group_lasso")
+        t_build = min(once(lambda: WeightTracker(model, example_inputs=x)) for _ in range(2))
+        reg = WeightTracker(model, example_inputs=x).create_regularizer("group_lasso")
     except Exception as e:
         print(f"(torch-weighttracker failed on this model: {type(e).__name__}: {e})")
-        return None
+        return {}, None
 
-    def run() -> torch.Tensor:
+    def fwd() -> torch.Tensor:
         with torch.no_grad():
             return reg()
 
-    return run
+    def bwd() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(reg(), plist, allow_unused=True)
+
+    return {"torch-weighttracker fwd": fwd, "torch-weighttracker fwd+bwd": bwd}, t_build
 
 
 if __name__ == "__main__":

@@ -10,15 +10,19 @@ Floor (DESIGN.md): `sum(p.pow(2).sum() for p in params)` under no_grad. Printed 
   the flat dict of floats), eager and compiled.
 
 Build time: wt trace with the cost model (one extra forward pass, fvcore) against Torch-Pruning's
-`build_dependency` alone. When the torch-weighttracker package is installed, its structured-BOPs `track()`
-runs on the same model in the same process.
+`build_dependency` alone. When the torch-weighttracker package is installed (`pip install -e ".[bench]"`),
+the same work runs through it on the same model in the same process: its `track()` with the same four
+metrics (structured BOPs, unstructured sparsity, NVIDIA 2:4, group pruning summary) and with structured
+BOPs alone, and its build (`WeightTracker(model, example_inputs)`).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,6 +35,7 @@ from wtfront.trace import trace
 from wtfront.tracker import WeightTracker
 
 KINDS = ["structured_bops", "unstructured_sparsity", "nm_sparsity", "group_pruning_summary"]
+TWT_KINDS = ["structured_bops", "unstructured_sparsity", "nvidia_2_4_sparsity", "group_pruning_summary"]
 
 
 def bench_model(name: str, reps: int, compiled: bool) -> dict[str, float]:
@@ -74,9 +79,8 @@ def bench_model(name: str, reps: int, compiled: bool) -> dict[str, float]:
                 return cprog(params)
 
         fns |= {"program compiled": program_compiled, "track() compiled": ctracker.track}
-    wtt = _weighttracker(model, x)
-    if wtt is not None:
-        fns["torch-weighttracker structured_bops track()"] = wtt
+    wtt, t_wtt = _weighttracker(model, x)
+    fns |= wtt
     med = interleaved_medians(fns, reps=reps)
 
     n = sum(p.numel() for p in plist)
@@ -85,7 +89,8 @@ def bench_model(name: str, reps: int, compiled: bool) -> dict[str, float]:
           f"{structure.num_units} units; track() returns {len(metrics)} keys")
     print(f"build: wt trace {t_trace:.2f}s (without costs {t_nocost:.2f}s, so the cost model adds "
           f"{t_trace - t_nocost:.2f}s); Torch-Pruning build_dependency {t_tp:.2f}s; compile {t_compile:.2f}s"
-          + (f"; first compiled call (inductor) {t_inductor:.1f}s" if compiled else ""))
+          + (f"; first compiled call (inductor) {t_inductor:.1f}s" if compiled else "")
+          + (f"; torch-weighttracker build {t_wtt:.2f}s" if t_wtt is not None else ""))
     print(f"floor fwd {med['floor fwd'] * 1e3:.2f} ms")
     ratios = {}
     for k, v in med.items():
@@ -96,24 +101,34 @@ def bench_model(name: str, reps: int, compiled: bool) -> dict[str, float]:
     return ratios
 
 
-def _weighttracker(model: torch.nn.Module, x: torch.Tensor):
+def _weighttracker(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict[str, Callable[[], object]], float | None]:
+    """torch-weighttracker's `track()` on the same work, when it is installed: all four metrics, and
+    structured BOPs alone; and its build time (dependency graph and MAC count)."""
     try:
         from torch_weighttracker import WeightTracker as TWT
     except ImportError:
-        print("(torch-weighttracker not installed: pip install torch-weighttracker to compare)")
-        return None
+        print("(torch-weighttracker not installed: pip install -e '.[bench]' to compare)")
+        return {}, None
     try:
-        t = TWT(model, example_inputs=x)
-        t.create_tracker("structured_bops", log_total_bops=True)
+        t0 = time.perf_counter()
+        full = TWT(model, example_inputs=x)
+        t_build = time.perf_counter() - t0
+        full.create_tracker(TWT_KINDS, wandb_format=True)
+        bops = TWT(model, example_inputs=x)
+        bops.create_tracker("structured_bops", log_total_bops=True, wandb_format=True)
     except Exception as e:
         print(f"(torch-weighttracker failed on this model: {type(e).__name__}: {e})")
-        return None
+        return {}, None
 
-    def run() -> object:
-        with torch.no_grad():
-            return t.track()
+    def run(t: Any) -> Callable[[], object]:
+        def go() -> object:
+            with torch.no_grad():
+                return t.track()
 
-    return run
+        return go
+
+    return {"torch-weighttracker track() (same 4 metrics)": run(full),
+            "torch-weighttracker structured_bops track()": run(bops)}, t_build
 
 
 if __name__ == "__main__":

@@ -263,7 +263,15 @@ def test_summary_and_histogram_match_reference(case, tolerance, data):
         off = s.offsets[g.name]
         pruned = [u for u in range(g.size) if not active[off + u]]
         per_units.append(len(pruned) + g.baseline_size - g.size)
-        per_params.append(sum(ref["count"][off + u] for u in pruned))
+        # physically removed units (baseline_size > size) held, per slice, their entries' elements in the
+        # original shapes (the physical-pruning test below checks this against a real pruned model)
+        removed = 0.0
+        for sl in g.slices if g.baseline_size > g.size else ():
+            p = s.param_map[sl.param]
+            positions = p.baseline_shape[sl.axis] * max(sl.groups, 1)
+            entries = sum(1 for u in sl.index_list() if u >= 0)
+            removed += (g.baseline_size - g.size) * entries / g.size * math.prod(p.baseline_shape) / positions
+        per_params.append(sum(ref["count"][off + u] for u in pruned) + round(removed))
     close(out["group_pruning_summary/per_group_pruned_units"], per_units)
     close(out["group_pruning_summary/per_group_pruned_params"], per_params)
     close(out["group_pruning_summary/pruned_units"], sum(per_units))
@@ -725,3 +733,40 @@ def test_matrix_vector_products_are_counted_and_named_after_their_weight():
             return torch.mv(self.w, x) + torch.addmv(self.b, self.w, x)
 
     assert op_macs(MV(), torch.randn(6)) == {"w": 2 * 4 * 6}  # one op per weight, its uses summed
+
+
+@pytest.mark.slow
+def test_pruned_params_and_active_params_keep_the_original_baseline_through_physical_pruning():
+    """Zeroing units and then removing them physically gives the same pruning summary and active parameters;
+    the baselines stay the original model's (resnet18, one block's channels and the residual stream)."""
+    tv = pytest.importorskip("torchvision")
+    from wtcore.masking import keep_from_removed
+    from wtfront import trace
+    from wtfront.interop import effective_params
+    from wtfront.prune import apply_masks, prune_units
+
+    torch.manual_seed(0)
+    net = tv.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    s = trace(net, x)
+    dense = sum(p.numel() for p in net.parameters())
+    removed = {"layer1.0.conv1.out": [0, 3, 5, 7], "layer3.0.conv1.out": list(range(0, 256, 3))}
+    keep = keep_from_removed(s, removed)
+    specs = ["group_pruning_summary", "active_params"]
+    apply_masks(net, s, keep)
+    fake = wtcore.compile(s, specs)(effective_params(net))
+    new = prune_units(net, s, x, keep)
+    assert [p.baseline_shape for p in new.params] == [p.shape for p in s.params]
+    assert [p.baseline_shape for p in wtcore.Structure.from_json(new.to_json()).params] == [p.shape for p in s.params]
+    phys = wtcore.compile(new, specs)(dict(net.named_parameters()))
+    kept = sum(p.numel() for p in net.parameters())
+    assert fake["active_params/total"].item() == phys["active_params/total"].item() == kept
+    assert phys["active_params/baseline"].item() == fake["active_params/baseline"].item() == dense
+    assert phys["active_params/ratio"].item() == pytest.approx(kept / dense)
+    assert phys["group_pruning_summary/pruned_units"].item() == fake["group_pruning_summary/pruned_units"].item() \
+        == sum(len(v) for v in removed.values())
+    # each pruned group's parameters: exactly what physical pruning removed (the groups share no element)
+    assert phys["group_pruning_summary/pruned_params"].item() == fake["group_pruning_summary/pruned_params"].item() \
+        == dense - kept
+    torch.testing.assert_close(phys["group_pruning_summary/per_group_pruned_params"],
+                               fake["group_pruning_summary/per_group_pruned_params"])

@@ -285,3 +285,27 @@ def test_compile_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(C._CACHE) == 2
     assert wtcore.compile(s, ["unit_sumsq"]) is first
     assert wtcore.compile(s, ["unit_l2"]) is not second
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.floats(0.0, 1.0), st.booleans(), st.integers(0, 10_000))
+def test_packed_nonzero_primitives_match_plain_loops(rows, blocks, zero_fraction, transposed, seed):
+    """The byte indicator and the int32 4-block sums (`wtcore.nonzero`) against per-element Python loops,
+    on contiguous and non-contiguous inputs, at tolerance 0 (incl. -0.0 and NaN) and above."""
+    from wtcore.lang import wt_block4_count, wt_nonzero_bytes
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, 4 * blocks, generator=g)
+    w[torch.rand(w.shape, generator=g) < zero_fraction] = 0.0
+    w[0, 0] = -0.0
+    if w.numel() > 1:
+        w.view(-1)[1] = float("nan")
+    if transposed:
+        w = w.t().contiguous().t()
+    for tol in (0.0, 0.5):
+        e = wt_nonzero_bytes(w, tol)
+        want = [[int(x != 0) if tol == 0 else int(abs(x) > tol) for x in row] for row in w.tolist()]
+        assert e.dtype == torch.uint8 and e.tolist() == want
+        counts = wt_block4_count(e)
+        assert counts.dtype == torch.int32
+        assert counts.tolist() == [[sum(r[4 * j: 4 * j + 4]) for j in range(blocks)] for r in want]

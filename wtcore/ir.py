@@ -179,11 +179,26 @@ class Param:
     module: str = ""
     module_type: str = ""
     aliases: tuple[str, ...] = ()
+    # shape in the original (unpruned) model; () means `shape`. Not part of equality (a re-traced pruned model
+    # equals the structure it was pruned to), but part of the JSON and so of the fingerprint.
+    baseline_shape: tuple[int, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.baseline_shape:
+            object.__setattr__(self, "baseline_shape", tuple(self.shape))
 
     @property
     def numel(self) -> int:
         n = 1
         for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def baseline_numel(self) -> int:
+        """Elements in the original (unpruned) model: the dense reference of `active_params`."""
+        n = 1
+        for d in self.baseline_shape:
             n *= d
         return n
 
@@ -359,16 +374,21 @@ class Structure:
         there, so compression and pruned-unit counts stay relative to the unpruned model."""
         sizes = {g.name: g.baseline_size for g in original.groups}
         macs = {o.name: o.baseline_macs for o in original.ops}
+        shapes = {p.name: p.baseline_shape for p in original.params}
         groups = tuple(replace(g, baseline_size=max(sizes.get(g.name, g.baseline_size), g.size)) for g in self.groups)
         ops = tuple(replace(o, baseline_macs=macs.get(o.name, o.baseline_macs)) for o in self.ops)
-        return replace(self, groups=groups, ops=ops)
+        params = tuple(
+            replace(p, baseline_shape=shapes[p.name]) if len(shapes.get(p.name, ())) == len(p.shape) else p
+            for p in self.params
+        )
+        return replace(self, params=params, groups=groups, ops=ops)
 
     # ------------------------------------------------------------ serialization
     def to_dict(self) -> dict:
         return {
             "format": "wt.structure/1",
             "model": self.model,
-            "params": [_shallow(p) for p in self.params],
+            "params": [_param_to_dict(p) for p in self.params],
             "groups": [
                 {
                     **_shallow(g, skip="slices"),
@@ -397,7 +417,8 @@ class Structure:
         if d.get("format") != "wt.structure/1":
             raise StructureError(f"not a wt structure (format={d.get('format')!r})")
         params = tuple(
-            Param(p["name"], tuple(p["shape"]), p["dtype"], p["module"], p["module_type"], tuple(p["aliases"]))
+            Param(p["name"], tuple(p["shape"]), p["dtype"], p["module"], p["module_type"], tuple(p["aliases"]),
+                  tuple(p.get("baseline_shape", ())))
             for p in d["params"]
         )
         groups = tuple(
@@ -462,6 +483,15 @@ def _op_from_dict(o: dict) -> CostOp:
         for a in o["axes"]
     )
     return CostOp(o["name"], o["module"], o["kind"], o["macs"], axes, o.get("param", ""), o.get("baseline_macs", -1))
+
+
+def _param_to_dict(p: Param) -> dict:
+    """A parameter's fields; `baseline_shape` (added after the first release) only when it differs from
+    `shape`, so unpruned structures keep their JSON and fingerprint."""
+    d = _shallow(p, skip="baseline_shape")
+    if p.baseline_shape != p.shape:
+        d["baseline_shape"] = list(p.baseline_shape)
+    return d
 
 
 def _shallow(obj: object, skip: str = "") -> dict:

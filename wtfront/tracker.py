@@ -77,8 +77,8 @@ TRACKER_KINDS: dict[str, _Kind] = {
     "unit_l2_histogram": _Kind("unit_l2_histogram", "unit_l2_histogram", "none",
                                ("bins", "lo", "hi", "log", "groups"), ("below", "above", "zero", "units"),
                                "histogram of unit L2 norms over fixed bins"),
-    "active_params": _Kind("active_params", "active_params", "params", ("tolerance",), ("total", "numel", "ratio"),
-                           "parameter elements physical pruning would keep"),
+    "active_params": _Kind("active_params", "active_params", "params", ("tolerance",),
+                           ("total", "numel", "baseline", "ratio"), "parameter elements physical pruning would keep"),
 }
 #: scalar regularizer specs (`create_regularizer` accepts any scalar spec; these are the built-in ones)
 REGULARIZERS = ("group_lasso", "mac_group_lasso", "bop_group_lasso", "reweighted_group_lasso")

@@ -10,8 +10,6 @@ All cost arithmetic is float64: per-op counts are exact integers up to 2**53.
 
 from __future__ import annotations
 
-import functools
-import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from ..compiler import Context
 from ..errors import SpecError, StructureError
 from ..ir import CostAxis, Structure
 from ..lang import Var
+from ..nonzero import total_count
 from ..spec import define_spec
 
 __all__ = ["WEIGHT_KINDS", "op_indices", "param_axes", "weight_params"]
@@ -153,14 +152,10 @@ def _table(structure: Structure, axes: Sequence[AxisDesc], what: Sequence[str]) 
 
 
 def active_units(ctx: Context, tolerance: float) -> Var:
-    """`unit_active` semantics (active unless every coupled element has |w| <= tolerance; a unit with no
-    coupled element after filters is active). At tolerance 0 it is read from the per-unit abs-sum, which is
-    exact (a sum of |w| is 0 only if every term is) and shares its `abs` pass with the zero indicator of the
-    sparsity specs; `unit_active`'s `w != 0` costs two more passes (bool, then float)."""
-    if tolerance != 0.0:
-        return ctx.dep("unit_active", tolerance=tolerance)
-    b = ctx.b
-    return b.logical_or(b.emit("ne", b.unit_reduce("abssum"), 0), b.eq(ctx.params_per_unit(), 0))
+    """`unit_active`: active unless every coupled element has |w| <= tolerance (a unit with no coupled element
+    after filters is active). Its per-unit nonzero counts come from the packed byte indicator that the zero
+    counts and N:M blocks of the sparsity specs read too (`wtcore.nonzero`)."""
+    return ctx.dep("unit_active", tolerance=tolerance)
 
 
 def inactive_f64(ctx: Context, tolerance: float) -> Var:
@@ -294,75 +289,11 @@ def compression(ctx: Context, weight_bits: Any = 32, act_bits: Any = 32, toleran
                    ops=ops)["compression"]
 
 
-def nonzero_indicator(ctx: Context, name: str, tolerance: float) -> Var:
-    """1 where |w| > tolerance else 0, computed once per parameter for every spec.
-
-    Eager: a float in the accumulation dtype (float32 for half types), not a bool: torch's eager CPU
-    comparisons, bool casts and bool reductions are several times slower than float element-wise ops. At
-    tolerance 0 it is sign(|w|), whose `abs` is the activity reduction's own; otherwise exactly the
-    compiler's `nnz` element value. Compiled: int32 from the comparison, which inductor fuses."""
-    b = ctx.b
-    p = b.param(name)
-    if ctx.backend is not None:  # compiled: int32 (inductor vectorizes it ~2.5x better than float here)
-        hit = b.emit("ne", p, 0) if tolerance == 0.0 else b.gt(b.abs(p), tolerance)
-        return b.cast_like(hit, b.const(torch.zeros((), dtype=torch.int32), "int32"))
-    if tolerance == 0.0:
-        return b.emit("sign", b.abs(b.emit("acc", p)))
-    return b.cast_like(b.gt(b.abs(p), tolerance), b.emit("acc", p))
-
-
-def block_sums(ctx: Context, name: str, tolerance: float, m: int) -> tuple[Var, Var | None]:
-    """Nonzeros per block of `m` consecutive entries along axis 1 of a weight viewed `[o, c, k]` (float
-    `[o, c // m, k]`), and the indicator's tail entries `[o, c % m, k]` (None without a tail).
-
-    Eager, power-of-two blocks are summed pairwise (m=4: one add of half-blocks, one of their halves):
-    reducing a short middle axis with `sum` is ~3x slower in eager torch, and fewer, wider adds read less.
-    Compiled, the m entries are added in one expression that inductor fuses with what consumes it. Emitted
-    identically by every spec, so N:M and the zero count share it."""
-    b = ctx.b
-    shape = ctx.structure.param_map[name].shape
-    o, c, k = shape[0], shape[1], math.prod(shape[2:])
-    nb = c // m
-    e = nonzero_indicator(ctx, name, tolerance)
-    if nb * m == c:
-        tail, x = None, b.emit("reshape", e, (o, nb, m, k))
-    else:
-        e = b.emit("reshape", e, (o, c, k))
-        tail = b.emit("narrow", e, 1, nb * m, c - nb * m)
-        x = b.emit("reshape", b.emit("narrow", e, 1, 0, nb * m), (o, nb, m, k))
-    width = m
-    if ctx.backend is not None and m <= 8:  # compiled: m strided loads per block in one fused loop
-        x = functools.reduce(b.add, [b.emit("narrow", x, 2, j, 1) for j in range(m)])
-    elif m & (m - 1) == 0:
-        while width > 1:
-            width //= 2
-            x = b.add(b.emit("narrow", x, 2, 0, width), b.emit("narrow", x, 2, width, width))
-    elif m <= 8:
-        x = functools.reduce(b.add, [b.emit("narrow", x, 2, j, 1) for j in range(m)])
-    else:
-        return b.emit("reshape", b.sum(x, (2,)), (o, nb, 1, k)), tail
-    return x, tail  # [o, nb, 1, k]
-
-
-def exact_sum(ctx: Context, x: Var, n: int) -> Var:
-    """Sum of `n` small non-negative integers held as floats (or ints): a float32 sum is exact below 2**24
-    (its partial sums are integers below the total); beyond, the values are summed in float64. Integer
-    tensors sum exactly into int64."""
-    b = ctx.b
-    return b.sum(b.emit("to_float64", x)) if n >= 2**24 and ctx.backend is None else b.sum(x)
-
-
 def nonzero_count(ctx: Context, name: str, tolerance: float) -> Var:
-    """Number of elements with |w| > tolerance, a float scalar. For weights with 4+ inputs per row it is the
-    sum of the 4-blocks of `block_sums` (shared with 2:4 sparsity) plus the tail."""
-    b = ctx.b
-    shape = ctx.structure.param_map[name].shape
-    n = math.prod(shape)
-    if len(shape) < 2 or shape[1] < 4:
-        return exact_sum(ctx, nonzero_indicator(ctx, name, tolerance), n)
-    blocks, tail = block_sums(ctx, name, tolerance, 4)
-    total = exact_sum(ctx, blocks, n)
-    return total if tail is None else b.add(total, exact_sum(ctx, tail, n))
+    """Number of elements with |w| > tolerance, an int64 scalar, from the packed indicator shared with unit
+    activity and N:M (`wtcore.nonzero.total_count`)."""
+    return total_count(ctx.b, ctx.b.param(name), ctx.structure.param_map[name].shape, tolerance,
+                       fused=ctx.backend is not None)
 
 
 def stack_scalars(ctx: Context, values: Sequence[Var], dtype: torch.dtype = torch.float64) -> Var:
@@ -410,7 +341,9 @@ def active_params(ctx: Context, tolerance: float = 0.0, params: tuple[str, ...] 
     parameter's sliced axes of (active positions / positions), float64.
 
     Outputs: `per_param` (selected parameters in structure order; default every parameter the compile filters
-    keep), `total`, `numel` (their dense element count) and `ratio` = total / numel.
+    keep), `total`, `numel` (their dense element count as traced), `baseline` (their element count in the
+    original, unpruned model: `Param.baseline_shape`, kept through physical pruning) and `ratio` = total /
+    baseline (as for `active_macs`; the same as total / numel until the model is physically pruned).
     """
     tolerance = _check_tolerance("active_params", tolerance)
     s = ctx.structure
@@ -420,9 +353,11 @@ def active_params(ctx: Context, tolerance: float = 0.0, params: tuple[str, ...] 
     numel = [s.param_map[n].numel for n in names]
     per = b.emit("round", b.mul(b.const(_f64(numel), "param_numel"), prod))
     total = b.sum(per)
+    baseline = float(sum(s.param_map[n].baseline_numel for n in names))
     return {
         "per_param": per,
         "total": total,
         "numel": b.const(torch.tensor(float(sum(numel)), dtype=torch.float64), "numel"),
-        "ratio": _safe_div(ctx, total, float(sum(numel))),
+        "baseline": b.const(torch.tensor(baseline, dtype=torch.float64), "baseline_params"),
+        "ratio": _safe_div(ctx, total, baseline),
     }

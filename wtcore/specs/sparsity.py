@@ -14,13 +14,13 @@ import torch
 
 from ..compiler import Context
 from ..errors import SpecError
+from ..ir import UnitGroup
 from ..lang import Var
+from ..nonzero import block_counts, sum_dtype
 from ..spec import define_spec
 from .costs import (
     WEIGHT_KINDS,
     _check_tolerance,
-    block_sums,
-    exact_sum,
     inactive_f64,
     nonzero_count,
     param_names,
@@ -161,20 +161,21 @@ def nm_sparsity(ctx: Context, n: int = 2, m: int = 4, tolerance: float = 0.0,
 
 
 def _block_moments(ctx: Context, name: str, tolerance: float, m: int, keep: int) -> tuple[Var, Var]:
-    """Eager: (sum(x), dot(x, x)) of x = clamp(cnt, keep - 1, keep + 1) over a weight's blocks (cnt: nonzeros
-    per block), float scalars, exact (see `exact_sum`); `nm_sparsity` turns them into strict and eligible
-    counts for all weights at once (float arithmetic: torch's eager CPU comparisons and bool sums are several
-    times slower). Compiled: (strict, eligible) counted directly, which inductor fuses into one pass."""
+    """(sum(x), sum(x * x)) of x = clamp(cnt, keep - 1, keep + 1) over a weight's blocks (cnt: nonzeros per
+    block, from the packed indicator shared with the zero counts), exact int64 scalars; `nm_sparsity` turns
+    them into strict and eligible counts for all weights at once (two cheap reductions over a quarter of the
+    elements instead of two comparisons)."""
     b = ctx.b
     shape = ctx.structure.param_map[name].shape
+    cnt, _ = block_counts(b, b.param(name), shape, tolerance, m, fused=ctx.backend is not None)
+    if ctx.backend is not None:  # compiled: counted directly, which inductor fuses into one pass
+        return b.emit("isum", b.eq(cnt, keep), None, "int64"), b.emit("isum", b.emit("le", cnt, keep), None, "int64")
+    x = b.emit("clamp", cnt, max(keep - 1, 0), keep + 1)  # counts are >= 0: a lower bound of 0 is the same
     blocks = shape[0] * (shape[1] // m) * math.prod(shape[2:])
-    cnt, _ = block_sums(ctx, name, tolerance, m)
-    if ctx.backend is not None:
-        return b.sum(b.eq(cnt, keep)), b.sum(b.emit("le", cnt, keep))
-    x = b.emit("clamp", cnt, float(keep - 1), float(keep + 1))
-    if blocks * (keep + 1) ** 2 >= 2**24:
-        x = b.emit("to_float64", x)
-    return exact_sum(ctx, x, blocks), b.emit("dot", x, x)
+    if blocks * (keep + 1) ** 2 >= 2**31:  # int32 products and sums could overflow
+        x = b.to_long(x)
+    return b.emit("isum", x, None, sum_dtype(blocks * (keep + 1))), \
+        b.emit("isum", b.mul(x, x), None, sum_dtype(blocks * (keep + 1) ** 2))
 
 
 def _group_indices(ctx: Context, groups: tuple[str, ...] | None) -> list[int]:
@@ -194,8 +195,9 @@ def group_pruning_summary(ctx: Context, tolerance: float = 0.0, groups: tuple[st
 
     A unit is pruned when it is inactive (every coupled element |w| <= tolerance) or physically removed
     (the group's `baseline_size` - `size`). A group's pruned parameters are the coupled elements of its
-    inactive units (`params_per_unit`, after compile filters); an element coupled to pruned units of two
-    groups counts in both. Outputs: `pruned_units`, `pruned_params`, `units` (baseline units),
+    inactive units (`params_per_unit`, after compile filters) plus those its removed units held in the
+    original shapes (`Param.baseline_shape`); an element coupled to pruned units of two groups counts in both.
+    Outputs: `pruned_units`, `pruned_params`, `units` (baseline units),
     `per_group_pruned_units`, `per_group_pruned_params` (selected groups in structure order).
     """
     tolerance = _check_tolerance("group_pruning_summary", tolerance)
@@ -212,6 +214,9 @@ def group_pruning_summary(ctx: Context, tolerance: float = 0.0, groups: tuple[st
     params = b.segment_sum_sorted(b.mul(inactive, b.emit("to_float64", ctx.params_per_unit())), ends)
     removed = [float(g.baseline_size - g.size) for g in s.groups]
     units = b.add(units, b.const(torch.tensor(removed, dtype=torch.float64), "removed_units"))
+    if any(removed):
+        params = b.add(params, b.const(torch.tensor([_removed_params(ctx, g) for g in s.groups],
+                                                    dtype=torch.float64), "removed_params"))
     if idx != list(range(len(s.groups))):
         sel = b.const(torch.tensor(idx, dtype=torch.long), "selected_groups")
         units, params = b.take(units, sel), b.take(params, sel)
@@ -222,6 +227,27 @@ def group_pruning_summary(ctx: Context, tolerance: float = 0.0, groups: tuple[st
         "per_group_pruned_units": units,
         "per_group_pruned_params": params,
     }
+
+
+def _removed_params(ctx: Context, g: UnitGroup) -> float:
+    """Group-attributed parameters of the units physical pruning removed from `g`: per (filtered) slice, the
+    removed units times the slice's entries per unit times the elements one entry held in the original
+    (unpruned) parameter, `baseline_numel / baseline_shape[axis]`; the same count `params_per_unit` gives the
+    units while they were only zeroed."""
+    r = g.baseline_size - g.size
+    if r <= 0:
+        return 0.0
+    total = 0.0
+    for sl in ctx.slices[g.name]:
+        p = ctx.structure.param_map[sl.param]
+        positions = p.baseline_shape[sl.axis] * (sl.groups if sl.groups > 1 else 1)
+        per_entry = p.baseline_numel / max(positions, 1)
+        if g.size:
+            per_unit = sum(1 for u in sl.index_list() if u >= 0) / g.size
+        else:  # every unit removed: the axis lost exactly the removed entries
+            per_unit = (positions - p.shape[sl.axis] * (sl.groups if sl.groups > 1 else 1)) / r
+        total += r * per_unit * per_entry
+    return float(round(total))
 
 
 def histogram_edges(bins: int, lo: float, hi: float, log: bool) -> torch.Tensor:

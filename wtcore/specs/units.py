@@ -23,7 +23,7 @@ def unit_active(ctx: Context, tolerance: float = 0.0) -> Var:
     if not tolerance >= 0.0:
         raise SpecError(f"unit_active: tolerance must be >= 0, got {tolerance!r}")
     b = ctx.b
-    nonzero = b.gt(b.unit_reduce("nnz", float(tolerance)), 0)
+    nonzero = b.gt(b.unit_reduce("active", float(tolerance)), 0)
     return b.logical_or(nonzero, b.eq(ctx.params_per_unit(), 0))
 
 
