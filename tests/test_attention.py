@@ -322,8 +322,10 @@ def test_unit_kind_selection_and_errors() -> None:
     assert not kinds["mlp_feature"].prunable and "'mlp_feature'" in kinds["mlp_feature"].reason
     s = trace(model, x, units=("hidden",), costs=False)
     assert s.group_map["model.embed_tokens.out"].prunable
-    with pytest.raises(TraceError, match=r"head_dim.*not implemented"):
+    with pytest.raises(TraceError, match=r"'model.layers.0.self_attn' uses rotary.*not supported for rotary"):
         trace(model, x, units=("head_dim",))
+    with pytest.raises(TraceError, match="'head_dim' excludes 'head' and 'kv_head'"):
+        trace(model, x, units=("kv_head", "head_dim"))
     with pytest.raises(TraceError, match="unknown unit kind"):
         trace(model, x, units=("heads",))
     with pytest.raises(PruneError, match="not prunable"):
@@ -411,6 +413,191 @@ def test_failed_hf_pruning_restores_the_config(monkeypatch: pytest.MonkeyPatch) 
     assert model.config is cfg and (cfg.num_attention_heads, cfg.num_key_value_heads) == (8, 2)
     assert all(m.config is cfg for m in model.modules() if hasattr(m, "config"))
     assert model.model.layers[0].self_attn.q_proj.out_features == 32
+
+
+# ============================================================================================ head dims
+HD_UNITS = ("head_dim", "mlp_feature")
+HD_CASES: dict[str, Case] = {
+    "timm:vit_tiny": Case(
+        lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, depth=2),
+        _img(), 2, 3, 3, 2, 5, 64),
+    "hf:BertModel": CASES["hf:BertModel"],
+    "hf:ViTModel": CASES["hf:ViTModel"],
+    "hf:GPT2LMHeadModel": CASES["hf:GPT2LMHeadModel"],
+}
+
+
+def _hand_dim_sumsq(model: nn.Module, name: str, m: nn.Module, heads: int) -> np.ndarray:
+    """Sum of squares of each head-dim unit d: q/k/v row d of every head (and biases), and the output
+    projection's input column d of every head."""
+    q, k, v, bq, bk, bv, o = (None if t is None else t.detach().double() for t in _qkvo(model, name, m))
+    hd = q.shape[0] // heads
+    out = np.zeros(hd)
+    for d in range(hd):
+        rows = [h * hd + d for h in range(heads)]
+        out[d] = sum(float(w[rows].pow(2).sum()) for w in (q, k, v, bq, bk, bv) if w is not None)
+        out[d] += float(o[:, rows].pow(2).sum())
+    return out
+
+
+@pytest.mark.parametrize("name", list(HD_CASES))
+def test_head_dim_units_metrics_macs_and_physical_pruning(name: str) -> None:
+    """units=("head_dim", ...): one group per attention whose unit d is entry d of every head's q, k, v and
+    output column; group lasso vs the float64 reference, per-dim sums by hand, attention MACs follow the
+    kept dims, and removing dims physically keeps the output (the attention scale stays at its original value)."""
+    case = HD_CASES[name]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    _randomize(model)
+    x = case.inputs()
+    s = trace(model, x, units=HD_UNITS)
+    groups = [g for g in s.groups if g.kind == "head_dim"]
+    assert len(groups) == case.layers and {(g.size, g.prunable) for g in groups} == {(case.head_dim, True)}
+    assert not [g for g in s.groups if g.kind in ("head", "kv_head")]
+    keys = [(sl.param, sl.axis) for g in s.groups for sl in g.slices]
+    assert len(keys) == len(set(keys))
+
+    params = {p.name: model.get_parameter(p.name).detach() for p in s.params}
+    out = wtcore.compile(s, ["group_lasso", "unit_l2"])(params)
+    ref = reference_unit_values(s, params)
+    prunable = np.concatenate([np.full(g.size, g.prunable) for g in s.groups])
+    gl = float((np.sqrt(ref["count"]) * np.sqrt(ref["sumsq"]))[prunable].sum())
+    assert math.isclose(float(out["group_lasso"]), gl, rel_tol=1e-5)
+    by_module = {g.root: g for g in groups}
+    for mname, m in _attention_modules(model):
+        g = by_module[mname]
+        off = s.offsets[g.name]
+        hand = _hand_dim_sumsq(model, mname, m, case.heads)
+        np.testing.assert_allclose(ref["sumsq"][off: off + g.size], hand, rtol=1e-9)
+        np.testing.assert_allclose(out["unit_l2"][off: off + g.size].double().numpy(), np.sqrt(hand), rtol=1e-5)
+
+    gen = torch.Generator().manual_seed(1)
+    plan = {g.name: sorted(torch.randperm(g.size, generator=gen)[: max(1, round(0.3 * g.size))].tolist())
+            for g in groups}
+    plan[groups[0].name] = plan[groups[0].name][:1]  # uneven dims per layer
+    keep = keep_from_removed(s, plan)
+    y_dense = _call(model, x)
+    apply_masks(model, s, keep)
+    y_fake = _call(model, x)
+    assert _rel(y_dense, y_fake) > 1e-3
+    zeroed = {p.name: model.get_parameter(p.name).detach() for p in s.params}
+    active = wtcore.compile(s, ["active_macs"])(zeroed)["active_macs/per_op"].tolist()
+    attn = [(o, got) for o, got in zip(s.ops, active) if o.kind in ("attn_qk", "attn_av")]
+    assert len(attn) == 2 * case.layers
+    for o, got in attn:  # B x heads x L x S x kept head dims
+        kept = case.head_dim - len(plan[by_module[o.module].name])
+        assert got == case.batch * case.heads * case.seq * case.seq * kept, o.name
+    scales = {n: (getattr(m, "scale", None), getattr(m, "scaling", None)) for n, m in _attention_modules(model)}
+    new = prune_units(model, s, x, keep, trace_kwargs={"units": HD_UNITS})
+    assert _rel(y_fake, _call(model, x)) <= 1e-5
+    pruned_macs = op_macs(model, x)
+    for o, got in zip(s.ops, active):
+        assert pruned_macs[o.name] == got, f"{o.name}: active {got} != pruned {pruned_macs[o.name]}"
+    for mname, m in _attention_modules(model):
+        g = by_module[mname]
+        kept = g.size - len(plan[g.name])
+        assert (new.group_map[g.name].size, new.group_map[g.name].baseline_size) == (kept, g.size)
+        q = _qkvo(model, mname, m)[0]
+        assert q.shape[0] == case.heads * kept
+        hd = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
+        assert hd == kept and (getattr(m, "scale", None), getattr(m, "scaling", None)) == scales[mname]
+        for attr in ("num_heads", "num_attention_heads"):
+            if isinstance(getattr(m, attr, None), int):
+                assert getattr(m, attr) == case.heads
+
+
+def test_head_dim_uniform_pruning_updates_the_hf_config() -> None:
+    torch.manual_seed(0)
+    model = CASES["hf:BertModel"].build().eval()
+    x = _ids()()
+    s = trace(model, x, units=HD_UNITS, costs=False)
+    plan = {g.name: [2, 5] for g in s.groups if g.kind == "head_dim"}
+    keep = keep_from_removed(s, plan)
+    apply_masks(model, s, keep)
+    y_fake = _call(model, x)
+    prune_units(model, s, x, keep, trace_kwargs={"units": HD_UNITS, "costs": False})
+    assert _rel(y_fake, _call(model, x)) <= 1e-5
+    assert (model.config.num_attention_heads, model.config.head_dim) == (4, 6)
+    assert model.encoder.layer[1].attention.self.all_head_size == 24
+
+
+def test_failed_head_dim_pruning_leaves_the_model_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    import wtfront.prune as prune_mod
+
+    torch.manual_seed(0)
+    model = HD_CASES["timm:vit_tiny"].build().eval()
+    x = _img()()
+    s = trace(model, x, units=HD_UNITS)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    objects = {n: p for n, p in model.named_parameters()}
+    attrs = {k: v for k, v in vars(model.blocks[0].attn).items() if not k.startswith("_")}
+
+    def broken(*args: Any) -> None:  # metadata sync fails after the dims were cut and head_dim was set
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(prune_mod, "sync_metadata", broken)
+    with pytest.raises(PruneError, match=r"syncing module metadata.*injected.*restored"):
+        prune_units(model, s, x, {"blocks.0.attn.head_dims": [1, 7], "blocks.1.attn.head_dims": [0]})
+    assert {k: v for k, v in vars(model.blocks[0].attn).items() if not k.startswith("_")} == attrs
+    for n, p in model.named_parameters():
+        assert p is objects[n] and torch.equal(p, before[n])
+
+
+def test_head_dim_pruned_timm_model_round_trips_through_save_pruned(tmp_path: Any) -> None:
+    """load_pruned restores the head size; the fresh model's `scale` is the original one, as it must be."""
+    torch.manual_seed(0)
+    model = HD_CASES["timm:vit_tiny"].build().eval()
+    x = _img()()
+    s = trace(model, x, units=HD_UNITS, costs=False)
+    prune_units(model, s, x, {"blocks.0.attn.head_dims": [3, 9], "blocks.1.attn.head_dims": [0]},
+                trace_kwargs={"units": HD_UNITS, "costs": False})
+    y = _call(model, x)
+    save_pruned(model, tmp_path / "m.pt")
+    torch.manual_seed(1)
+    fresh = load_pruned(HD_CASES["timm:vit_tiny"].build().eval(), tmp_path / "m.pt")
+    assert fresh.blocks[0].attn.head_dim == 62 and fresh.blocks[1].attn.head_dim == 63
+    assert _rel(y, _call(fresh, x)) <= 1e-6
+
+
+def test_head_dim_on_multihead_attention_is_not_prunable() -> None:
+    """nn.MultiheadAttention derives its scale from head_dim: the group is in the IR but not prunable."""
+    layer = nn.TransformerEncoderLayer(16, 2, 24, batch_first=True, dropout=0.0).eval()
+    s = trace(layer, torch.randn(2, 5, 16), units=HD_UNITS)
+    g = s.group_map["self_attn.head_dims"]
+    assert (g.size, g.prunable) == (8, False) and "derives its attention scale from head_dim" in g.reason
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.booleans())
+def test_head_dim_group_index_property(kv: int, n_rep: int, hd: int, fused: bool) -> None:
+    """Entry d of every q/k/v head and output column maps to unit d, for MHA and GQA, fused and separate
+    layouts; per-unit sums equal a loop over heads and dims."""
+    nh = kv * n_rep
+    a, akv, hidden = nh * hd, kv * hd, 3
+    if fused:
+        params = (Param("qkv.weight", (a + 2 * akv, hidden)), Param("proj.weight", (hidden, a)))
+        segs = (Segment("qkv.weight", 0, 0, "q"), Segment("qkv.weight", 0, a, "k"),
+                Segment("qkv.weight", 0, a + akv, "v"), Segment("proj.weight", 1, 0, "o"))
+    else:
+        params = (Param("q.weight", (a, hidden)), Param("k.weight", (akv, hidden)), Param("v.weight", (akv, hidden)),
+                  Param("o.weight", (hidden, a)))
+        segs = (Segment("q.weight", 0, 0, "q"), Segment("k.weight", 0, 0, "k"), Segment("v.weight", 0, 0, "v"),
+                Segment("o.weight", 1, 0, "o"))
+    lay = AttentionLayout("attn", "test", nh, kv, hd, segs, ())
+    kind = lay.kind(HD_UNITS)
+    g = _head_group(lay, kind, Structure(params, ()), HD_UNITS)
+    assert (kind, g.name, g.size, g.prunable) == ("head_dim", "attn.head_dims", hd, True)
+    s = Structure(params, (g,))
+    gen = torch.Generator().manual_seed(nh * 7 + hd)
+    p = {x.name: torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in params}
+    want = np.zeros(hd)
+    for seg in segs:
+        w = p[seg.param] if seg.axis == 0 else p[seg.param].t()
+        for h in range(kv if seg.role in ("k", "v") else nh):
+            for d in range(hd):
+                want[d] += float(w[seg.offset + h * hd + d].pow(2).sum())
+    np.testing.assert_allclose(reference_unit_values(s, p)["sumsq"], want, rtol=1e-12)
+    np.testing.assert_allclose(wtcore.compile(s, ["unit_sumsq"])(p)["unit_sumsq"].numpy(), want, rtol=1e-9)
 
 
 # ============================================================================================ checkpoints

@@ -13,6 +13,12 @@ groups are lowered, replaces every group slice of a head axis by one head-level 
   it keeps the same number of query heads per KV head everywhere.
 - `kv_head` (the default under grouped-query attention): one unit per KV head, with its k/v rows and the
   q rows / output columns of the `n_rep` query heads that share it.
+- `head_dim` (instead of heads, `units=("head_dim", ...)`): one unit per head dimension `d`, coupling q/k row
+  `d` of every head (the q.k dimension), v row `d` of every head and the output projection's input column `d`
+  of every head. It excludes `head`/`kv_head` (an entry would sit in two groups, and a projection's cost axis
+  cannot follow both). Removing dims keeps each module's attention scale at its original value (timm `scale`,
+  HF `scaling`), so outputs are unchanged; rotary attention (entry `d` paired with `d + head_dim/2`) and
+  `nn.MultiheadAttention` (its forward derives the scale from `head_dim`) are refused / not prunable.
 - `mlp_feature`: the other Linear feature groups of a model with attention (MLP hidden features).
 - `hidden`: the residual width (the group of the attention's input columns), coupled across all blocks.
 
@@ -53,7 +59,7 @@ ALL_UNIT_KINDS = ("head", "kv_head", "head_dim", "mlp_feature", "hidden")
 #: stays in the IR but is not prunable.
 DEFAULT_UNITS = ("head", "kv_head", "mlp_feature")
 #: Group kinds pruned physically by surgery from the IR instead of Torch-Pruning.
-HEAD_KINDS = frozenset({"head", "kv_head"})
+HEAD_KINDS = frozenset({"head", "kv_head", "head_dim"})
 
 HeadOverride = int | tuple[int, int] | None
 
@@ -88,11 +94,15 @@ class AttentionLayout:
 
     def kind(self, units: Collection[str]) -> str:
         """The head-level unit kind used for this module given the selected kinds."""
+        if "head_dim" in units:
+            return "head_dim"
         if self.num_kv_heads == self.num_heads:
             return "head"
         return "kv_head" if "kv_head" in units or "head" not in units else "head"
 
     def unit_of_head(self, kind: str, role: str, h: int) -> int:
+        if kind == "head_dim":
+            raise ValueError("head_dim units are per position within a head, not per head")
         if self.num_kv_heads == self.num_heads:
             return h
         if kind == "kv_head":
@@ -100,12 +110,14 @@ class AttentionLayout:
         return -1 if role in ("k", "v") else h % self.n_rep  # GQA query-head slot
 
     def group_size(self, kind: str) -> int:
+        if kind == "head_dim":
+            return self.head_dim
         if self.num_kv_heads == self.num_heads:
             return self.num_heads
         return self.num_kv_heads if kind == "kv_head" else self.n_rep
 
     def group_name(self, kind: str) -> str:
-        return f"{self.module}.{'kv_heads' if kind == 'kv_head' else 'heads'}"
+        return f"{self.module}.{ {'kv_head': 'kv_heads', 'head_dim': 'head_dims'}.get(kind, 'heads')}"
 
     def head_units(self, kind: str) -> list[int]:
         """The unit of each query head (the `heads` axis of the attention matmuls)."""
@@ -324,10 +336,11 @@ def _check_units(units: Iterable[str]) -> tuple[str, ...]:
     bad = [u for u in units if u not in ALL_UNIT_KINDS]
     if bad:
         raise TraceError(f"units={units!r}: unknown unit kind(s) {bad}; choose from {ALL_UNIT_KINDS}")
-    if "head_dim" in units:
+    if "head_dim" in units and HEAD_KINDS.intersection(units) - {"head_dim"}:
         raise TraceError(
-            "units=('head_dim', ...): head-dimension units are not implemented yet (pruning head dims changes the "
-            "attention scaling and rotary embeddings); select 'head'/'kv_head', 'mlp_feature' and 'hidden'"
+            f"units={units!r}: 'head_dim' excludes 'head' and 'kv_head' (a q/k/v row would belong to a head unit and "
+            "a head-dim unit, and a projection's cost axis cannot follow both); trace with units=('head_dim', "
+            "'mlp_feature') to prune head dimensions, or without 'head_dim' to prune heads"
         )
     return units
 
@@ -350,14 +363,36 @@ def _head_group(lay: AttentionLayout, kind: str, structure: Structure, units: Co
         count = lay.num_kv_heads if s.role in ("k", "v") else lay.num_heads
         for h in range(count):
             a = s.offset + h * lay.head_dim
-            idx[a: a + lay.head_dim] = lay.unit_of_head(kind, s.role, h)
+            if kind == "head_dim":
+                idx[a: a + lay.head_dim] = np.arange(lay.head_dim)
+            else:
+                idx[a: a + lay.head_dim] = lay.unit_of_head(kind, s.role, h)
     order = {p.name: i for i, p in enumerate(structure.params)}
     slices = tuple(Slice(p, axis, runs_from_list(idx)) for (p, axis), idx in
                    sorted(by_key.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])) if (idx >= 0).any())
     active = kind in units or (kind == "head" and lay.num_kv_heads == lay.num_heads and "kv_head" in units)
     reason = lay.blocked or ("" if active else _not_selected(kind))
+    if kind == "head_dim" and lay.family == "torch_mha" and not reason:
+        reason = (f"nn.MultiheadAttention {lay.module!r} derives its attention scale from head_dim: removing head "
+                  "dimensions would change its output; prune heads instead")
     return UnitGroup(lay.group_name(kind), kind, lay.group_size(kind), slices, prunable=not reason,
                      root=lay.module, reason=reason)
+
+
+def _refuse_rotary(model: nn.Module, layouts: Sequence[AttentionLayout]) -> None:
+    """Rotary embeddings rotate entry d of each head with entry d + head_dim/2 by frequencies derived from
+    head_dim (`inv_freq`): a head-dim unit would have to be a rotary pair and the frequencies re-derived."""
+    rope = [n for n, m in model.named_modules() if "rotary" in type(m).__name__.lower()]
+    cfg = getattr(model, "config", None)
+    if not rope and not any(getattr(cfg, a, None) is not None for a in ("rope_theta", "rope_parameters")):
+        return
+    lay = next((x for x in layouts if x.family == "hf"), layouts[0])
+    raise TraceError(
+        f"units=('head_dim', ...): attention {lay.module!r} uses rotary position embeddings"
+        f"{f' ({rope[0]!r})' if rope else ''}, which pair entry d of each head with entry d + head_dim/2 and derive "
+        "their frequencies from head_dim; head_dim units are not supported for rotary attention, prune heads "
+        "(units=('kv_head', ...)) instead"
+    )
 
 
 def apply_attention_units(
@@ -375,6 +410,8 @@ def apply_attention_units(
     layouts = discover_attention(model, heads)
     if not layouts:
         return structure, layouts
+    if "head_dim" in units:
+        _refuse_rotary(model, layouts)
     head_keys = {(s.param, s.axis) for lay in layouts for s in lay.segments}
     input_keys = {k for lay in layouts for k in lay.inputs}
     new_groups: list[UnitGroup] = []
@@ -432,8 +469,9 @@ def apply_attention_units(
 
 def apply_attention_costs(structure: Structure, layouts: Sequence[AttentionLayout],
                           units: Iterable[str] = DEFAULT_UNITS) -> Structure:
-    """Make the `heads` axis of every attention score/context matmul (`attn_qk`/`attn_av` ops in an attention
-    module's scope) follow that module's head group, so active MACs drop with pruned heads."""
+    """Make the `heads` axis (or, for `head_dim` units, the `head_dim` axis) of every attention score/context
+    matmul (`attn_qk`/`attn_av` ops in an attention module's scope) follow that module's head group, so active
+    MACs drop with pruned heads."""
     units = tuple(units)
     by_module = {lay.module: lay for lay in layouts}
     ops = []
@@ -446,7 +484,9 @@ def apply_attention_costs(structure: Structure, layouts: Sequence[AttentionLayou
         gname = lay.group_name(kind)
         axes = []
         for a in op.axes:
-            if a.name == "heads" and a.size == lay.num_heads and gname in structure.group_map:
+            if kind == "head_dim" and a.name == "head_dim" and a.size == lay.head_dim and gname in structure.group_map:
+                a = CostAxis("head_dim", a.size, parts=(AxisPart(gname, runs_from_list(list(range(a.size)))),))
+            elif kind != "head_dim" and a.name == "heads" and a.size == lay.num_heads and gname in structure.group_map:
                 a = CostAxis("heads", a.size, parts=(AxisPart(gname, runs_from_list(lay.head_units(kind))),))
             axes.append(a)
         ops.append(replace(op, axes=tuple(axes)))
@@ -463,7 +503,9 @@ def _owner(model: nn.Module, pname: str) -> tuple[nn.Module, str]:
 def remove_units(model: nn.Module, structure: Structure, removed: Mapping[str, Iterable[int]]) -> None:
     """Physically remove units of head groups from the IR: every slice keeps the entries whose unit is kept
     (or -1), by `index_select`; each parameter is replaced by a new Parameter (same dtype, device and
-    `requires_grad`) under every name it is reachable by. Module metadata is synced separately."""
+    `requires_grad`) under every name it is reachable by. Module metadata is synced separately, except the
+    head size of modules that lost head dims (`head_dim`/`attention_head_size`), which the shapes alone cannot
+    tell from a change in head count; their attention scale is left at its original value."""
     cuts: dict[str, dict[int, torch.Tensor]] = {}
     for gname, us in removed.items():
         g = structure.group_map[gname]
@@ -476,6 +518,11 @@ def remove_units(model: nn.Module, structure: Structure, removed: Mapping[str, I
             drop = gone[torch.where(idx >= 0, idx, torch.full_like(idx, g.size))]
             prev = cuts.setdefault(s.param, {}).get(s.axis)
             cuts[s.param][s.axis] = drop if prev is None else prev | drop
+        if g.kind == "head_dim":
+            root = model.get_submodule(g.root) if g.root else model
+            for attr in ("head_dim", "attention_head_size"):
+                if isinstance(getattr(root, attr, None), int):
+                    setattr(root, attr, g.size - int(gone[:-1].sum()))
     aliases = {p.name: (p.name, *p.aliases) for p in structure.params}
     for pname, axes in cuts.items():
         p = model.get_parameter(pname)

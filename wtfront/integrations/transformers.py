@@ -40,7 +40,8 @@ def _set(m: Any, attr: str, value: int) -> None:
 
 @register_metadata_hook(nn.Module)
 def sync_attention(m: nn.Module) -> None:
-    """Head counts of a Hugging Face attention module from its projections (head size unchanged)."""
+    """Head counts of a Hugging Face attention module from its projections (the head size is set by the IR
+    surgery where head dims were removed; `scaling` keeps its original value)."""
     parts = _hf_parts(m)
     if parts is not None:
         q, k, _ = parts
@@ -110,7 +111,8 @@ def _update_config(model: nn.Module, cfg: Any) -> None:
             _set(cfg, attr, heads)
         _set(cfg, "num_key_value_heads", kv)
         # an explicit head size (Llama-style configs read `head_dim`; others derive it from hidden / heads)
-        if hd is not None and (changed or getattr(cfg, "head_dim", None) is not None):
+        derived = getattr(cfg, "hidden_size", 0) // max(heads, 1)  # what configs without `head_dim` assume
+        if hd is not None and (changed or getattr(cfg, "head_dim", None) is not None or hd != derived):
             cfg.head_dim = hd
     widths = [w for _, mod in model.named_modules() if mod is not model
               for w in [_mlp_width(mod)] if w is not None]
