@@ -142,7 +142,7 @@ def render() -> str:
     for mod in _modules():
         names = [n for n in getattr(mod, "__all__", ()) if getattr(getattr(mod, n, None), "__module__", mod.__name__)
                  == mod.__name__ or not hasattr(getattr(mod, n, None), "__module__")]
-        names = [n for n in names if hasattr(mod, n)]
+        names = [n for n in names if hasattr(mod, n) and not isinstance(getattr(mod, n), ModuleType)]  # own section
         if not names:
             continue
         out.append(f"## `{mod.__name__}`\n")
