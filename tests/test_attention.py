@@ -567,11 +567,8 @@ def test_head_dim_on_multihead_attention_is_not_prunable() -> None:
     assert (g.size, g.prunable) == (8, False) and "derives its attention scale from head_dim" in g.reason
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.booleans())
-def test_head_dim_group_index_property(kv: int, n_rep: int, hd: int, fused: bool) -> None:
-    """Entry d of every q/k/v head and output column maps to unit d, for MHA and GQA, fused and separate
-    layouts; per-unit sums equal a loop over heads and dims."""
+def _toy_layout(kv: int, n_rep: int, hd: int, fused: bool) -> tuple[tuple[Param, ...], AttentionLayout]:
+    """The parameters and attention layout of a fused (`qkv`/`proj`) or separate (`q`/`k`/`v`/`o`) attention."""
     nh = kv * n_rep
     a, akv, hidden = nh * hd, kv * hd, 3
     if fused:
@@ -583,7 +580,16 @@ def test_head_dim_group_index_property(kv: int, n_rep: int, hd: int, fused: bool
                   Param("o.weight", (hidden, a)))
         segs = (Segment("q.weight", 0, 0, "q"), Segment("k.weight", 0, 0, "k"), Segment("v.weight", 0, 0, "v"),
                 Segment("o.weight", 1, 0, "o"))
-    lay = AttentionLayout("attn", "test", nh, kv, hd, segs, ())
+    return params, AttentionLayout("attn", "test", nh, kv, hd, segs, ())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.booleans())
+def test_head_dim_group_index_property(kv: int, n_rep: int, hd: int, fused: bool) -> None:
+    """Entry d of every q/k/v head and output column maps to unit d, for MHA and GQA, fused and separate
+    layouts; per-unit sums equal a loop over heads and dims."""
+    nh = kv * n_rep
+    params, lay = _toy_layout(kv, n_rep, hd, fused)
     kind = lay.kind(HD_UNITS)
     g = _head_group(lay, kind, Structure(params, ()), HD_UNITS)
     assert (kind, g.name, g.size, g.prunable) == ("head_dim", "attn.head_dims", hd, True)
@@ -591,7 +597,7 @@ def test_head_dim_group_index_property(kv: int, n_rep: int, hd: int, fused: bool
     gen = torch.Generator().manual_seed(nh * 7 + hd)
     p = {x.name: torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in params}
     want = np.zeros(hd)
-    for seg in segs:
+    for seg in lay.segments:
         w = p[seg.param] if seg.axis == 0 else p[seg.param].t()
         for h in range(kv if seg.role in ("k", "v") else nh):
             for d in range(hd):
@@ -727,17 +733,7 @@ def test_head_group_index_property(kv: int, n_rep: int, hd: int, fused: bool, sl
     """Every q/k/v row and output column of a head maps to the unit that owns that head, for fused and separate
     layouts, MHA and GQA, KV-head units and query-head slots; the per-unit sums equal a loop over heads."""
     nh = kv * n_rep
-    a, akv, hidden = nh * hd, kv * hd, 3
-    if fused:
-        params = (Param("qkv.weight", (a + 2 * akv, hidden)), Param("proj.weight", (hidden, a)))
-        segs = (Segment("qkv.weight", 0, 0, "q"), Segment("qkv.weight", 0, a, "k"),
-                Segment("qkv.weight", 0, a + akv, "v"), Segment("proj.weight", 1, 0, "o"))
-    else:
-        params = (Param("q.weight", (a, hidden)), Param("k.weight", (akv, hidden)), Param("v.weight", (akv, hidden)),
-                  Param("o.weight", (hidden, a)))
-        segs = (Segment("q.weight", 0, 0, "q"), Segment("k.weight", 0, 0, "k"), Segment("v.weight", 0, 0, "v"),
-                Segment("o.weight", 1, 0, "o"))
-    lay = AttentionLayout("attn", "test", nh, kv, hd, segs, ())
+    params, lay = _toy_layout(kv, n_rep, hd, fused)
     units = ("head", "mlp_feature") if slots else ("head", "kv_head")
     kind = lay.kind(units)
     base = Structure(params, ())
@@ -747,7 +743,7 @@ def test_head_group_index_property(kv: int, n_rep: int, hd: int, fused: bool, sl
     p = {x.name: torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in params}
     ref = reference_unit_values(s, p)["sumsq"]
     want = np.zeros(g.size)
-    for seg in segs:
+    for seg in lay.segments:
         w = p[seg.param] if seg.axis == 0 else p[seg.param].t()
         count = kv if seg.role in ("k", "v") else nh
         for h in range(count):
