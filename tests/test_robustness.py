@@ -110,6 +110,17 @@ def _without_input_features(model: nn.Module, module: str, feats: list[int], inp
         h.remove()
 
 
+def _check_lasso_against_fp64(s: wtcore.Structure, model: nn.Module) -> None:
+    """Per-unit sums of squares and group lasso of the program equal the float64 loops of wtcore.testing."""
+    params64 = {k: v.detach().double() for k, v in model.named_parameters()}
+    out = wtcore.compile(s, ["unit_sumsq", "group_lasso"])(params64)
+    ref = reference_unit_values(s, params64)
+    np.testing.assert_allclose(out["unit_sumsq"].numpy(), ref["sumsq"], rtol=1e-10)
+    lasso = sum(float(np.sqrt(ref["count"][u] * ref["sumsq"][u])) for gg in s.groups if gg.prunable
+                for u in range(s.offsets[gg.name], s.offsets[gg.name] + gg.size))
+    assert out["group_lasso"].item() == pytest.approx(lasso, rel=1e-10)
+
+
 # ------------------------------------------------------------------------------------ Hugging Face LLMs
 @pytest.mark.parametrize("llm", LLMS, ids=[m.name for m in LLMS])
 def test_hf_llm_traces_with_correct_feature_groups(llm: LLM) -> None:
@@ -158,13 +169,7 @@ def test_hf_llm_traces_with_correct_feature_groups(llm: LLM) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
     # group lasso and per-unit sums of squares against the fp64 loops
-    params64 = {k: v.detach().double() for k, v in model.named_parameters()}
-    out = wtcore.compile(s, ["unit_sumsq", "group_lasso"])(params64)
-    ref = reference_unit_values(s, params64)
-    np.testing.assert_allclose(out["unit_sumsq"].numpy(), ref["sumsq"], rtol=1e-10)
-    lasso = sum(float(np.sqrt(ref["count"][u] * ref["sumsq"][u])) for gg in s.groups if gg.prunable
-                for u in range(s.offsets[gg.name], s.offsets[gg.name] + gg.size))
-    assert out["group_lasso"].item() == pytest.approx(lasso, rel=1e-10)
+    _check_lasso_against_fp64(s, model)
 
 
 def test_gpt2_conv1d_is_a_linear_layer() -> None:
@@ -384,13 +389,7 @@ def test_timm_swin_mlp_features_with_attention_ignored() -> None:
         finally:
             h.remove()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    params64 = {k: v.detach().double() for k, v in model.named_parameters()}
-    out = wtcore.compile(s, ["unit_sumsq", "group_lasso"])(params64)
-    ref = reference_unit_values(s, params64)
-    np.testing.assert_allclose(out["unit_sumsq"].numpy(), ref["sumsq"], rtol=1e-10)
-    lasso = sum(float(np.sqrt(ref["count"][u] * ref["sumsq"][u])) for gg in s.groups if gg.prunable
-                for u in range(s.offsets[gg.name], s.offsets[gg.name] + gg.size))
-    assert out["group_lasso"].item() == pytest.approx(lasso, rel=1e-10)
+    _check_lasso_against_fp64(s, model)
 
 
 def test_trace_error_is_raised_for_a_diverging_walk(monkeypatch: pytest.MonkeyPatch) -> None:
