@@ -347,7 +347,7 @@ def _check_units(units: Iterable[str]) -> tuple[str, ...]:
 
 HIDDEN_REASON = (
     "the residual (hidden) width, coupled across all blocks; pass units=(..., 'hidden') to trace() to prune it "
-    "(LayerNorm makes removal lossy: prune_units(..., strict=False))"
+    "(a LayerNorm or RMSNorm over it makes removal lossy: prune_units(..., strict=False))"
 )
 
 
