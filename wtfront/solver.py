@@ -38,7 +38,7 @@ from wtcore.ir import Structure
 from wtcore.masking import param_masks
 from wtcore.specs.costs import _table as axis_table  # the cost specs' own axis tables: the same semantics
 from wtcore.specs.costs import axis_desc, bits_vector, param_axes
-from wtcore.specs.masks import SCOPES, isomorphism_key
+from wtcore.specs.masks import SCOPES, isomorphism_key, name_patterns
 
 __all__ = ["METRICS", "Solution", "TargetError", "metric_ratio", "solve", "solve_keep"]
 
@@ -92,16 +92,6 @@ def _check_options(structure: Structure, metric: str, target: Any, scope: str, m
     if metric in ("macs", "bops") and not structure.ops:
         raise TargetError(f"solve_keep: metric {metric!r} needs cost ops; trace the model with costs (the default)")
     return float(target), float(mf), rt
-
-
-def _patterns(groups: Any) -> tuple[str, ...] | None:
-    if groups is None:
-        return None
-    if isinstance(groups, str):
-        return (groups,)
-    if isinstance(groups, (tuple, list)) and all(isinstance(g, str) for g in groups):
-        return tuple(groups)
-    raise SpecError(f"solve_keep: groups must be an fnmatch pattern or a list of them, got {groups!r}")
 
 
 # ============================================================================================ unit state
@@ -347,7 +337,7 @@ def solve(structure: Structure, params: Mapping[str, torch.Tensor], *, target: f
     target, mf, rt = _check_options(structure, metric, target, scope, max_fraction, round_to)
     scores, dead, has = unit_state(structure, params, importance, seed)
     key, elig, raw = effective_keys(structure, scores, dead, has, scope=scope, max_fraction=mf, round_to=rt,
-                                    groups=_patterns(groups))
+                                    groups=name_patterns(groups, "solve_keep: groups"))
     cost = _cost_model(structure, metric, weight_bits, act_bits)
     finite = np.flatnonzero(np.isfinite(key))
     order = finite[np.argsort(key[finite], kind="stable")]

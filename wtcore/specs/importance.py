@@ -33,6 +33,7 @@ from ..ir import Structure
 from ..lang import Var
 from ..spec import Spec, define_spec
 from .costs import _table, axis_desc, bits_vector, op_indices
+from .masks import norm_score
 
 __all__ = ["group_extremum", "prunable_mask", "scalar", "taylor_inputs", "unit_cost_tensor", "unit_cost_vector"]
 
@@ -148,14 +149,7 @@ def magnitude_importance(ctx: Context, n: Any = 2) -> Var:
     """Ln norm of each unit over every coupled slice: n=2 `sqrt(sum w^2)`, n=1 `sum |w|`, n="inf" `max |w|`.
     (Torch-Pruning's `MagnitudeImportance(p)` sums |w|^p per layer and averages over the group's layers: the
     same order within a group.)"""
-    b = ctx.b
-    if n in (2, 2.0):
-        return b.safe_sqrt(ctx.dep("unit_sumsq"))
-    if n in (1, 1.0):
-        return ctx.dep("unit_l1")
-    if n in ("inf", float("inf")):
-        return ctx.dep("unit_linf")
-    raise SpecError(f"magnitude_importance: n must be 1, 2 or 'inf', got {n!r}")
+    return norm_score(ctx, n, "magnitude_importance")  # the same scores ln_structured ranks by
 
 
 @define_spec("taylor_importance")

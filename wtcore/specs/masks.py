@@ -38,7 +38,7 @@ SCOPES = ("local", "global", "isomorphic")
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _patterns(value: Any, what: str) -> tuple[str, ...] | None:
+def name_patterns(value: Any, what: str) -> tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -149,7 +149,7 @@ def _structured_keep(
     if normalize not in (None, "mean"):
         raise SpecError(f"{spec}: normalize must be None or 'mean', got {normalize!r}")
     st = ctx.structure
-    info = _Groups(ctx, _patterns(groups, f"{spec}: groups"), scope, float(max_fraction), spec, only)
+    info = _Groups(ctx, name_patterns(groups, f"{spec}: groups"), scope, float(max_fraction), spec, only)
     b = ctx.b
     if not any(info.eligible):  # nothing may be removed (e.g. a model whose only group is its output)
         return b.const(torch.ones(st.num_units, dtype=torch.bool), "keep all")
@@ -304,7 +304,7 @@ def unit_linf(ctx: Context) -> Var:
     return b.where(b.const(counts > 0, "units_with_entries"), out, 0.0)
 
 
-def _norm_score(ctx: Context, n: Any, spec: str) -> Var:
+def norm_score(ctx: Context, n: Any, spec: str) -> Var:
     b = ctx.b
     if n in (2, 2.0):
         return b.safe_sqrt(b.unit_reduce("sumsq"))
@@ -335,7 +335,7 @@ def ln_structured(
 ) -> Var | dict[str, Var]:
     """Keep-mask removing the units of smallest L`n` norm (over every coupled slice), `[num_units]` bool."""
     keep = _structured_keep(
-        ctx, _norm_score(ctx, n, "ln_structured"), "ln_structured", amount=amount, scope=scope, groups=groups,
+        ctx, norm_score(ctx, n, "ln_structured"), "ln_structured", amount=amount, scope=scope, groups=groups,
         max_fraction=max_fraction, round_to=round_to, normalize=normalize,
     )
     return _with_params(ctx, keep, per_param, "ln_structured")
@@ -401,7 +401,7 @@ def custom(ctx: Context, keep: Any = None, per_param: bool = False) -> Var | dic
 def _selected_params(ctx: Context, params: Any, spec: str, default: Any) -> list[str]:
     """Parameters kept by the compile filters (`include`/`ignore`), then matched by `params` patterns over
     canonical names and aliases (default: `default(param)`)."""
-    pats = _patterns(params, f"{spec}: params")
+    pats = name_patterns(params, f"{spec}: params")
     out = []
     for p in ctx.structure.params:
         if not ctx.selects(p.name, p.module):
