@@ -484,17 +484,8 @@ def _substitute(b: Builder, replace: Mapping[Var, Var]) -> None:
             return tuple(sub(x) for x in a)
         return a
 
-    b.eqns = [Eqn(e.out, e.prim, sub(e.args)) if _vars(e.args) else e for e in b.eqns if e.out not in replace]
-
-
-def _vars(args: Any) -> list[Var]:
-    out: list[Var] = []
-    for a in args:
-        if isinstance(a, Var):
-            out.append(a)
-        elif isinstance(a, tuple):
-            out.extend(_vars(a))
-    return out
+    b.eqns = [Eqn(e.out, e.prim, sub(e.args)) if any(v in replace for v in e.vars) else e
+              for e in b.eqns if e.out not in replace]
 
 
 # ----------------------------------------------------------------------------- folding, DCE, codegen
@@ -512,7 +503,7 @@ def _fold_constants(b: Builder) -> None:
     env: dict[Var, torch.Tensor] = dict(b.consts)
     new_eqns = []
     for e in b.eqns:
-        vs = _vars(e.args)
+        vs = e.vars
         if e.prim not in ("param", "const") and vs and all(v in env for v in vs):
             local = {repr(v): env[v] for v in vs}
             with torch.no_grad():
@@ -532,7 +523,7 @@ def _dce(b: Builder, outputs: Iterable[Var]) -> None:
     for e in reversed(b.eqns):
         if e.out in live:
             keep.append(e)
-            live.update(_vars(e.args))
+            live.update(e.vars)
     b.eqns = keep[::-1]
     b.consts = {v: t for v, t in b.consts.items() if v in live}
 
@@ -555,7 +546,7 @@ def _schedule(b: Builder) -> None:
     deps_of: list[list[Var]] = []
     pending: list[int] = []
     for i, e in enumerate(eqns):
-        deps = list(dict.fromkeys(_vars(e.args)))
+        deps = list(dict.fromkeys(e.vars))
         deps_of.append(deps)
         for v in deps:
             users.setdefault(v, []).append(i)
@@ -581,6 +572,12 @@ def _schedule(b: Builder) -> None:
     b.eqns = [eqns[i] for i in order]
 
 
+#: Built-in primitives: each template yields a primary expression (a call, attribute, subscript or parenthesized
+#: operation), so its source can stand unparenthesized inside another template. Primitives registered later are
+#: never inlined.
+_INLINABLE = frozenset(PRIMITIVES)
+
+
 def _codegen(b: Builder, outputs: list[tuple[str, Var]]) -> tuple[str, list[str], list[torch.Tensor]]:
     param_names = list(dict.fromkeys(e.args[0] for e in b.eqns if e.prim == "param"))
     param_pos = {n: i for i, n in enumerate(param_names)}
@@ -588,36 +585,59 @@ def _codegen(b: Builder, outputs: list[tuple[str, Var]]) -> tuple[str, list[str]
     const_pos = {v: i for i, v in enumerate(const_vars)}
     # parameters and constants are read in place, not bound to locals: a third fewer statements to compile
     # (the lists hold them anyway, so there is nothing to free)
-    loads: dict[Var, str] = {}
+    src: dict[Var, str] = {}  # Var -> the expression that stands for it (no local variable)
+    reads: dict[Var, tuple[str, ...]] = {}  # Var -> the parameters its expression reads, for the comments
     for e in b.eqns:
         if e.prim == "param":
-            loads[e.out] = f"P[{param_pos[e.args[0]]}]"
+            src[e.out] = f"P[{param_pos[e.args[0]]}]"
+            reads[e.out] = (src[e.out],)
         elif e.prim == "const":
-            loads[e.out] = f"C[{const_pos[e.out]}]"
-    # free every intermediate right after its last use: large squared buffers are then reused by the
-    # allocator instead of being freshly mapped (and page-faulted) on every call
-    last_use: dict[Var, int] = {}
-    for i, e in enumerate(b.eqns):
-        for a in _vars(e.args):
-            last_use[a] = i
+            src[e.out] = f"C[{const_pos[e.out]}]"
+    body = [e for e in b.eqns if e.out not in src]
     keep = {v for _, v in outputs}
+    # A value used once, by the very next statement, is written inside it (`x.square().sum(1)` rather than
+    # three assignments and two `del`s): the same evaluation order and lifetimes (a temporary of an expression
+    # is freed as soon as its consumer returns), and half the source for Python to compile.
+    uses: dict[Var, int] = {}
+    next_user: dict[Var, int] = {}
+    for i, e in enumerate(body):
+        for a in e.vars:
+            uses[a] = uses.get(a, 0) + 1
+            next_user[a] = i
+    inline = [uses.get(e.out) == 1 and next_user[e.out] == i + 1 and e.out not in keep and e.prim in _INLINABLE
+              for i, e in enumerate(body)]
+    # where each statement's value is computed: an inlined one inside its consumer (chains resolve forward)
+    at = list(range(len(body)))
+    for i in range(len(body) - 2, -1, -1):
+        if inline[i]:
+            at[i] = at[i + 1]
+    last_use: dict[Var, int] = {}
+    for i, e in enumerate(body):
+        for a in e.vars:
+            last_use[a] = at[i]
     lines = ["def wt_program(P, C):"]
     named: set[str] = set()
-    for i, e in enumerate(b.eqns):
-        if e.out in loads:
+    locals_in: dict[Var, tuple[Var, ...]] = {}  # inlined Var -> the local variables its expression reads
+    for i, e in enumerate(body):
+        expr = PRIMITIVES[e.prim].template(*[_src(a, src) for a in e.args])
+        read = tuple(dict.fromkeys(r for a in e.vars for r in reads.get(a, ())))
+        refs = tuple(dict.fromkeys(v for a in e.vars for v in (locals_in[a] if a in locals_in else
+                                                                 () if a in src else (a,))))
+        if inline[i]:
+            src[e.out], reads[e.out], locals_in[e.out] = expr, read, refs
             continue
-        args = _vars(e.args)
-        line = f"    {e.out!r} = {PRIMITIVES[e.prim].template(*[_src(a, loads) for a in e.args])}"
-        reads = dict.fromkeys(loads[a] for a in args if a in loads and loads[a][0] == "P")
-        first = [n for n in reads if n not in named]
+        line = f"    {e.out!r} = {expr}"
+        first = [n for n in read if n not in named]
         if first:  # name each parameter where it is first read
             named.update(first)
             line += "  # " + ", ".join(f"{n}: {param_names[int(n[2:-1])]}" for n in first)
         lines.append(line)
-        dead = sorted((v for v in args if last_use[v] == i and v not in keep and v not in loads), key=lambda v: v.id)
+        # free every intermediate right after its last use: large squared buffers are then reused by the
+        # allocator instead of being freshly mapped (and page-faulted) on every call
+        dead = [v for v in refs if last_use[v] == i and v not in keep]
         if dead:
-            lines.append("    del " + ", ".join(repr(v) for v in dict.fromkeys(dead)))
-    lines.append("    return (" + "".join(f"{_src(v, loads)}, " for _, v in outputs) + ")")
+            lines.append("    del " + ", ".join(repr(v) for v in sorted(dead, key=lambda v: v.id)))
+    lines.append("    return (" + "".join(f"{_src(v, src)}, " for _, v in outputs) + ")")
     return "\n".join(lines) + "\n", param_names, [b.consts[v] for v in const_vars]
 
 

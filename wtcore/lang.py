@@ -10,7 +10,7 @@ folder and `print(program)` share one definition, and the generated code runs un
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,12 +20,12 @@ from .errors import SpecError
 __all__ = ["PRIMITIVES", "Builder", "Eqn", "Primitive", "Var", "runtime_namespace"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Var:
-    id: int
+    """A value of a program. A builder creates each id once, so identity is equality: the built-in identity hash
+    and comparison run in C (the compiler passes hash every Var many times)."""
 
-    def __hash__(self) -> int:  # ids are unique within a builder; hashing the int beats the generated tuple hash
-        return self.id
+    id: int
 
     def __repr__(self) -> str:
         return f"v{self.id}"
@@ -36,9 +36,24 @@ class Eqn:
     out: Var
     prim: str
     args: tuple[Any, ...]
+    #: the Vars among `args` (nested tuples included), in order: found once here, read by every compiler pass
+    vars: tuple[Var, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vars", tuple(_arg_vars(self.args)))
 
     def __str__(self) -> str:
         return f"{self.out!r} = {self.prim}({', '.join(_fmt_arg(a) for a in self.args)})"
+
+
+def _arg_vars(args: Any) -> list[Var]:
+    out: list[Var] = []
+    for a in args:
+        if isinstance(a, Var):
+            out.append(a)
+        elif isinstance(a, tuple):
+            out.extend(_arg_vars(a))
+    return out
 
 
 def _fmt_arg(a: Any) -> str:

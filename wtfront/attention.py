@@ -199,6 +199,16 @@ def _heads_from(name: str, rows: int, head_dim: int | None, override: HeadOverri
     return nh, nkv, hd
 
 
+#: a child module every recognized attention layout has (fused timm `qkv`, GPT-2 `c_attn`, HF `q_proj`/`query`)
+_ATTENTION_CHILDREN = frozenset({"qkv", "c_attn", "q_proj", "query"})
+
+
+def _may_be_attention(m: nn.Module) -> bool:
+    """Cheap test that `_layout` can recognize `m`: its projections are registered submodules, so a module
+    without one of those children (every conv, norm and leaf of a CNN) is skipped without attribute probes."""
+    return isinstance(m, nn.MultiheadAttention) or not _ATTENTION_CHILDREN.isdisjoint(m._modules)
+
+
 def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
             override: HeadOverride) -> AttentionLayout | None:
     def seg(t: torch.Tensor | None, axis: int, offset: int, role: str) -> list[Segment]:
@@ -270,16 +280,20 @@ def discover_attention(model: nn.Module, heads: Mapping[str, HeadOverride] | Non
     (grouped-query attention), or None (leave the module to Torch-Pruning's row-level groups).
     """
     heads = dict(heads or {})
-    canon = _canonical(model)
     out: list[AttentionLayout] = []
     taken: set[str] = set()
     named = dict(model.named_modules())
     unknown = [n for n in heads if n not in named]
     if unknown:
         raise TraceError(f"heads= names module(s) {unknown[:3]} that are not in the model (qualified module names)")
+    canon: dict[int, str] | None = None  # built on the first candidate: most CNNs have none
     for name, m in named.items():
         if name in heads and heads[name] is None:
             continue
+        if name not in heads and not _may_be_attention(m):
+            continue
+        if canon is None:
+            canon = _canonical(model)
         lay = _layout(model, name, m, canon, heads.get(name))
         if lay is None:
             if name in heads:

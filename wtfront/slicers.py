@@ -74,8 +74,10 @@ CONV1D_PARAMS = frozenset({"weight", "bias"})
 def is_hf_conv1d(m: object) -> bool:
     """Hugging Face's `transformers.pytorch_utils.Conv1D`, recognized without importing transformers: a linear
     layer computing `x @ weight + bias` with `weight` of shape [in, out] and `nf` out features."""
+    if type(m).__name__ != "Conv1D":
+        return False
     w = getattr(m, "weight", None)
-    return (type(m).__name__ == "Conv1D" and isinstance(m, nn.Module) and isinstance(getattr(m, "nf", None), int)
+    return (isinstance(m, nn.Module) and isinstance(getattr(m, "nf", None), int)
             and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == m.nf)
 
 
@@ -197,6 +199,19 @@ _RULES: tuple[tuple[type[nn.Module], _Rule], ...] = (
 )
 
 
+#: lowering rule by exact module class (the isinstance scan of `_RULES` once per class, not per group item)
+_RULE_CACHE: dict[type, _Rule | None] = {}
+
+
+def _rule_of(m: nn.Module) -> _Rule | None:
+    if is_hf_conv1d(m):  # duck-typed on the instance (its weight layout), so never cached by class
+        return _hf_conv1d
+    cls = type(m)
+    if cls not in _RULE_CACHE:
+        _RULE_CACHE[cls] = next((r for t, r in _RULES if issubclass(cls, t)), None)
+    return _RULE_CACHE[cls]
+
+
 def rule_type(m: nn.Module) -> type[nn.Module] | None:
     """The supported base type that decides how `m` is lowered, or None if unsupported."""
     for t, _ in _RULES:
@@ -222,7 +237,7 @@ def lower_item(
     if isinstance(target, torch.Tensor):
         slices = _axis_slice(None, name, target, pruning_dim, pairs)
     else:
-        rule = _hf_conv1d if is_hf_conv1d(target) else next((r for t, r in _RULES if isinstance(target, t)), None)
+        rule = _rule_of(target)
         if rule is None:
             raise UnloweredModule(
                 f"module {name!r} ({type(target).__name__}) is coupled to a pruning group, but wt cannot map its "
@@ -230,6 +245,8 @@ def lower_item(
             )
         slices = rule(target, out, pairs)
     for s in slices:
+        if not s.positions.size or (s.positions.min() >= 0 and s.positions.max() < s.length):
+            continue
         bad = s.positions[(s.positions < 0) | (s.positions >= s.length)]
         if bad.size:
             if isinstance(target, torch.Tensor):

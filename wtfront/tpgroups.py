@@ -182,13 +182,14 @@ def _merge(dg: Any, items: Sequence[tuple[Dependency, np.ndarray, np.ndarray]]) 
     merged = []
     for key in order:
         group = parts[key]
+        if len(group) == 1:
+            merged.append(GroupItem(*group[0]))
+            continue
         idx = np.concatenate([g[1] for g in group])
         root = np.concatenate([g[2] for g in group])
-        if len(group) > 1:
-            _, first = np.unique(idx, return_index=True)
-            first.sort()
-            idx, root = idx[first], root[first]
-        merged.append(GroupItem(group[0][0], idx, root))
+        _, first = np.unique(idx, return_index=True)
+        first.sort()
+        merged.append(GroupItem(group[0][0], idx[first], root[first]))
     return merged
 
 

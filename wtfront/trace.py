@@ -534,12 +534,19 @@ def _mark_partial_coverage(groups: list[UnitGroup], shapes: Mapping[str, tuple[i
     what pruning them would remove.
     """
     covered: dict[tuple[str, int, int], np.ndarray] = {}  # (param, axis, conv groups of the layout)
+    full: set[tuple[str, int, int]] = set()  # axes one slice covers alone (the usual case: nothing to add up)
     for g in groups:
         for sl in g.slices:
+            key = (sl.param, sl.axis, sl.groups)
+            if key in full:
+                continue
+            if all(r.start >= 0 for r in sl.index):
+                full.add(key)
+                continue
             length = shapes[sl.param][sl.axis] * sl.groups
-            cov = covered.setdefault((sl.param, sl.axis, sl.groups), np.zeros(length, dtype=bool))
+            cov = covered.setdefault(key, np.zeros(length, dtype=bool))
             cov |= _materialize(sl.index, length) >= 0
-    partial = {k: (int(c.sum()), c.size) for k, c in covered.items() if not c.all()}
+    partial = {k: (int(c.sum()), c.size) for k, c in covered.items() if k not in full and not c.all()}
     if not partial:
         return groups
     out = []
@@ -588,9 +595,11 @@ class _Lowering:
         self.ignored = {id(m) for m in ignored}
         self.module_names: dict[int, str] = {}
         self.module_order: dict[int, int] = {}
+        self.modules_by_name: dict[str, nn.Module] = {}
         for i, (name, m) in enumerate(model.named_modules()):
             self.module_names.setdefault(id(m), name)
             self.module_order.setdefault(id(m), i)
+            self.modules_by_name[name] = m
         # canonical names by tensor identity: the first name wins, later names are aliases
         self.canonical: dict[int, str] = {}
         self.by_name: dict[str, str] = {}
@@ -689,7 +698,7 @@ class _Lowering:
     def make_param(self, name: str) -> Param:
         t = self.tensors[name]
         owner = name.rpartition(".")[0]
-        mod = self.model.get_submodule(owner) if owner else self.model
+        mod = self.modules_by_name.get(owner) or self.model.get_submodule(owner)
         return Param(
             name=name,
             shape=tuple(int(d) for d in t.shape),
@@ -804,9 +813,13 @@ class _Lowering:
                 f"group of {root_name!r}: {pname!r} axis {s.axis} is reached twice with different layouts "
                 f"({acc.length}/{acc.groups} vs {s.length}/{s.groups} entries/groups)"
             )
-        have = acc.index[s.positions]
+        pos = s.positions
+        have = acc.index[pos]
         clash = (have != -1) & (have != s.units)
         if not clash.any():
+            if pos.size < 2 or (pos[1:] > pos[:-1]).all():  # increasing (the usual order): no position twice
+                acc.index[pos] = s.units
+                return
             # the same position listed twice within one item with two units is a clash too
             order = np.argsort(s.positions, kind="stable")
             pos, units = s.positions[order], s.units[order]
@@ -833,7 +846,7 @@ class _Lowering:
             t = rule_type(m)
             known = KNOWN_PARAMS.get(t, CONV1D_PARAMS if is_hf_conv1d(m) else frozenset()) if t is not None \
                 else frozenset()
-            extra = [n for n, _ in m.named_parameters(recurse=False) if n.removesuffix("_orig") not in known]
+            extra = [n for n, p in m._parameters.items() if p is not None and n.removesuffix("_orig") not in known]
             if extra:
                 name = self.module_name(m)
                 raise UnloweredModule(
