@@ -11,7 +11,9 @@ the same model in the same process; a naive per-module loop is always included f
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,19 +54,27 @@ def bench_model(name: str, reps: int, compiled: bool) -> None:
     params = dict(model.named_parameters())
     plist = list(params.values())
 
-    # ---- build time: Torch-Pruning's graph alone vs wt's trace + compile
+    # ---- build time: Torch-Pruning's graph alone vs wt's trace + compile, interleaved (drift hits all alike)
     import torch_pruning as tp
 
-    t_tp = min(once(lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x)) for _ in range(3))
-    t_trace = min(once(lambda: trace(model, x, costs=False)) for _ in range(3))
-    t_costs = min(once(lambda: trace(model, x)) for _ in range(2))
+    compile_s: list[float] = []
+
+    def build(costs: bool) -> Callable[[], None]:
+        def run() -> None:
+            s = trace(model, x, costs=costs)
+            wtcore.clear_cache()  # a real compile every time, not a cache hit
+            t0 = time.perf_counter()
+            wtcore.compile(s, ["group_lasso"])
+            if not costs:
+                compile_s.append(time.perf_counter() - t0)
+        return run
+
+    builds = interleaved_medians(
+        {"tp": lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x),
+         "wt": build(costs=False), "wt+costs": build(costs=True)}, reps=max(5, reps // 2), warmup=1)
+    t_tp, t_build, t_costs = builds["tp"], builds["wt"], builds["wt+costs"]
+    t_compile = statistics.median(compile_s)
     structure = trace(model, x, costs=False)
-
-    def build_program() -> None:
-        wtcore.clear_cache()
-        wtcore.compile(structure, ["group_lasso"])
-
-    t_compile = min(once(build_program) for _ in range(3))
     prog = wtcore.compile(structure, ["group_lasso"])
 
     def floor_fwd() -> torch.Tensor:
@@ -109,10 +119,9 @@ def bench_model(name: str, reps: int, compiled: bool) -> None:
     n = sum(p.numel() for p in plist)
     print(f"\n== {name}: {len(plist)} parameters, {n / 1e6:.1f}M elements, {structure.num_units} units "
           f"in {len(structure.groups)} groups")
-    print(f"build: wt trace {t_trace:.3f}s + compile {t_compile:.3f}s = {t_trace + t_compile:.3f}s; "
-          f"Torch-Pruning build_dependency {t_tp:.3f}s; ratio {(t_trace + t_compile) / t_tp:.2f}x")
-    print(f"build with the cost model (one more forward pass): {t_costs + t_compile:.3f}s; "
-          f"ratio {(t_costs + t_compile) / t_tp:.2f}x")
+    print(f"build (medians, interleaved): wt trace + compile {t_build:.3f}s (compile {t_compile:.3f}s); "
+          f"Torch-Pruning build_dependency {t_tp:.3f}s; ratio {t_build / t_tp:.2f}x")
+    print(f"build with the cost model (one more forward pass): {t_costs:.3f}s; ratio {t_costs / t_tp:.2f}x")
     if t_wtt is not None:
         print(f"torch-weighttracker build (graph, groups, MACs) {t_wtt:.3f}s; ratio {t_wtt / t_tp:.2f}x")
     print(f"floor fwd {med['floor fwd'] * 1e3:.2f} ms, floor fwd+bwd {med['floor fwd+bwd'] * 1e3:.2f} ms, "

@@ -586,11 +586,10 @@ def _codegen(b: Builder, outputs: list[tuple[str, Var]]) -> tuple[str, list[str]
     # parameters and constants are read in place, not bound to locals: a third fewer statements to compile
     # (the lists hold them anyway, so there is nothing to free)
     src: dict[Var, str] = {}  # Var -> the expression that stands for it (no local variable)
-    reads: dict[Var, tuple[str, ...]] = {}  # Var -> the parameters its expression reads, for the comments
+    params: dict[Var, str] = {}  # parameter loads -> "P[i]"
     for e in b.eqns:
         if e.prim == "param":
-            src[e.out] = f"P[{param_pos[e.args[0]]}]"
-            reads[e.out] = (src[e.out],)
+            src[e.out] = params[e.out] = f"P[{param_pos[e.args[0]]}]"
         elif e.prim == "const":
             src[e.out] = f"C[{const_pos[e.out]}]"
     body = [e for e in b.eqns if e.out not in src]
@@ -616,25 +615,30 @@ def _codegen(b: Builder, outputs: list[tuple[str, Var]]) -> tuple[str, list[str]
         for a in e.vars:
             last_use[a] = at[i]
     lines = ["def wt_program(P, C):"]
-    named: set[str] = set()
-    locals_in: dict[Var, tuple[Var, ...]] = {}  # inlined Var -> the local variables its expression reads
+    named: set[Var] = set()
+    leaves: dict[Var, list[Var]] = {}  # inlined Var -> the loads and locals its expression reads
+    template = {name: prim.template for name, prim in PRIMITIVES.items()}
     for i, e in enumerate(body):
-        expr = PRIMITIVES[e.prim].template(*[_src(a, src) for a in e.args])
-        read = tuple(dict.fromkeys(r for a in e.vars for r in reads.get(a, ())))
-        refs = tuple(dict.fromkeys(v for a in e.vars for v in (locals_in[a] if a in locals_in else
-                                                                 () if a in src else (a,))))
+        expr = template[e.prim](*[_src(a, src) for a in e.args])
+        read: list[Var] = []
+        for a in e.vars:
+            inner = leaves.get(a)
+            if inner is None:
+                read.append(a)
+            else:
+                read.extend(inner)
         if inline[i]:
-            src[e.out], reads[e.out], locals_in[e.out] = expr, read, refs
+            src[e.out], leaves[e.out] = expr, read
             continue
         line = f"    {e.out!r} = {expr}"
-        first = [n for n in read if n not in named]
+        first = [v for v in dict.fromkeys(read) if v in params and v not in named]
         if first:  # name each parameter where it is first read
             named.update(first)
-            line += "  # " + ", ".join(f"{n}: {param_names[int(n[2:-1])]}" for n in first)
+            line += "  # " + ", ".join(f"{params[v]}: {param_names[int(params[v][2:-1])]}" for v in first)
         lines.append(line)
         # free every intermediate right after its last use: large squared buffers are then reused by the
         # allocator instead of being freshly mapped (and page-faulted) on every call
-        dead = [v for v in refs if last_use[v] == i and v not in keep]
+        dead = [v for v in dict.fromkeys(read) if v not in src and last_use[v] == i and v not in keep]
         if dead:
             lines.append("    del " + ", ".join(repr(v) for v in sorted(dead, key=lambda v: v.id)))
     lines.append("    return (" + "".join(f"{_src(v, src)}, " for _, v in outputs) + ")")

@@ -111,7 +111,9 @@ def _axis_slice(
     length = tensor.shape[axis] * groups
     block = length // repeat
     pos, units = pairs
-    positions = (pos[None, :] + block * np.arange(repeat)[:, None]).reshape(-1) if repeat > 1 else pos
+    if repeat == 1:
+        return [RawSlice(owner, attr, tensor, axis, length, pos, units, groups, group_axis)]
+    positions = (pos[None, :] + block * np.arange(repeat)[:, None]).reshape(-1)
     return [RawSlice(owner, attr, tensor, axis, length, positions, np.tile(units, repeat), groups, group_axis)]
 
 
@@ -244,8 +246,12 @@ def lower_item(
                 f"parameters to units; pass it in ignore= (e.g. ignore=[{name!r}]) to leave it out"
             )
         slices = rule(target, out, pairs)
+    checked: dict[tuple[int, int], bool] = {}  # (id of the positions array, axis length) -> in range
     for s in slices:
-        if not s.positions.size or (s.positions.min() >= 0 and s.positions.max() < s.length):
+        key = (id(s.positions), s.length)  # weight and bias of one item share their positions
+        if key not in checked:
+            checked[key] = not s.positions.size or (s.positions.min() >= 0 and s.positions.max() < s.length)
+        if checked[key]:
             continue
         bad = s.positions[(s.positions < 0) | (s.positions >= s.length)]
         if bad.size:

@@ -126,7 +126,8 @@ def pruning_group(
     idx = np.arange(n, dtype=np.int64)
     root_dep = Dependency(pruning_fn, pruning_fn, source=root_node, target=root_node)
     items: list[tuple[Dependency, np.ndarray, np.ndarray]] = [(root_dep, idx, idx)]
-    seen: dict[tuple[Any, Any], list[tuple[np.ndarray, np.ndarray]]] = {(root_node, pruning_fn): [(idx, idx)]}
+    # index sets already walked per (node, handler), as bytes: a revisit with the same indices stops the walk
+    seen: dict[tuple[Any, Any], set[bytes]] = {(root_node, pruning_fn): {idx.tobytes() + b"|" + idx.tobytes()}}
     visited: set[Any] = set()
     cut_at: list[Any] = []
     stack = [(root_dep, idx, idx)]
@@ -150,13 +151,11 @@ def pruning_group(
             top = int(nidx.max())
             if top >= limits.max_index:
                 raise WalkDiverged(module, new_dep.target, "channel index", top, limits.max_index)
-            key = (new_dep.target, new_dep.handler)
-            done = seen.setdefault(key, [])
-            if new_dep.target in visited and any(
-                np.array_equal(a, nidx) and np.array_equal(b, nroot) for a, b in done
-            ):
+            done = seen.setdefault((new_dep.target, new_dep.handler), set())
+            sig = nidx.tobytes() + b"|" + nroot.tobytes()
+            if new_dep.target in visited and sig in done:
                 continue
-            done.append((nidx, nroot))
+            done.add(sig)
             total += nidx.size
             if total > limits.max_total:
                 raise WalkDiverged(module, new_dep.target, "index entries of the group", total, limits.max_total)
@@ -198,10 +197,13 @@ def all_groups(
     ignored_layers: Sequence[Any] = (),
     root_module_types: tuple[type, ...] = (),
     limits: WalkLimits | None = None,
+    refresh_index_mapping: bool = True,
 ) -> Iterator[Group]:
     """`DependencyGraph.get_all_groups` with array indices (same roots, order and skipping rules); each walk
-    bounded by `limits` (see `pruning_group`)."""
-    tp_im.update_index_mapping(dg)
+    bounded by `limits` (see `pruning_group`). `refresh_index_mapping=False` skips TP's index-mapping update
+    when the caller has just built the graph (`build_dependency` ends with it)."""
+    if refresh_index_mapping:
+        tp_im.update_index_mapping(dg)
     ignored = {id(m) for m in [*ignored_layers, *dg.IGNORED_LAYERS_IN_TRACING]}
     visited: set[int] = set()
     for m in list(dg.module2node.keys()):

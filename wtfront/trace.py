@@ -127,7 +127,8 @@ def trace(
             dg.build_dependency(model, example_inputs=inputs, forward_fn=_forward, verbose=False)
             budget.phase = "collecting pruning groups"
             try:
-                tp_groups = list(all_groups(dg, [*ignored, *_fused_linears(dg)], roots, WalkLimits.for_model(model)))
+                tp_groups = list(all_groups(dg, [*ignored, *_fused_linears(dg)], roots, WalkLimits.for_model(model),
+                                             refresh_index_mapping=False))  # build_dependency just did
             except WalkDiverged as e:
                 raise _diverged_error(model, dg, e) from None
             budget.phase = "lowering pruning groups to the IR"
