@@ -160,9 +160,11 @@ def test_shared_work_is_computed_once_and_one_scatter():
     prog = wtcore.compile(s, ["unit_sumsq", "unit_l2", "group_lasso"])
     stats = prog.stats()
     n_nd = sum(1 for p in s.params if len(p.shape) > 1)
-    # every parameter is squared once: >1-D ones alone (plain conv/linear pairs inside sumsq_rows_cols),
+    # every parameter is squared once: >1-D ones alone (plain conv/linear pairs all inside one sumsq_pairs),
     # all 1-D ones together
-    assert stats.get("square", 0) + stats.get("sumsq_rows_cols", 0) == n_nd + 1
+    in_pairs = sum(len(e.vars) for e in prog.eqns if e.prim == "sumsq_pairs")
+    assert stats.get("sumsq_pairs", 0) <= 1
+    assert stats.get("square", 0) + in_pairs == n_nd + 1
     assert stats["scatter_add"] == 1
     assert prog.code.count("index_add") == 1
     assert "unit_sumsq" in str(prog) or "square" in str(prog)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import gc
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -296,22 +297,6 @@ def _plain_pair(plan: _ParamPlan) -> bool:
     )
 
 
-def _sumsq_pair_vectors(b: Builder, p: Var, plan: _ParamPlan, out: list[Var]) -> None:
-    """Row and column sums of squares of a plain pair through one primitive with a lean backward."""
-    o, i = plan.shape[0], plan.shape[1]
-    k = 1
-    for d in plan.shape[2:]:
-        k *= d
-    x = b.emit("acc", p)
-    flat = b.emit("reshape", x, (o, i * k)) if len(plan.shape) != 2 else x
-    rc = b.emit("sumsq_rows_cols", flat)
-    rows, cols = b.emit("item", rc, 0), b.emit("item", rc, 1)
-    if k > 1:
-        cols = b.sum(b.emit("reshape", cols, (i, k)), (1,))
-    for s, _ in plan.slices:
-        out.append(rows if s.axis == 0 else cols)
-
-
 def _packed_active(plan: _ParamPlan) -> bool:
     """A weight whose activity comes from the packed byte indicator: 2+ dims, ungrouped slices on axes 0
     and/or 1 (every conv/linear weight but grouped convs)."""
@@ -345,13 +330,13 @@ def _runs_array(s: Slice, offset: int, dump: int) -> np.ndarray:
 
 def _scatter_order(plans: list[_ParamPlan]) -> tuple[list[_ParamPlan], set[str]]:
     """Plans in the order their vectors are concatenated: 1-D parameters with a single slice first (they are
-    concatenated into one elementwise op when there are several), then the others; and the names of the
-    concatenated ones."""
+    concatenated into one elementwise op when there are several), then the plain pairs (their sums of
+    squares are one `sumsq_pairs` equation), then the others; and the names of the concatenated 1-D ones."""
     flat = [pl for pl in plans if len(pl.shape) == 1 and len(pl.slices) == 1 and not pl.corrections]
-    if len(flat) < 2:
-        return plans, set()
-    names = {pl.name for pl in flat}
-    return flat + [pl for pl in plans if pl.name not in names], names
+    names = {pl.name for pl in flat} if len(flat) >= 2 else set()
+    rest = [pl for pl in plans if pl.name not in names]
+    return [pl for pl in plans if pl.name in names] + [pl for pl in rest if _plain_pair(pl)] + \
+        [pl for pl in rest if not _plain_pair(pl)], names
 
 
 def _unit_index(order: list[_ParamPlan], num_units: int) -> np.ndarray:
@@ -398,6 +383,13 @@ def _emit_scatter(
         total = sum(pl.shape[0] for pl in flat)
         for k in kinds:
             vectors[k].append(_kind_value(b, k[0], k[1], cat, (total,)))
+    pairs = [pl for pl in order[len(flat_names):] if _plain_pair(pl)]  # contiguous (`_scatter_order`)
+    if pairs and any(k[0] == "sumsq" for k in kinds):
+        layouts = tuple((pl.shape[0], pl.shape[1], math.prod(pl.shape[2:]), pl.slices[0][0].axis == 0) for pl in pairs)
+        summed = b.emit("sumsq_pairs", *[b.param(pl.name) for pl in pairs], layouts)
+        for k in kinds:
+            if k[0] == "sumsq":
+                vectors[k].append(summed)
     for pl in order[len(flat_names):]:
         p = b.param(pl.name)
         for k in kinds:
@@ -406,9 +398,7 @@ def _emit_scatter(
                 _active_vectors(b, p, pl, float(k[1][0]) if k[1] else 0.0, parts)
                 vectors[k].append(b.emit("cat", *parts) if len(parts) > 1 else parts[0])
                 continue
-            if k[0] == "sumsq" and _plain_pair(pl):
-                _sumsq_pair_vectors(b, p, pl, parts)
-                vectors[k].append(b.emit("cat", *parts))
+            if k[0] == "sumsq" and _plain_pair(pl):  # in the `sumsq_pairs` equation above
                 continue
             v = _kind_value(b, k[0], k[1], p, pl.shape)
             if pl.axes == (0, 1):

@@ -131,6 +131,10 @@ PRIMITIVES: dict[str, Primitive] = {
         "(row sums, column sums) of x**2 for a 2-D x, with a one-temporary backward",
     ),
     "item": Primitive("item", _f("{}[{}]"), "one element of a tuple-valued primitive"),
+    "sumsq_pairs": Primitive(
+        "sumsq_pairs", lambda *a: f"wt_sumsq_pairs([{', '.join(a[:-1])}], {a[-1]})",
+        "concatenated row and column sums of squares of many weights, `(out, in, kernel, rows first)` each",
+    ),
     "segment_sum_sorted": Primitive(
         "segment_sum_sorted", _f("wt_segment_sum_sorted({}, {})"), "sums of contiguous segments ending at `ends`"
     ),
@@ -252,6 +256,21 @@ def wt_sumsq_rows_cols(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sq.sum(1), sq.sum(0)
 
 
+def wt_sumsq_pairs(ws: list[torch.Tensor], layouts: tuple[tuple[int, int, int, bool], ...]) -> torch.Tensor:
+    """Row and column sums of squares of many conv/linear weights, concatenated weight after weight: per
+    weight `(out, in, kernel size, rows first)`, the weight read as `[out, in * kernel]`, its column sums
+    added over the kernel. One equation for every such weight of a model instead of six each (a program is
+    that much shorter to generate and compile); each weight's two vectors are joined as soon as its squared
+    temporary is freed, as the per-weight code did (see `_emit_scatter`)."""
+    parts = []
+    for w, (o, i, k, rows_first) in zip(ws, layouts):
+        rows, cols = wt_sumsq_rows_cols(wt_acc(w).reshape(o, i * k))
+        if k > 1:
+            cols = cols.reshape(i, k).sum(1)
+        parts.append(torch.cat([rows, cols] if rows_first else [cols, rows]))
+    return torch.cat(parts)
+
+
 def runtime_namespace() -> dict[str, Any]:
     """Names the generated code may use."""
     return {
@@ -263,6 +282,7 @@ def runtime_namespace() -> dict[str, Any]:
         "wt_safe_sqrt": wt_safe_sqrt,
         "wt_segment_sum_sorted": wt_segment_sum_sorted,
         "wt_sumsq_rows_cols": wt_sumsq_rows_cols,
+        "wt_sumsq_pairs": wt_sumsq_pairs,
     }
 
 
