@@ -17,38 +17,48 @@ from __future__ import annotations
 import functools
 import math
 
-import torch
-
 from .lang import Builder, Var
 
-__all__ = ["block_counts", "col_any", "indicator", "row_any", "sum_dtype", "total_count"]
+__all__ = [
+    "block_counts", "col_any", "indicator", "per_row", "row_any", "row_counts", "sum_dtype", "total_count", "words",
+]
 
 
-#: compiled programs (`backend=`) count in int32 from a comparison: inductor fuses that into its loops, while
-#: the eager formulation's byte views and int32 bitcasts make it emit far slower code (measured ~30x)
-_INT32 = torch.zeros((), dtype=torch.int32)
-
-
-def indicator(b: Builder, p: Var, tolerance: float, fused: bool = False) -> Var:
-    """1 where |w| > tolerance, shape of the parameter: uint8 (eager), int32 (`fused`, for torch.compile)."""
-    if fused:
-        hit = b.emit("ne", p, 0) if tolerance == 0.0 else b.gt(b.abs(p), float(tolerance))
-        return b.cast_like(hit, b.const(_INT32, "int32"))
+def indicator(b: Builder, p: Var, tolerance: float) -> Var:
+    """1 where |w| > tolerance, uint8, shape of the parameter (compiled programs bind an opaque op: see
+    `wtcore.lang._nonzero_bytes_op`)."""
     return b.emit("nonzero_bytes", p, float(tolerance))
+
+
+def _words_layout(shape: tuple[int, ...]) -> bool:
+    """Compiled programs read a weight's indicator as int32 words (4 consecutive input entries per word) when
+    its N:M blocks are contiguous: linear and 1x1-conv weights with a multiple of 4 inputs."""
+    return len(shape) >= 2 and math.prod(shape[2:]) == 1 and shape[1] >= 4 and shape[1] % 4 == 0
+
+
+def words(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float) -> Var:
+    """The indicator of a `_words_layout` weight as int32 words `[o, c // 4]` (compiled programs)."""
+    return b.emit("nonzero_words", b.emit("reshape", p, (shape[0], shape[1])), float(tolerance))
 
 
 def block_counts(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float, m: int, fused: bool = False
                  ) -> tuple[Var, Var | None]:
     """Nonzeros per block of `m` consecutive entries along axis 1 of a weight viewed `[o, c, k]` (int32, one
     entry per block: `c // m` blocks per row and kernel position), and the indicator's tail entries
-    `[o, c % m, k]` (None when `m` divides `c`). `fused` (torch.compile): the m entries of a block added in
-    one expression that inductor fuses with its consumers."""
+    `[o, c % m, k]` (None when `m` divides `c`).
+
+    `fused` (torch.compile; first entry of the result has `o` rows, reduce it with `per_row`): 2:4 blocks of
+    contiguous inputs are word counts of `words` (measured on vit_b_16's 2-D weights: sums from words 6.5 ms,
+    from bytes 17.4 ms); other blocks add their m entries in int32 in one expression inductor fuses with its
+    consumers (a uint8 add makes it store bytes, ~20x slower than ATen)."""
     op = b.emit
     o, c, k = shape[0], shape[1], math.prod(shape[2:])
     nb = c // m
-    e = indicator(b, p, tolerance, fused)
+    if fused and m == 4 and _words_layout(shape):
+        return op("word_count", words(b, p, shape, tolerance)), None
+    e = indicator(b, p, tolerance)
     if fused:
-        e3 = op("reshape", e, (o, c, k))
+        e3 = op("to_int32", op("reshape", e, (o, c, k)))
         tail = op("narrow", e3, 1, nb * m, c - nb * m) if nb * m != c else None
         x = op("reshape", op("narrow", e3, 1, 0, nb * m) if tail is not None else e3, (o, nb, m, k))
         if m <= 8:
@@ -78,6 +88,24 @@ def block_counts(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float, m
     return op("isum", x, (2,), "int32"), tail
 
 
+def per_row(b: Builder, x: Var, rows: int) -> Var:
+    """int32 sums over every axis but the first (compiled programs). Every per-weight count of a compiled
+    program is a row reduction like this one, then a sum of `rows` values: inductor computes the row sums of
+    one weight in ONE loop nest, and its column (outer) reductions are ~1.7x slower than row reductions."""
+    return b.emit("isum", b.emit("reshape", x, (rows, -1)), (1,), "int32")
+
+
+def row_counts(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float) -> Var:
+    """Nonzeros per index of axis 0 of a 2+-dim weight (int32 `[o]`, compiled programs): from the 2:4 block
+    counts (shared with N:M) and the tail when axis 1 has 4+ entries."""
+    o = shape[0]
+    if shape[1] < 4:
+        return per_row(b, b.emit("to_int32", indicator(b, p, tolerance)), o)
+    blocks, tail = block_counts(b, p, shape, tolerance, 4, True)
+    rows = per_row(b, blocks, o)
+    return rows if tail is None else b.add(rows, per_row(b, tail, o))
+
+
 def sum_dtype(bound: int) -> str:
     """int32 when the sum cannot reach 2**31 (no cast: torch copies the whole input to the requested dtype
     before reducing when they differ), else int64."""
@@ -86,23 +114,36 @@ def sum_dtype(bound: int) -> str:
 
 def total_count(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float, fused: bool = False) -> Var:
     """Number of elements with |w| > tolerance, an integer scalar. For weights with 4+ entries along axis 1
-    it is the sum of the 4-blocks of `block_counts` (shared with 2:4 sparsity) plus the tail."""
+    it is the sum of the 4-blocks of `block_counts` (shared with 2:4 sparsity) plus the tail; compiled
+    (`fused`), the sum of `row_counts` (shared with row activity)."""
     n = math.prod(shape)
-    if len(shape) < 2 or shape[1] < 4:
-        return b.emit("isum", indicator(b, p, tolerance, fused), None, "int64")
-    blocks, tail = block_counts(b, p, shape, tolerance, 4, fused)
+    if len(shape) < 2:
+        return b.emit("isum", indicator(b, p, tolerance), None, "int64")
+    if fused:
+        return b.emit("isum", row_counts(b, p, shape, tolerance), None, "int64")
+    if shape[1] < 4:
+        return b.emit("isum", indicator(b, p, tolerance), None, "int64")
+    blocks, tail = block_counts(b, p, shape, tolerance, 4)
     total = b.emit("isum", blocks, None, sum_dtype(n))
     return total if tail is None else b.add(total, b.emit("isum", tail, None, "int64"))
 
 
-def row_any(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float) -> Var:
+def row_any(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float, fused: bool = False) -> Var:
     """1 for every index of axis 0 with a nonzero entry, else 0 (uint8 `[o]`): a byte max, which torch
-    vectorizes (a byte sum would first copy the indicator to a wider integer type)."""
+    vectorizes (a byte sum would first copy the indicator to a wider integer type). Compiled (`fused`,
+    bool): `row_counts > 0`, from the row counts the zero counts share (inductor's byte row max is slow:
+    19 ms on vit_b_16's 2-D weights, against 6.6 ms for the column max)."""
+    if fused:
+        return b.gt(row_counts(b, p, shape, tolerance), 0)
     return b.emit("amax", b.emit("reshape", indicator(b, p, tolerance), (shape[0], -1)), (1,))
 
 
-def col_any(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float) -> Var:
-    """1 for every index of axis 1 with a nonzero entry (over every other axis), else 0 (uint8 `[c]`)."""
+def col_any(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float, fused: bool = False) -> Var:
+    """1 for every index of axis 1 with a nonzero entry (over every other axis), else 0 (uint8 `[c]`; int32
+    from the words of a compiled program's `_words_layout` weight: a max over rows per byte lane, 6.7 ms on
+    vit_b_16's 2-D weights, about the byte max's 6.6 ms without a second indicator)."""
+    if fused and _words_layout(shape):
+        return b.emit("word_col_any", words(b, p, shape, tolerance))
     o, c, k = shape[0], shape[1], math.prod(shape[2:])
     cols = b.emit("amax", b.emit("reshape", indicator(b, p, tolerance), (o, c * k)), (0,))
     return cols if k == 1 else b.emit("amax", b.emit("reshape", cols, (c, k)), (1,))
