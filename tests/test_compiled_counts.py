@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import wtcore
 from wtcore.ir import AxisPart, CostAxis, CostOp, Param, Slice, Structure, UnitGroup, runs_from_list
-from wtcore.lang import wt_nonzero_words, wt_word_col_any, wt_word_count
+from wtcore.lang import wt_nonzero_bytes_cols, wt_nonzero_words, wt_word_count
 from wtcore.testing import params_for, structures_with_ops
 
 TRACKED = ["structured_bops", "unstructured_sparsity", "nm_sparsity", "group_pruning_summary"]
@@ -73,15 +73,19 @@ def ref_blocks(w: torch.Tensor, tolerance: float, n: int, m: int) -> tuple[int, 
 # ----------------------------------------------------------------------------- the word primitives
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 9), st.integers(1, 12), st.integers(0, 2**31 - 1), st.floats(0.0, 1.0))
-def test_word_count_and_column_any_match_a_direct_count(rows: int, words: int, seed: int, density: float) -> None:
+def test_word_counts_and_column_activity_match_a_direct_count(rows: int, words: int, seed: int, density: float) -> None:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, 4 * words, generator=gen)
     w[torch.rand(w.shape, generator=gen) >= density] = 0
-    packed = wt_nonzero_words(w, 0.0)
+    packed, cols = wt_nonzero_words(w, 0.0)
     assert packed.shape == (rows, words) and packed.dtype == torch.int32
     ind = (w != 0).to(torch.int32)
     assert torch.equal(wt_word_count(packed), ind.reshape(rows, words, 4).sum(-1, dtype=torch.int32))
-    assert torch.equal(wt_word_col_any(packed), ind.amax(0))
+    assert torch.equal(cols.to(torch.int32), ind.amax(0))
+    w4 = w.reshape(rows, words, 2, 2)  # [o, c, kh, kw]: activity per index of axis 1
+    e, cols4 = wt_nonzero_bytes_cols(w4, 0.0)
+    assert torch.equal(e.bool(), w4 != 0)
+    assert torch.equal(cols4.bool(), (w4 != 0).any(3).any(2).any(0))
 
 
 def test_nonzero_words_of_a_non_contiguous_weight() -> None:
@@ -89,7 +93,7 @@ def test_nonzero_words_of_a_non_contiguous_weight() -> None:
     w = torch.randn(12, 8)
     w[w < 0] = 0
     wt = w.t()  # [8, 12], not contiguous
-    packed = wt_nonzero_words(wt, 0.0)
+    packed, _ = wt_nonzero_words(wt, 0.0)
     assert torch.equal(wt_word_count(packed), (wt != 0).reshape(8, 3, 4).sum(-1, dtype=torch.int32))
 
 

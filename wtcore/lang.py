@@ -9,7 +9,6 @@ folder and `print(program)` share one definition, and the generated code runs un
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,12 +139,13 @@ PRIMITIVES.update({
     ),
     "nonzero_words": Primitive(
         "nonzero_words", _f("wt_nonzero_words({}, {})"),
-        "the packed indicator of a contiguous [..., 4n] tensor as int32 words [..., n] (4 elements per word)",
+        "(int32 words [o, c // 4]: the packed indicator of an [o, c] weight, 4 inputs a word; uint8 column any [c])",
+    ),
+    "nonzero_bytes_cols": Primitive(
+        "nonzero_bytes_cols", _f("wt_nonzero_bytes_cols({}, {})"),
+        "(the packed indicator of an [o, c, *k] weight; uint8 1 for every index of axis 1 with a nonzero, [c])",
     ),
     "word_count": Primitive("word_count", _f("wt_word_count({})"), "nonzeros per int32 word of `nonzero_words`"),
-    "word_col_any": Primitive(
-        "word_col_any", _f("wt_word_col_any({})"), "int32 [4n]: 1 for every column of the words' elements with a 1"
-    ),
     "isum": Primitive(
         "isum",
         lambda x, dims, dtype: f"{x}.sum({'' if dims == 'None' else dims + ', '}dtype=torch.{dtype.strip(chr(39))})",
@@ -205,25 +205,52 @@ def _(x: torch.Tensor, tolerance: float) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.uint8, device=x.device)
 
 
-def wt_nonzero_words(x: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """`wt_nonzero_bytes` of a tensor whose last dim is a multiple of 4, read as int32 words `[..., n // 4]`
-    (a free view of the contiguous bytes): four consecutive indicator bytes per word."""
+def _col_any_bytes(e: torch.Tensor) -> torch.Tensor:
+    """1 for every index of axis 1 of a 0/1 uint8 `[o, c, *k]` with a 1, else 0 (uint8 `[c]`)."""
+    o, c = e.shape[0], e.shape[1]
+    cols = e.reshape(o, -1).amax(0)
+    return cols if cols.numel() == c else cols.reshape(c, -1).amax(1)
+
+
+def wt_nonzero_words(x: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed indicator of an `[o, c]` tensor (`c` a multiple of 4) read as int32 words `[o, c // 4]` (a
+    free view of the contiguous bytes: four consecutive inputs per word), and its column activity (uint8 `[c]`)."""
     e = wt_nonzero_bytes(x, tolerance)
-    return (e if e.is_contiguous() else e.contiguous()).view(torch.int32)
+    return (e if e.is_contiguous() else e.contiguous()).view(torch.int32), _col_any_bytes(e)
 
 
+def wt_nonzero_bytes_cols(x: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed indicator of an `[o, c, *k]` tensor and its column activity (uint8 `[c]`)."""
+    e = wt_nonzero_bytes(x, tolerance)
+    return e, _col_any_bytes(e)
+
+
+# Compiled programs read a weight's indicator through these opaque operators: inductor's code for bool and
+# uint8 *outputs* is ~20x slower than ATen's cast on CPU, and its column (outer) reductions walk down the
+# rows one vector-wide strip at a time (a 4096x4096 weight's column activity from words: ~5.6 ms in
+# inductor, 2.3 ms as ATen's byte amax; 1024x1024x3x3: ~4.7 ms against 0.9 ms). It then reads int32 words
+# with full-width vector loads (vit_b_16's 2-D weights: 2:4 sums from words 6.5 ms, from bytes 17.4 ms).
 @torch.library.custom_op("wt::nonzero_words", mutates_args=())
-def _nonzero_words_op(x: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """`wt_nonzero_words` as an opaque operator (compiled programs): ATen's fast cast, and an int32 result,
-    which inductor reads with full-width vector loads; from uint8 inputs whose blocks are 4 contiguous bytes
-    it emits scalar stride-4 byte loads (vit_b_16's 2-D weights: 17.4 ms from bytes, 6.5 ms from words)."""
+def _nonzero_words_op(x: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
     return wt_nonzero_words(x, tolerance)
 
 
 @_nonzero_words_op.register_fake
-def _(x: torch.Tensor, tolerance: float) -> torch.Tensor:
-    torch._check(x.shape[-1] % 4 == 0, lambda: "wt::nonzero_words: the last dim must be a multiple of 4")
-    return torch.empty((*x.shape[:-1], x.shape[-1] // 4), dtype=torch.int32, device=x.device)
+def _(x: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    torch._check(x.dim() == 2 and x.shape[1] % 4 == 0, lambda: "wt::nonzero_words: needs [o, 4n]")
+    return (torch.empty((x.shape[0], x.shape[1] // 4), dtype=torch.int32, device=x.device),
+            torch.empty((x.shape[1],), dtype=torch.uint8, device=x.device))
+
+
+@torch.library.custom_op("wt::nonzero_bytes_cols", mutates_args=())
+def _nonzero_bytes_cols_op(x: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return wt_nonzero_bytes_cols(x, tolerance)
+
+
+@_nonzero_bytes_cols_op.register_fake
+def _(x: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty(x.shape, dtype=torch.uint8, device=x.device),
+            torch.empty((x.shape[1],), dtype=torch.uint8, device=x.device))
 
 
 def wt_word_count(w: torch.Tensor) -> torch.Tensor:
@@ -231,16 +258,6 @@ def wt_word_count(w: torch.Tensor) -> torch.Tensor:
     cannot overflow (words are below 2**25), whatever the byte order."""
     t = w + (w >> 16)
     return (t + (t >> 8)) & 0xFF
-
-
-#: the shift of the byte holding element j of a word (the words are a view of memory)
-_LANE_SHIFTS = tuple(8 * j if sys.byteorder == "little" else 8 * (3 - j) for j in range(4))
-
-
-def wt_word_col_any(w: torch.Tensor) -> torch.Tensor:
-    """1 for every element column `4q + j` of words `[r, q]` with a 1 in some row, else 0 (int32, `[4q]`):
-    one max over rows per byte lane, reductions inductor vectorizes over int32 inputs."""
-    return torch.stack([((w >> s) & 1).amax(0) for s in _LANE_SHIFTS], -1).reshape(-1)
 
 
 def wt_block4_count(e: torch.Tensor) -> torch.Tensor:
@@ -307,7 +324,7 @@ def runtime_namespace(compiled: bool = False) -> dict[str, Any]:
         "wt_nonzero_bytes": _nonzero_bytes_op if compiled else wt_nonzero_bytes,
         "wt_nonzero_words": _nonzero_words_op if compiled else wt_nonzero_words,
         "wt_word_count": wt_word_count,
-        "wt_word_col_any": wt_word_col_any,
+        "wt_nonzero_bytes_cols": _nonzero_bytes_cols_op if compiled else wt_nonzero_bytes_cols,
         "wt_block4_count": wt_block4_count,
         "wt_safe_sqrt": wt_safe_sqrt,
         "wt_segment_sum_sorted": wt_segment_sum_sorted,

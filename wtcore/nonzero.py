@@ -24,9 +24,11 @@ __all__ = [
 ]
 
 
-def indicator(b: Builder, p: Var, tolerance: float) -> Var:
-    """1 where |w| > tolerance, uint8, shape of the parameter (compiled programs bind an opaque op: see
-    `wtcore.lang._nonzero_bytes_op`)."""
+def indicator(b: Builder, p: Var, tolerance: float, fused: bool = False) -> Var:
+    """1 where |w| > tolerance, uint8, shape of the parameter. `fused` (compiled programs, 2+-dim weights):
+    the first output of `nonzero_bytes_cols`, whose second is the column activity (`col_any`)."""
+    if fused:
+        return b.emit("item", b.emit("nonzero_bytes_cols", p, float(tolerance)), 0)
     return b.emit("nonzero_bytes", p, float(tolerance))
 
 
@@ -37,7 +39,8 @@ def _words_layout(shape: tuple[int, ...]) -> bool:
 
 
 def words(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float) -> Var:
-    """The indicator of a `_words_layout` weight as int32 words `[o, c // 4]` (compiled programs)."""
+    """`nonzero_words` of a `_words_layout` weight (compiled programs): (int32 words `[o, c // 4]`, uint8
+    column activity `[c]`)."""
     return b.emit("nonzero_words", b.emit("reshape", p, (shape[0], shape[1])), float(tolerance))
 
 
@@ -55,8 +58,8 @@ def block_counts(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float, m
     o, c, k = shape[0], shape[1], math.prod(shape[2:])
     nb = c // m
     if fused and m == 4 and _words_layout(shape):
-        return op("word_count", words(b, p, shape, tolerance)), None
-    e = indicator(b, p, tolerance)
+        return op("word_count", op("item", words(b, p, shape, tolerance), 0)), None
+    e = indicator(b, p, tolerance, fused)
     if fused:
         e3 = op("to_int32", op("reshape", e, (o, c, k)))
         tail = op("narrow", e3, 1, nb * m, c - nb * m) if nb * m != c else None
@@ -100,7 +103,7 @@ def row_counts(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float) -> 
     counts (shared with N:M) and the tail when axis 1 has 4+ entries."""
     o = shape[0]
     if shape[1] < 4:
-        return per_row(b, b.emit("to_int32", indicator(b, p, tolerance)), o)
+        return per_row(b, b.emit("to_int32", indicator(b, p, tolerance, True)), o)
     blocks, tail = block_counts(b, p, shape, tolerance, 4, True)
     rows = per_row(b, blocks, o)
     return rows if tail is None else b.add(rows, per_row(b, tail, o))
@@ -139,11 +142,12 @@ def row_any(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float, fused:
 
 
 def col_any(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float, fused: bool = False) -> Var:
-    """1 for every index of axis 1 with a nonzero entry (over every other axis), else 0 (uint8 `[c]`; int32
-    from the words of a compiled program's `_words_layout` weight: a max over rows per byte lane, 6.7 ms on
-    vit_b_16's 2-D weights, about the byte max's 6.6 ms without a second indicator)."""
-    if fused and _words_layout(shape):
-        return b.emit("word_col_any", words(b, p, shape, tolerance))
+    """1 for every index of axis 1 with a nonzero entry (over every other axis), else 0 (uint8 `[c]`).
+    Compiled (`fused`): the second output of the opaque op that makes the indicator (see `wtcore.lang`)."""
+    if fused:
+        src = words(b, p, shape, tolerance) if _words_layout(shape) else b.emit("nonzero_bytes_cols", p,
+                                                                                float(tolerance))
+        return b.emit("item", src, 1)
     o, c, k = shape[0], shape[1], math.prod(shape[2:])
     cols = b.emit("amax", b.emit("reshape", indicator(b, p, tolerance), (o, c * k)), (0,))
     return cols if k == 1 else b.emit("amax", b.emit("reshape", cols, (c, k)), (1,))
