@@ -91,22 +91,24 @@ def block_counts(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float, m
     return op("isum", x, (2,), "int32"), tail
 
 
-def per_row(b: Builder, x: Var, rows: int) -> Var:
-    """int32 sums over every axis but the first (compiled programs). Every per-weight count of a compiled
-    program is a row reduction like this one, then a sum of `rows` values: inductor computes the row sums of
-    one weight in ONE loop nest, and its column (outer) reductions are ~1.7x slower than row reductions."""
-    return b.emit("isum", b.emit("reshape", x, (rows, -1)), (1,), "int32")
+def per_row(b: Builder, x: Var, shape: tuple[int, ...]) -> Var:
+    """int32 sums over every axis but the first of a value with one entry per row, block (or input) and
+    kernel position of a weight of `shape` (compiled programs). Every per-weight count of a compiled program
+    is a row reduction like this one, then a sum of the row values: inductor computes the row sums of one
+    weight in ONE loop nest. The value is viewed `[o, -1, k]`: with the kernel positions a loop of their own
+    inductor vectorizes the loads (flattened, the block index needs a division per element and its loop
+    stays scalar)."""
+    return b.emit("isum", b.emit("reshape", x, (shape[0], -1, math.prod(shape[2:]))), (1, 2), "int32")
 
 
 def row_counts(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float) -> Var:
     """Nonzeros per index of axis 0 of a 2+-dim weight (int32 `[o]`, compiled programs): from the 2:4 block
     counts (shared with N:M) and the tail when axis 1 has 4+ entries."""
-    o = shape[0]
     if shape[1] < 4:
-        return per_row(b, b.emit("to_int32", indicator(b, p, tolerance, True)), o)
+        return per_row(b, b.emit("to_int32", indicator(b, p, tolerance, True)), shape)
     blocks, tail = block_counts(b, p, shape, tolerance, 4, True)
-    rows = per_row(b, blocks, o)
-    return rows if tail is None else b.add(rows, per_row(b, tail, o))
+    rows = per_row(b, blocks, shape)
+    return rows if tail is None else b.add(rows, per_row(b, tail, shape))
 
 
 def sum_dtype(bound: int) -> str:

@@ -169,9 +169,8 @@ def _block_moments(ctx: Context, name: str, tolerance: float, m: int, keep: int)
     shape = ctx.structure.param_map[name].shape
     cnt, _ = block_counts(b, b.param(name), shape, tolerance, m, fused=ctx.backend is not None)
     if ctx.backend is not None:  # compiled: counted directly, per row like the zero counts (one loop nest)
-        o = shape[0]
-        return (b.emit("isum", per_row(b, b.eq(cnt, keep), o), None, "int64"),
-                b.emit("isum", per_row(b, b.emit("le", cnt, keep), o), None, "int64"))
+        return (b.emit("isum", per_row(b, b.eq(cnt, keep), shape), None, "int64"),
+                b.emit("isum", per_row(b, b.emit("le", cnt, keep), shape), None, "int64"))
     x = b.emit("clamp", cnt, max(keep - 1, 0), keep + 1)  # counts are >= 0: a lower bound of 0 is the same
     blocks = shape[0] * (shape[1] // m) * math.prod(shape[2:])
     if blocks * (keep + 1) ** 2 >= 2**31:  # int32 products and sums could overflow
