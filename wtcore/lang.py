@@ -146,6 +146,7 @@ PRIMITIVES.update({
         "(the packed indicator of an [o, c, *k] weight; uint8 1 for every index of axis 1 with a nonzero, [c])",
     ),
     "word_count": Primitive("word_count", _f("wt_word_count({})"), "nonzeros per int32 word of `nonzero_words`"),
+    "bitfield": Primitive("bitfield", _f("(({} >> {}) & {})"), "(x, shift, mask): a bit field of an integer"),
     "isum": Primitive(
         "isum",
         lambda x, dims, dtype: f"{x}.sum({'' if dims == 'None' else dims + ', '}dtype=torch.{dtype.strip(chr(39))})",

@@ -20,7 +20,8 @@ import math
 from .lang import Builder, Var
 
 __all__ = [
-    "block_counts", "col_any", "indicator", "per_row", "row_any", "row_counts", "sum_dtype", "total_count", "words",
+    "FIELD", "block_counts", "col_any", "indicator", "packed_rows", "packs_rows", "per_row", "row_any", "row_counts",
+    "sum_dtype", "total_count", "words",
 ]
 
 
@@ -101,13 +102,38 @@ def per_row(b: Builder, x: Var, shape: tuple[int, ...]) -> Var:
     return b.emit("isum", b.emit("reshape", x, (shape[0], -1, math.prod(shape[2:]))), (1, 2), "int32")
 
 
+#: bits per field of `packed_rows`: a row's nonzeros, and its 4-blocks with exactly / at most `keep` nonzeros
+FIELD = 21
+
+
+def packs_rows(shape: tuple[int, ...]) -> bool:
+    """Whether `packed_rows` applies: 4+ inputs, and a row's counts fit a field."""
+    return len(shape) >= 2 and shape[1] >= 4 and math.prod(shape[1:]) < 2**FIELD
+
+
+def packed_rows(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float, keep: int = 2) -> Var:
+    """Per row of a `packs_rows` weight (compiled programs), three counts over its 4-blocks packed in one
+    int64 (`FIELD` bits each, low to high): nonzeros, blocks with exactly `keep` nonzeros, blocks with at
+    most `keep`; read them with `bitfield`. ONE reduction: inductor gave the three sums three loops over the
+    same words when a kernel held many weights (its fusion size limit), so each weight's words were read 3x.
+    `keep = 2` (2:4) is the one the zero counts and row activity use, so the tracker's metrics share it."""
+    cnt, _ = block_counts(b, p, shape, tolerance, 4, True)
+    op = b.emit
+    packed = b.add(b.add(op("to_long", cnt), b.mul(op("to_long", b.eq(cnt, keep)), 2**FIELD)),
+                   b.mul(op("to_long", op("le", cnt, keep)), 2 ** (2 * FIELD)))
+    return op("isum", op("reshape", packed, (shape[0], -1, math.prod(shape[2:]))), (1, 2), "int64")
+
+
 def row_counts(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float) -> Var:
-    """Nonzeros per index of axis 0 of a 2+-dim weight (int32 `[o]`, compiled programs): from the 2:4 block
-    counts (shared with N:M) and the tail when axis 1 has 4+ entries."""
+    """Nonzeros per index of axis 0 of a 2+-dim weight (integer `[o]`, compiled programs): from the 2:4 block
+    counts (shared with N:M, `packed_rows`) and the tail when axis 1 has 4+ entries."""
     if shape[1] < 4:
         return per_row(b, b.emit("to_int32", indicator(b, p, tolerance, True)), shape)
     blocks, tail = block_counts(b, p, shape, tolerance, 4, True)
-    rows = per_row(b, blocks, shape)
+    if packs_rows(shape):
+        rows = b.emit("bitfield", packed_rows(b, p, shape, tolerance), 0, 2**FIELD - 1)
+    else:
+        rows = per_row(b, blocks, shape)
     return rows if tail is None else b.add(rows, per_row(b, tail, shape))
 
 
