@@ -8,11 +8,12 @@ opaque ops run their ATen kernels) over random structures; the slow ones compile
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import wtcore
@@ -136,12 +137,25 @@ def one_weight(shape: tuple[int, ...]) -> Structure:
     return Structure((p,), groups, (op,))
 
 
-@settings(max_examples=40, deadline=None)
+@pytest.fixture(params=[21, 5], ids=["packed", "narrow_fields"])
+def field_bits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """The packed row counts' field width; 5 bits leaves rows of 32+ entries to the unpacked row sums."""
+    import wtcore.nonzero
+
+    monkeypatch.setattr(wtcore.nonzero, "FIELD", request.param)
+    wtcore.clear_cache()
+    yield request.param
+    wtcore.clear_cache()
+
+
+# the fixture holds for every example of a test (that is the point): its health check does not apply
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(1, 6), st.sampled_from([1, 3, 4, 5, 8, 10, 12, 16]), st.sampled_from([(), (1, 1), (3, 1), (2, 2)]),
        st.sampled_from([0.0, 0.3, 0.7, 1.0]), st.sampled_from([0.0, 0.05]), st.integers(0, 2**31 - 1))
-def test_compiled_formulation_equals_eager_on_one_weight(o: int, c: int, kernel: tuple[int, ...], density: float,
-                                                         tolerance: float, seed: int) -> None:
-    """Words layout (linear/1x1 with 4 | inputs), byte layout (kernels, tails), full and empty blocks, NaN."""
+def test_compiled_formulation_equals_eager_on_one_weight(field_bits: int, o: int, c: int, kernel: tuple[int, ...],
+                                                         density: float, tolerance: float, seed: int) -> None:
+    """Words layout (linear/1x1 with 4 | inputs), byte layout (kernels, tails), full and empty blocks, NaN;
+    rows counted packed and (narrow fields) unpacked."""
     shape = (o, c, *kernel)
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=gen) + 0.2

@@ -20,8 +20,8 @@ import math
 from .lang import Builder, Var
 
 __all__ = [
-    "FIELD", "block_counts", "col_any", "indicator", "packed_rows", "packs_rows", "per_row", "row_any", "row_counts",
-    "sum_dtype", "total_count", "words",
+    "FIELD", "block_counts", "col_any", "indicator", "packed_field", "packed_rows", "packs_rows", "per_row",
+    "row_any", "row_counts", "sum_dtype", "total_count", "words",
 ]
 
 
@@ -124,6 +124,11 @@ def packed_rows(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float, ke
     return op("isum", op("reshape", packed, (shape[0], -1, math.prod(shape[2:]))), (1, 2), "int64")
 
 
+def packed_field(b: Builder, rows: Var, i: int) -> Var:
+    """Field `i` of `packed_rows` (0: nonzeros, 1: blocks with exactly `keep`, 2: with at most `keep`)."""
+    return b.emit("bitfield", rows, i * FIELD, 2**FIELD - 1)
+
+
 def row_counts(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float) -> Var:
     """Nonzeros per index of axis 0 of a 2+-dim weight (integer `[o]`, compiled programs): from the 2:4 block
     counts (shared with N:M, `packed_rows`) and the tail when axis 1 has 4+ entries."""
@@ -131,7 +136,7 @@ def row_counts(b: Builder, p: Var, shape: tuple[int, ...], tolerance: float) -> 
         return per_row(b, b.emit("to_int32", indicator(b, p, tolerance, True)), shape)
     blocks, tail = block_counts(b, p, shape, tolerance, 4, True)
     if packs_rows(shape):
-        rows = b.emit("bitfield", packed_rows(b, p, shape, tolerance), 0, 2**FIELD - 1)
+        rows = packed_field(b, packed_rows(b, p, shape, tolerance), 0)
     else:
         rows = per_row(b, blocks, shape)
     return rows if tail is None else b.add(rows, per_row(b, tail, shape))
