@@ -16,7 +16,7 @@ from ..compiler import Context
 from ..errors import SpecError
 from ..ir import UnitGroup
 from ..lang import Var
-from ..nonzero import FIELD, block_counts, packed_rows, packs_rows, per_row, sum_dtype
+from ..nonzero import block_counts, packed_field, packed_rows, packs_rows, per_row, sum_dtype
 from ..spec import define_spec
 from .costs import (
     WEIGHT_KINDS,
@@ -169,8 +169,8 @@ def _block_moments(ctx: Context, name: str, tolerance: float, m: int, keep: int)
     shape = ctx.structure.param_map[name].shape
     if ctx.backend is not None and m == 4 and packs_rows(shape):  # compiled: packed with the zero counts
         rows = packed_rows(b, b.param(name), shape, tolerance, keep)
-        return (b.emit("isum", b.emit("bitfield", rows, FIELD, 2**FIELD - 1), None, "int64"),
-                b.emit("isum", b.emit("bitfield", rows, 2 * FIELD, 2**FIELD - 1), None, "int64"))
+        return (b.emit("isum", packed_field(b, rows, 1), None, "int64"),
+                b.emit("isum", packed_field(b, rows, 2), None, "int64"))
     cnt, _ = block_counts(b, b.param(name), shape, tolerance, m, fused=ctx.backend is not None)
     if ctx.backend is not None:  # compiled: counted directly, per row like the zero counts (one loop nest)
         return (b.emit("isum", per_row(b, b.eq(cnt, keep), shape), None, "int64"),
