@@ -303,14 +303,16 @@ def _packed_active(plan: _ParamPlan) -> bool:
     return len(plan.shape) >= 2 and set(plan.axes) <= {0, 1} and all(s.groups == 1 for s, _ in plan.slices)
 
 
-def _active_vectors(b: Builder, p: Var, plan: _ParamPlan, tolerance: float, out: list[Var]) -> None:
+def _active_vectors(b: Builder, p: Var, plan: _ParamPlan, tolerance: float, out: list[Var], fused: bool = False
+                    ) -> None:
     """The `active` kind of a weight: per slice entry, 1 if its row/column has an element with |w| >
     tolerance (byte maxima of the indicator shared with the zero counts and N:M blocks, `wtcore.nonzero`).
     Summed per unit by the scatter, the result is > 0 exactly for active units; overlap cells need no
-    correction (counting a nonzero twice does not change > 0), so their entries are 0."""
+    correction (counting a nonzero twice does not change > 0), so their entries are 0. `fused`: the compiled
+    formulation (`wtcore.nonzero`), shared with the compiled zero and N:M counts."""
     for s, _ in plan.slices:
         anys = row_any if s.axis == 0 else col_any
-        out.append(b.emit("acc_like", anys(b, p, plan.shape, tolerance), p))
+        out.append(b.emit("acc_like", anys(b, p, plan.shape, tolerance, fused), p))
     for pos, _ in plan.corrections:
         out.append(b.emit("acc_like", b.const(torch.zeros(pos.numel(), dtype=torch.uint8), "no_correction"), p))
 
@@ -351,9 +353,10 @@ def _unit_index(order: list[_ParamPlan], num_units: int) -> np.ndarray:
 
 def _emit_scatter(
     b: Builder, order: list[_ParamPlan], flat_names: set[str], kinds: list[tuple[str, tuple[Any, ...]]],
-    num_units: int, index: np.ndarray, packed: bool = True
+    num_units: int, index: np.ndarray, fused: bool = False
 ) -> dict[tuple[str, tuple[Any, ...]], Var]:
-    """Emit the dense reductions for the runtime `kinds` and ONE index_add; return a [num_units] vector per kind."""
+    """Emit the dense reductions for the runtime `kinds` and ONE index_add; return a [num_units] vector per kind.
+    `fused`: for torch.compile (the activity of conv/linear weights in `wtcore.nonzero`'s compiled form)."""
     vectors: dict[tuple[str, tuple[Any, ...]], list[Var]] = {k: [] for k in kinds}
 
     def slice_vectors(r: Var, plan: _ParamPlan, out: list[Var]) -> None:
@@ -394,8 +397,8 @@ def _emit_scatter(
         p = b.param(pl.name)
         for k in kinds:
             parts: list[Var] = []
-            if k[0] == "active" and packed and _packed_active(pl):  # eager only (see wtcore.nonzero)
-                _active_vectors(b, p, pl, float(k[1][0]) if k[1] else 0.0, parts)
+            if k[0] == "active" and _packed_active(pl):
+                _active_vectors(b, p, pl, float(k[1][0]) if k[1] else 0.0, parts, fused)
                 vectors[k].append(b.emit("cat", *parts) if len(parts) > 1 else parts[0])
                 continue
             if k[0] == "sumsq" and _plain_pair(pl):  # in the `sumsq_pairs` equation above
@@ -454,7 +457,8 @@ def _lower_unit_reduce(
     runtime = [k for k in requested if k[0] in RUNTIME_KINDS]
     results: dict[tuple[str, tuple[Any, ...]], Var] = {}
     if runtime:
-        results.update(_emit_scatter(b, order, flat_names, runtime, structure.num_units, index, backend is None))
+        results.update(_emit_scatter(b, order, flat_names, runtime, structure.num_units, index,
+                                     backend is not None))
     for k in requested:
         if k[0] == "count":  # a constant: computed here, not emitted and folded
             results[k] = b.const(_unit_counts(order, index, structure.num_units), "params_per_unit")

@@ -41,7 +41,7 @@ class Program:
         self.backend = backend
         self._const_labels = tuple(const_labels)
         self._consts = {torch.device("cpu"): [c.to("cpu") for c in consts]}
-        ns = runtime_namespace()
+        ns = runtime_namespace(compiled=backend is not None)
         exec(compile(code, f"<wt program {structure.fingerprint}>", "exec"), ns)
         self.fn: Callable[..., tuple[torch.Tensor, ...]] = ns["wt_program"]
         self._run = torch.compile(self.fn, backend=backend, fullgraph=True) if backend else self.fn

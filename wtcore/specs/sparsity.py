@@ -16,7 +16,7 @@ from ..compiler import Context
 from ..errors import SpecError
 from ..ir import UnitGroup
 from ..lang import Var
-from ..nonzero import block_counts, sum_dtype
+from ..nonzero import block_counts, packed_field, packed_rows, packs_rows, per_row, sum_dtype
 from ..spec import define_spec
 from .costs import (
     WEIGHT_KINDS,
@@ -167,9 +167,14 @@ def _block_moments(ctx: Context, name: str, tolerance: float, m: int, keep: int)
     elements instead of two comparisons)."""
     b = ctx.b
     shape = ctx.structure.param_map[name].shape
+    if ctx.backend is not None and m == 4 and packs_rows(shape):  # compiled: packed with the zero counts
+        rows = packed_rows(b, b.param(name), shape, tolerance, keep)
+        return (b.emit("isum", packed_field(b, rows, 1), None, "int64"),
+                b.emit("isum", packed_field(b, rows, 2), None, "int64"))
     cnt, _ = block_counts(b, b.param(name), shape, tolerance, m, fused=ctx.backend is not None)
-    if ctx.backend is not None:  # compiled: counted directly, which inductor fuses into one pass
-        return b.emit("isum", b.eq(cnt, keep), None, "int64"), b.emit("isum", b.emit("le", cnt, keep), None, "int64")
+    if ctx.backend is not None:  # compiled: counted directly, per row like the zero counts (one loop nest)
+        return (b.emit("isum", per_row(b, b.eq(cnt, keep), shape), None, "int64"),
+                b.emit("isum", per_row(b, b.emit("le", cnt, keep), shape), None, "int64"))
     x = b.emit("clamp", cnt, max(keep - 1, 0), keep + 1)  # counts are >= 0: a lower bound of 0 is the same
     blocks = shape[0] * (shape[1] // m) * math.prod(shape[2:])
     if blocks * (keep + 1) ** 2 >= 2**31:  # int32 products and sums could overflow

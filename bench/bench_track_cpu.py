@@ -1,0 +1,63 @@
+"""`bench_track.py`'s program and `track()` ratios as CPU time of ONE thread, for busy machines.
+
+    python bench/bench_track_cpu.py [resnet50 vit_b_16 ...]
+
+With other jobs on the machine, wall-clock floors vary 2x between runs; the CPU time of one thread
+(`time.process_time`, `torch.set_num_threads(1)`) hardly moves. Medians of 15 interleaved repetitions;
+floor: `sum(p.pow(2).sum() for p in params)` under no_grad; compiled: `backend="inductor"`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from wtfront.models import load_model
+from wtfront.trace import trace
+from wtfront.tracker import WeightTracker
+
+KINDS = ["structured_bops", "unstructured_sparsity", "nm_sparsity", "group_pruning_summary"]
+
+
+def ratios(name: str, reps: int = 15) -> dict[str, float]:
+    ref = load_model(f"torchvision:{name}")
+    model, x = ref.model, ref.example_inputs
+    plist = list(model.parameters())
+    s = trace(model, x)
+    eager = WeightTracker(model, x, structure=s)
+    compiled = WeightTracker(model, x, structure=s, backend="inductor")
+    for t in (eager, compiled):
+        t.create_tracker(KINDS)
+    prog, cprog, params = eager.program(), compiled.program(), eager.params()
+
+    def no_grad(f: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                return f()
+        return run
+
+    fns = {"floor": no_grad(lambda: sum(p.pow(2).sum() for p in plist)),
+           "program eager": no_grad(lambda: prog(params)), "track() eager": eager.track,
+           "program compiled": no_grad(lambda: cprog(params)), "track() compiled": compiled.track}
+    for f in fns.values():  # warm-up (inductor compiles here)
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.process_time()
+            f()
+            times[k].append(time.process_time() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"== {name}: floor {med['floor'] * 1e3:.2f} ms CPU; "
+          + ", ".join(f"{k} {v / med['floor']:.2f}x" for k, v in med.items() if k != "floor"), flush=True)
+    return med
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for m in sys.argv[1:] or ["resnet50", "vit_b_16"]:
+        ratios(m)
