@@ -311,3 +311,15 @@ def test_packed_nonzero_primitives_match_plain_loops(rows, blocks, zero_fraction
         counts = wt_block4_count(e)
         assert counts.dtype == torch.int32
         assert counts.tolist() == [[sum(r[4 * j: 4 * j + 4]) for j in range(blocks)] for r in want]
+
+
+def test_flat_packs_every_output_in_key_order() -> None:
+    s = _toy()
+    p = params_for(s, dtype=torch.float32)
+    prog = wtcore.compile(s, ALL)
+    outs = prog(p)
+    flat = prog.flat(p)
+    assert flat.dtype == torch.float64
+    assert prog.output_numels == tuple(outs[k].numel() for k in prog.output_keys)
+    expected = torch.cat([outs[k].reshape(-1).to(torch.float64) for k in prog.output_keys])
+    assert torch.equal(flat, expected)

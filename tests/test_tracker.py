@@ -58,7 +58,7 @@ def test_track_runs_one_fused_program_with_one_host_sync(traced, monkeypatch):
     prog = t.program()
     assert prog.code.count("index_add") == 1 and prog.stats()["scatter_add"] == 1
     calls = {"program": 0, "tolist": 0}
-    real_call, real_tolist = wtcore.Program.__call__, torch.Tensor.tolist
+    real_call, real_tolist = wtcore.Program.flat, torch.Tensor.tolist
 
     def counting_call(self, params):
         calls["program"] += 1
@@ -71,7 +71,7 @@ def test_track_runs_one_fused_program_with_one_host_sync(traced, monkeypatch):
     def no_item(self):
         raise AssertionError("track() must not call .item()")
 
-    monkeypatch.setattr(wtcore.Program, "__call__", counting_call)
+    monkeypatch.setattr(wtcore.Program, "flat", counting_call)
     monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
     monkeypatch.setattr(torch.Tensor, "item", no_item)
     t.track()

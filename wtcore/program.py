@@ -45,6 +45,8 @@ class Program:
         exec(compile(code, f"<wt program {structure.fingerprint}>", "exec"), ns)
         self.fn: Callable[..., tuple[torch.Tensor, ...]] = ns["wt_program"]
         self._run = torch.compile(self.fn, backend=backend, fullgraph=True) if backend else self.fn
+        self._flat_run: Callable[..., torch.Tensor] | None = None
+        self._numels: tuple[int, ...] | None = None
         pmap = structure.param_map
         self._expected = tuple((n, pmap[n].shape, pmap[n].aliases, pmap[n].module) for n in self.param_names)
 
@@ -92,6 +94,33 @@ class Program:
         device = inputs[0].device if inputs else torch.device("cpu")
         outs = self._run(inputs, self.consts_on(device))
         return dict(zip(self.output_keys, outs))
+
+    def flat(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Every output flattened, in `output_keys` order, as ONE float64 vector (split it with
+        `output_numels`): what a tracker logs, read back with a single host sync. The packing runs inside the
+        program (inside the compiled graph with `backend=`), instead of one detach, reshape and cast per output
+        afterwards and one returned tensor per output from the compiled graph."""
+        inputs = self.gather(params)
+        device = inputs[0].device if inputs else torch.device("cpu")
+        if self._flat_run is None:
+            fn = self.fn
+
+            def wt_program_flat(P: list[torch.Tensor], C: list[torch.Tensor]) -> torch.Tensor:
+                return torch.cat([t.reshape(-1).to(torch.float64) for t in fn(P, C)])
+
+            self._flat_run = (torch.compile(wt_program_flat, backend=self.backend, fullgraph=True) if self.backend
+                              else wt_program_flat)
+        return self._flat_run(inputs, self.consts_on(device))
+
+    @property
+    def output_numels(self) -> tuple[int, ...]:
+        """Number of elements of each output (fixed by the structure), from one evaluation on the meta device."""
+        if self._numels is None:
+            meta = [torch.empty(shape, dtype=torch.float32, device="meta") for _, shape, _, _ in self._expected]
+            consts = [c.to("meta") for c in self._consts[torch.device("cpu")]]
+            with torch.no_grad():
+                self._numels = tuple(t.numel() for t in self.fn(meta, consts))
+        return self._numels
 
     # ----------------------------------------------------------------- printing
     def __str__(self) -> str:

@@ -302,14 +302,12 @@ class WeightTracker:
         prog = self.program() if trackers is self._trackers else wtcore.compile(
             self.structure, [t.spec for t in trackers], backend=self.backend)
         with torch.no_grad():
-            outs = prog(self.params())
-        tensors = list(outs.values())
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).tolist()  # one sync
+            flat = prog.flat(self.params()).tolist()  # one host sync for every metric
         values: dict[str, list[float]] = {}
         pos = 0
-        for key, t in zip(outs, tensors):
-            values[key] = flat[pos: pos + t.numel()]
-            pos += t.numel()
+        for key, n in zip(prog.output_keys, prog.output_numels):
+            values[key] = flat[pos: pos + n]
+            pos += n
         result: dict[str, float] = {}
         for t in trackers:
             result.update(t._format(values))
