@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_main, interleaved_medians, once
+from common import bench_main, interleaved_medians, interleaved_times, once
 
 import wtcore
 from wtfront.models import load_model
@@ -74,9 +74,12 @@ def bench_model(name: str, reps: int, compiled: bool) -> None:
 
     # the cost model's build in its own set: fvcore's jit trace allocates heavily, and interleaved with the
     # two it would change the allocator state Torch-Pruning's build runs in right after it
-    builds = interleaved_medians({"tp": tp_build, "wt": build(costs=False)}, reps=max(7, reps), warmup=1)
+    # the ratio is the median of each round's wt/TP ratio: the two runs of a round are adjacent in time, so
+    # the machine's drift (the example forward pass, ~85% of both, varies +-15% between rounds here) cancels
+    rounds = interleaved_times({"tp": tp_build, "wt": build(costs=False)}, reps=max(21, reps), warmup=1)
     with_costs = interleaved_medians({"tp": tp_build, "wt+costs": build(costs=True)}, reps=3, warmup=1)
-    t_tp, t_build = builds["tp"], builds["wt"]
+    t_tp, t_build = statistics.median(rounds["tp"]), statistics.median(rounds["wt"])
+    build_ratio = statistics.median(w / t for w, t in zip(rounds["wt"], rounds["tp"]))
     t_costs = with_costs["wt+costs"] / with_costs["tp"] * t_tp
     t_compile = statistics.median(compile_s)
     structure = trace(model, x, costs=False)
@@ -125,7 +128,8 @@ def bench_model(name: str, reps: int, compiled: bool) -> None:
     print(f"\n== {name}: {len(plist)} parameters, {n / 1e6:.1f}M elements, {structure.num_units} units "
           f"in {len(structure.groups)} groups")
     print(f"build (medians, interleaved): wt trace + compile {t_build:.3f}s (compile {t_compile:.3f}s); "
-          f"Torch-Pruning build_dependency {t_tp:.3f}s; ratio {t_build / t_tp:.2f}x")
+          f"Torch-Pruning build_dependency {t_tp:.3f}s; ratio {build_ratio:.2f}x (median of per-round ratios; "
+          f"ratio of medians {t_build / t_tp:.2f}x)")
     print(f"build with the cost model (one more forward pass): {t_costs:.3f}s; ratio {t_costs / t_tp:.2f}x")
     if t_wtt is not None:
         print(f"torch-weighttracker build (graph, groups, MACs) {t_wtt:.3f}s; ratio {t_wtt / t_tp:.2f}x")

@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import torch
 
-from wtfront.benchmark import interleaved_medians, once
+from wtfront.benchmark import interleaved_medians, interleaved_times, once
 
-__all__ = ["bench_main", "interleaved_medians", "once"]
+__all__ = ["bench_main", "interleaved_medians", "interleaved_times", "once"]
 
 
 def bench_main(doc: str, bench_model: Callable[[str, int, bool], object], header: str = "") -> None:

@@ -19,11 +19,11 @@ import torch
 import wtcore
 from wtcore.ir import Structure
 
-__all__ = ["FloorRatios", "floor_ratios", "interleaved_medians", "once"]
+__all__ = ["FloorRatios", "floor_ratios", "interleaved_medians", "interleaved_times", "once"]
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 3) -> dict[str, float]:
-    """Run every function once per round (so drift hits all alike) and return each one's median seconds."""
+def interleaved_times(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 3) -> dict[str, list[float]]:
+    """Run every function once per round (so drift hits all alike); every round's seconds, per function."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -33,7 +33,12 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int = 15, wa
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 3) -> dict[str, float]:
+    """Each function's median seconds over `interleaved_times` rounds."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, reps, warmup).items()}
 
 
 def once(fn: Callable[[], object]) -> float:
