@@ -9,13 +9,13 @@ floor: `sum(p.pow(2).sum() for p in params)` under no_grad; compiled: `backend="
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from wtfront.benchmark import interleaved_medians
 from wtfront.models import load_model
 from wtfront.trace import trace
 from wtfront.tracker import WeightTracker
@@ -43,15 +43,7 @@ def ratios(name: str, reps: int = 15) -> dict[str, float]:
     fns = {"floor": no_grad(lambda: sum(p.pow(2).sum() for p in plist)),
            "program eager": no_grad(lambda: prog(params)), "track() eager": eager.track,
            "program compiled": no_grad(lambda: cprog.flat(params)), "track() compiled": compiled.track}
-    for f in fns.values():  # warm-up (inductor compiles here)
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.process_time()
-            f()
-            times[k].append(time.process_time() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(fns, reps=reps, warmup=1, clock=time.process_time)  # inductor compiles in warm-up
     print(f"== {name}: floor {med['floor'] * 1e3:.2f} ms CPU; "
           + ", ".join(f"{k} {v / med['floor']:.2f}x" for k, v in med.items() if k != "floor"), flush=True)
     return med

@@ -22,23 +22,26 @@ from wtcore.ir import Structure
 __all__ = ["FloorRatios", "floor_ratios", "interleaved_medians", "interleaved_times", "once"]
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 3) -> dict[str, list[float]]:
-    """Run every function once per round (so drift hits all alike); every round's seconds, per function."""
+def interleaved_times(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 3,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Run every function once per round (so drift hits all alike); every round's seconds, per function.
+    `clock=time.process_time` measures CPU time instead (steadier on a busy machine, with one thread)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return times
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 3) -> dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 3,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Each function's median seconds over `interleaved_times` rounds."""
-    return {k: statistics.median(v) for k, v in interleaved_times(fns, reps, warmup).items()}
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, reps, warmup, clock).items()}
 
 
 def once(fn: Callable[[], object]) -> float:
