@@ -551,6 +551,41 @@ def test_state_is_restored_and_no_grad_is_fine() -> None:
     assert ("stem.weight", 0) in slice_map(s.group_map["stem.out"])  # frozen weights are still traced
 
 
+def test_trace_leaves_no_cyclic_garbage_and_restores_the_collector() -> None:
+    """TP's graph is cyclic; trace breaks its cycles, so nothing of it waits for (and is promoted ahead of) a
+    full collection; the collector is paused while tracing and left as it was, also when tracing fails."""
+    import gc
+
+    import torchvision
+    from torch_pruning.dependency.dependency import Dependency
+    from torch_pruning.dependency.node import Node
+
+    model, x = torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)
+    trace(model, x, costs=False)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        assert gc.isenabled()
+        trace(model, x, costs=False)
+        assert gc.isenabled()
+        gc.collect()
+        leaked = [o for o in gc.garbage if isinstance(o, (Node, Dependency))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not leaked
+    gc.disable()
+    try:
+        with pytest.raises(TraceError):
+            trace(Net(), torch.randn(2, 5, 8, 8))
+        assert not gc.isenabled()  # a caller's paused collector stays paused
+    finally:
+        gc.enable()
+    with pytest.raises(TraceError):
+        trace(Net(), torch.randn(2, 5, 8, 8))
+    assert gc.isenabled()
+
+
 # ------------------------------------------------------------------------------------------------ zoo
 # (factory, input side, the one group that feeds the output). CNNs run at 64x64: the structure does not
 # depend on the resolution once global pooling reduces it, and tracing is faster.
