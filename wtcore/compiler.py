@@ -298,21 +298,19 @@ def _plain_pair(plan: _ParamPlan) -> bool:
 
 
 def _packed_active(plan: _ParamPlan) -> bool:
-    """A weight whose activity comes from the packed byte indicator: 2+ dims, ungrouped slices on axes 0
-    and/or 1 (every conv/linear weight but grouped convs)."""
+    """A weight whose activity comes from its `nonzero_stats` (`wtcore.nonzero`): 2+ dims, ungrouped slices
+    on axes 0 and/or 1 (every conv/linear weight but grouped convs)."""
     return len(plan.shape) >= 2 and set(plan.axes) <= {0, 1} and all(s.groups == 1 for s, _ in plan.slices)
 
 
-def _active_vectors(b: Builder, p: Var, plan: _ParamPlan, tolerance: float, out: list[Var], fused: bool = False
-                    ) -> None:
+def _active_vectors(b: Builder, p: Var, plan: _ParamPlan, tolerance: float, out: list[Var]) -> None:
     """The `active` kind of a weight: per slice entry, 1 if its row/column has an element with |w| >
-    tolerance (byte maxima of the indicator shared with the zero counts and N:M blocks, `wtcore.nonzero`).
+    tolerance (from the `nonzero_stats` shared with the zero counts and N:M blocks, `wtcore.nonzero`).
     Summed per unit by the scatter, the result is > 0 exactly for active units; overlap cells need no
-    correction (counting a nonzero twice does not change > 0), so their entries are 0. `fused`: the compiled
-    formulation (`wtcore.nonzero`), shared with the compiled zero and N:M counts."""
+    correction (counting a nonzero twice does not change > 0), so their entries are 0."""
     for s, _ in plan.slices:
         anys = row_any if s.axis == 0 else col_any
-        out.append(b.emit("acc_like", anys(b, p, plan.shape, tolerance, fused), p))
+        out.append(b.emit("acc_like", anys(b, p, plan.shape, tolerance), p))
     for pos, _ in plan.corrections:
         out.append(b.emit("acc_like", b.const(torch.zeros(pos.numel(), dtype=torch.uint8), "no_correction"), p))
 
@@ -353,10 +351,9 @@ def _unit_index(order: list[_ParamPlan], num_units: int) -> np.ndarray:
 
 def _emit_scatter(
     b: Builder, order: list[_ParamPlan], flat_names: set[str], kinds: list[tuple[str, tuple[Any, ...]]],
-    num_units: int, index: np.ndarray, fused: bool = False
+    num_units: int, index: np.ndarray
 ) -> dict[tuple[str, tuple[Any, ...]], Var]:
-    """Emit the dense reductions for the runtime `kinds` and ONE index_add; return a [num_units] vector per kind.
-    `fused`: for torch.compile (the activity of conv/linear weights in `wtcore.nonzero`'s compiled form)."""
+    """Emit the dense reductions for the runtime `kinds` and ONE index_add; return a [num_units] vector per kind."""
     vectors: dict[tuple[str, tuple[Any, ...]], list[Var]] = {k: [] for k in kinds}
 
     def slice_vectors(r: Var, plan: _ParamPlan, out: list[Var]) -> None:
@@ -398,7 +395,7 @@ def _emit_scatter(
         for k in kinds:
             parts: list[Var] = []
             if k[0] == "active" and _packed_active(pl):
-                _active_vectors(b, p, pl, float(k[1][0]) if k[1] else 0.0, parts, fused)
+                _active_vectors(b, p, pl, float(k[1][0]) if k[1] else 0.0, parts)
                 vectors[k].append(b.emit("cat", *parts) if len(parts) > 1 else parts[0])
                 continue
             if k[0] == "sumsq" and _plain_pair(pl):  # in the `sumsq_pairs` equation above
@@ -440,9 +437,7 @@ def _unit_counts(order: list[_ParamPlan], index: np.ndarray, num_units: int) -> 
     return torch.from_numpy(np.bincount(index, weights=weights, minlength=num_units + 1)[:num_units])
 
 
-def _lower_unit_reduce(
-    b: Builder, structure: Structure, slices: Mapping[str, tuple[Slice, ...]], backend: str | None = None
-) -> dict[Var, Var]:
+def _lower_unit_reduce(b: Builder, structure: Structure, slices: Mapping[str, tuple[Slice, ...]]) -> dict[Var, Var]:
     """Replace every `unit_reduce` placeholder by its lowering; return the substitution applied."""
     lazy = [e for e in b.eqns if e.prim == "unit_reduce"]
     if not lazy:
@@ -457,8 +452,7 @@ def _lower_unit_reduce(
     runtime = [k for k in requested if k[0] in RUNTIME_KINDS]
     results: dict[tuple[str, tuple[Any, ...]], Var] = {}
     if runtime:
-        results.update(_emit_scatter(b, order, flat_names, runtime, structure.num_units, index,
-                                     backend is not None))
+        results.update(_emit_scatter(b, order, flat_names, runtime, structure.num_units, index))
     for k in requested:
         if k[0] == "count":  # a constant: computed here, not emitted and folded
             results[k] = b.const(_unit_counts(order, index, structure.num_units), "params_per_unit")
@@ -564,6 +558,31 @@ def _schedule(b: Builder) -> None:
             if pending[j] == 0:
                 heapq.heappush(ready, ranked(j))
     b.eqns = [eqns[i] for i in order]
+
+
+def _batch_stats(b: Builder) -> None:
+    """Turn the per-weight `nonzero_stats` equations of a compiled program into ONE `nonzero_stats_batch` per
+    (tolerance, m, keep) and per-weight views of it (`stats_part`): one native call reads every weight, its
+    threads balance rows across weights, and inductor's wrapper makes one call instead of one per weight.
+    The batch needs every weight it reads, so parameter loads move to the front (they are read in place:
+    their order only names the program's parameter list)."""
+    batches: dict[tuple[Any, ...], list[Eqn]] = {}
+    for e in b.eqns:
+        if e.prim == "nonzero_stats":
+            batches.setdefault(e.args[1:4], []).append(e)
+    if not batches:
+        return
+    head = [e for e in b.eqns if e.prim == "param"]
+    part: dict[Var, Eqn] = {}
+    for key, eqns in batches.items():
+        batch = b._new()
+        head.append(Eqn(batch, "nonzero_stats_batch", (tuple(e.args[0] for e in eqns), *key)))
+        row = col = 0
+        for e in eqns:
+            o, c = e.args[4], e.args[5]
+            part[e.out] = Eqn(e.out, "stats_part", (batch, row, o, col, c))
+            row, col = row + o, col + c
+    b.eqns = head + [part.get(e.out, e) for e in b.eqns if e.prim != "param"]
 
 
 #: Built-in primitives: each template yields a primary expression (a call, attribute, subscript or parenthesized
@@ -741,11 +760,12 @@ def _compile(structure: Structure, requests: list[Spec], resolved: list[Any], in
         else:
             raise SpecError(f"spec {r.name!r} returned {type(val).__name__}; a spec returns a Var or a dict of Vars")
 
-    replace = _lower_unit_reduce(b, structure, slices, backend)
+    replace = _lower_unit_reduce(b, structure, slices)
     outputs = [(k, replace.get(v, v)) for k, v in outputs]
     _schedule(b)
     _fold_constants(b)
     _dce(b, [v for _, v in outputs])
+    _batch_stats(b)
     code, param_names, consts = _codegen(b, outputs)
     program = Program(
         structure=structure,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import SpecError
+from .native import nonzero_stats
 
 __all__ = ["PRIMITIVES", "Builder", "Eqn", "Primitive", "Var", "runtime_namespace"]
 
@@ -153,19 +154,19 @@ PRIMITIVES.update({
     "nonzero_bytes": Primitive(
         "nonzero_bytes", _f("wt_nonzero_bytes({}, {})"), "uint8 1 where |x| > tolerance, else 0 (one byte per element)"
     ),
-    "block4_count": Primitive(
-        "block4_count", _f("wt_block4_count({})"), "int32 sums of consecutive 4-byte blocks along the last dim"
+    "nonzero_stats": Primitive(
+        "nonzero_stats", lambda p, tol, m, keep, o, c: f"wt_nonzero_stats([{p}], {tol}, {m}, {keep})",
+        "(w, tolerance, m, keep, rows, inputs): (int64 [3, rows]: per row the nonzeros and the m-blocks along "
+        "axis 1 with exactly / at most `keep` nonzeros; uint8 [inputs]: input activity) of a 2+-dim weight",
     ),
-    "nonzero_words": Primitive(
-        "nonzero_words", _f("wt_nonzero_words({}, {})"),
-        "(int32 words [o, c // 4]: the packed indicator of an [o, c] weight, 4 inputs a word; uint8 column any [c])",
+    "nonzero_stats_batch": Primitive(
+        "nonzero_stats_batch", lambda ws, tol, m, keep: f"wt_nonzero_stats([{ws.strip('(,)')}], {tol}, {m}, {keep})",
+        "`nonzero_stats` of many weights in one call, concatenated (rows along dim 1, then inputs)",
     ),
-    "nonzero_bytes_cols": Primitive(
-        "nonzero_bytes_cols", _f("wt_nonzero_bytes_cols({}, {})"),
-        "(the packed indicator of an [o, c, *k] weight; uint8 1 for every index of axis 1 with a nonzero, [c])",
+    "stats_part": Primitive(
+        "stats_part", lambda st, r, o, c, n: f"({st}[0][:, {r}:{r} + {o}], {st}[1][{c}:{c} + {n}])",
+        "(batch, row offset, rows, input offset, inputs): one weight's `nonzero_stats` in a batch",
     ),
-    "word_count": Primitive("word_count", _f("wt_word_count({})"), "nonzeros per int32 word of `nonzero_words`"),
-    "bitfield": Primitive("bitfield", _f("(({} >> {}) & {})"), "(x, shift, mask): a bit field of an integer"),
     "isum": Primitive(
         "isum",
         lambda x, dims, dtype: f"{x}.sum({'' if dims == 'None' else dims + ', '}dtype=torch.{dtype.strip(chr(39))})",
@@ -225,70 +226,29 @@ def _(x: torch.Tensor, tolerance: float) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.uint8, device=x.device)
 
 
-def _col_any_bytes(e: torch.Tensor) -> torch.Tensor:
-    """1 for every index of axis 1 of a 0/1 uint8 `[o, c, *k]` with a 1, else 0 (uint8 `[c]`)."""
-    o, c = e.shape[0], e.shape[1]
-    cols = e.reshape(o, -1).amax(0)
-    return cols if cols.numel() == c else cols.reshape(c, -1).amax(1)
+@torch.library.custom_op("wt::nonzero_stats", mutates_args=())
+def _nonzero_stats_op(ws: list[torch.Tensor], tolerance: float, m: int, keep: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`wtcore.native.nonzero_stats` as an operator torch.compile calls without looking into it. Compiled
+    programs only: in eager a custom op costs ~35 us of Python per call, and it has no autograd or vmap rule
+    (counts have no gradient; eager programs count with plain torch ops, which vmap)."""
+    return nonzero_stats(ws, tolerance, m, keep)
 
 
-def wt_nonzero_words(x: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed indicator of an `[o, c]` tensor (`c` a multiple of 4) read as int32 words `[o, c // 4]` (a
-    free view of the contiguous bytes: four consecutive inputs per word), and its column activity (uint8 `[c]`)."""
-    e = wt_nonzero_bytes(x, tolerance)
-    return (e if e.is_contiguous() else e.contiguous()).view(torch.int32), _col_any_bytes(e)
+@_nonzero_stats_op.register_fake
+def _(ws: list[torch.Tensor], tolerance: float, m: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dev = ws[0].device if ws else None
+    return (torch.empty((3, sum(w.shape[0] for w in ws)), dtype=torch.int64, device=dev),
+            torch.empty((sum(w.shape[1] for w in ws),), dtype=torch.uint8, device=dev))
 
 
-def wt_nonzero_bytes_cols(x: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed indicator of an `[o, c, *k]` tensor and its column activity (uint8 `[c]`)."""
-    e = wt_nonzero_bytes(x, tolerance)
-    return e, _col_any_bytes(e)
-
-
-# Compiled programs read a weight's indicator through these opaque operators: inductor's code for bool and
-# uint8 *outputs* is ~20x slower than ATen's cast on CPU, and its column (outer) reductions walk down the
-# rows one vector-wide strip at a time (a 4096x4096 weight's column activity from words: ~5.6 ms in
-# inductor, 2.3 ms as ATen's byte amax; 1024x1024x3x3: ~4.7 ms against 0.9 ms). It then reads int32 words
-# with full-width vector loads (vit_b_16's 2-D weights: 2:4 sums from words 6.5 ms, from bytes 17.4 ms).
-@torch.library.custom_op("wt::nonzero_words", mutates_args=())
-def _nonzero_words_op(x: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return wt_nonzero_words(x, tolerance)
-
-
-@_nonzero_words_op.register_fake
-def _(x: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    torch._check(x.dim() == 2 and x.shape[1] % 4 == 0, lambda: "wt::nonzero_words: needs [o, 4n]")
-    return (torch.empty((x.shape[0], x.shape[1] // 4), dtype=torch.int32, device=x.device),
-            torch.empty((x.shape[1],), dtype=torch.uint8, device=x.device))
-
-
-@torch.library.custom_op("wt::nonzero_bytes_cols", mutates_args=())
-def _nonzero_bytes_cols_op(x: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return wt_nonzero_bytes_cols(x, tolerance)
-
-
-@_nonzero_bytes_cols_op.register_fake
-def _(x: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty(x.shape, dtype=torch.uint8, device=x.device),
-            torch.empty((x.shape[1],), dtype=torch.uint8, device=x.device))
-
-
-def wt_word_count(w: torch.Tensor) -> torch.Tensor:
-    """Nonzeros per word of `wt_nonzero_words` (the sum of its four 0/1 bytes, int32): two shift-adds that
-    cannot overflow (words are below 2**25), whatever the byte order."""
-    t = w + (w >> 16)
-    return (t + (t >> 8)) & 0xFF
-
-
-def wt_block4_count(e: torch.Tensor) -> torch.Tensor:
-    """Sums of the consecutive 4-entry blocks of a 0/1 uint8 tensor along its last dim (int32, `[..., n // 4]`).
-
-    Contiguous, the four bytes of a block are one int32 `v`; `v * 0x01010101` has the sum of the four bytes
-    in its top byte (each partial byte sum is at most 4: no carry, no overflow, either byte order). One
-    vectorized int32 multiply and shift over a quarter of the elements, instead of strided byte adds."""
-    if e.is_contiguous():
-        return (e.view(torch.int32) * 0x01010101) >> 24
-    return e.reshape(*e.shape[:-1], -1, 4).sum(-1, dtype=torch.int32)
+def wt_nonzero_stats(ws: list[torch.Tensor], tolerance: float, m: int, keep: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nonzero_stats` in eager programs: called directly (no operator dispatch), or through the operator
+    when a user's own `torch.compile` traces the program (dynamo cannot look into the ctypes call)."""
+    if torch.compiler.is_compiling():
+        return _nonzero_stats_op(ws, tolerance, m, keep)
+    return nonzero_stats(ws, tolerance, m, keep)
 
 
 def wt_safe_sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -357,10 +317,7 @@ def runtime_namespace(compiled: bool = False) -> dict[str, Any]:
         "wt_acc": wt_acc,
         "wt_acc_like": wt_acc_like,
         "wt_nonzero_bytes": _nonzero_bytes_op if compiled else wt_nonzero_bytes,
-        "wt_nonzero_words": _nonzero_words_op if compiled else wt_nonzero_words,
-        "wt_word_count": wt_word_count,
-        "wt_nonzero_bytes_cols": _nonzero_bytes_cols_op if compiled else wt_nonzero_bytes_cols,
-        "wt_block4_count": wt_block4_count,
+        "wt_nonzero_stats": _nonzero_stats_op if compiled else wt_nonzero_stats,
         "wt_safe_sqrt": wt_safe_sqrt,
         "wt_segment_sum_sorted": wt_segment_sum_sorted,
         "wt_sumsq_rows_cols": wt_sumsq_rows_cols,

@@ -292,8 +292,7 @@ def compression(ctx: Context, weight_bits: Any = 32, act_bits: Any = 32, toleran
 def nonzero_count(ctx: Context, name: str, tolerance: float) -> Var:
     """Number of elements with |w| > tolerance, an int64 scalar, from the packed indicator shared with unit
     activity and N:M (`wtcore.nonzero.total_count`)."""
-    return total_count(ctx.b, ctx.b.param(name), ctx.structure.param_map[name].shape, tolerance,
-                       fused=ctx.backend is not None)
+    return total_count(ctx.b, ctx.b.param(name), ctx.structure.param_map[name].shape, tolerance)
 
 
 def stack_scalars(ctx: Context, values: Sequence[Var], dtype: torch.dtype = torch.float64) -> Var:

@@ -16,7 +16,7 @@ from ..compiler import Context
 from ..errors import SpecError
 from ..ir import UnitGroup
 from ..lang import Var
-from ..nonzero import block_counts, packed_field, packed_rows, packs_rows, per_row, sum_dtype
+from ..nonzero import stats_blocks
 from ..spec import define_spec
 from .costs import (
     WEIGHT_KINDS,
@@ -106,26 +106,16 @@ def nm_sparsity(ctx: Context, n: int = 2, m: int = 4, tolerance: float = 0.0,
         nb = c // m
         blocks.append(o * nb * k)
         tails.append(o * (c - nb * m) * k)
-        if nb:
-            x1, x2 = _block_moments(ctx, name, tolerance, m, keep)
-            s1.append(x1)
-            s2.append(x2)
+        if nb:  # blocks with exactly / at most `keep` nonzeros, with the zero counts (`wtcore.nonzero.stats`)
+            strict, eligible = stats_blocks(b, b.param(name), shape, tolerance, m, keep)
+            s1.append(strict)
+            s2.append(eligible)
     blocks_np = np.asarray(blocks, dtype=np.float64)
     tails_np = np.asarray(tails, dtype=np.float64)
     blocks_c = b.const(torch.from_numpy(blocks_np), "nm_blocks")
-    # per weight, with x = clamp(cnt, keep - 1, keep + 1) and d = x - keep in {-1, 0, 1} per block:
-    # sum(d) = N+ - N-, sum(d^2) = N+ + N-, so strict (d = 0) = blocks - sum(d^2) and eligible (d <= 0) =
-    # blocks - (sum(d^2) + sum(d)) / 2 (float arithmetic: torch's CPU comparisons and bool sums are slower)
     has = [i for i, nb in enumerate(blocks) if nb]
     if has:
-        nbs = b.const(torch.from_numpy(blocks_np[has]), "nm_blocks_nonempty")
-        v1, v2 = stack_scalars(ctx, s1), stack_scalars(ctx, s2)
-        if ctx.backend is not None:  # counted directly
-            strict_h, elig_h = v1, v2
-        else:
-            sd = b.sub(v1, b.mul(nbs, float(keep)))
-            sd2 = b.add(b.sub(v2, b.mul(v1, 2.0 * keep)), b.mul(nbs, float(keep * keep)))
-            strict_h, elig_h = b.sub(nbs, sd2), b.sub(nbs, b.mul(b.add(sd2, sd), 0.5))
+        strict_h, elig_h = stack_scalars(ctx, s1), stack_scalars(ctx, s2)
         if len(has) == len(blocks):
             strict_v, elig_v = strict_h, elig_h
         else:  # weights without a complete block count none
@@ -158,29 +148,6 @@ def nm_sparsity(ctx: Context, n: int = 2, m: int = 4, tolerance: float = 0.0,
         "per_param_eligible_fraction": b.div(elig_v, safe),
         "per_param_tail_elements": b.const(torch.from_numpy(tails_np), "nm_tails"),
     }
-
-
-def _block_moments(ctx: Context, name: str, tolerance: float, m: int, keep: int) -> tuple[Var, Var]:
-    """(sum(x), sum(x * x)) of x = clamp(cnt, keep - 1, keep + 1) over a weight's blocks (cnt: nonzeros per
-    block, from the packed indicator shared with the zero counts), exact int64 scalars; `nm_sparsity` turns
-    them into strict and eligible counts for all weights at once (two cheap reductions over a quarter of the
-    elements instead of two comparisons)."""
-    b = ctx.b
-    shape = ctx.structure.param_map[name].shape
-    if ctx.backend is not None and m == 4 and packs_rows(shape):  # compiled: packed with the zero counts
-        rows = packed_rows(b, b.param(name), shape, tolerance, keep)
-        return (b.emit("isum", packed_field(b, rows, 1), None, "int64"),
-                b.emit("isum", packed_field(b, rows, 2), None, "int64"))
-    cnt, _ = block_counts(b, b.param(name), shape, tolerance, m, fused=ctx.backend is not None)
-    if ctx.backend is not None:  # compiled: counted directly, per row like the zero counts (one loop nest)
-        return (b.emit("isum", per_row(b, b.eq(cnt, keep), shape), None, "int64"),
-                b.emit("isum", per_row(b, b.emit("le", cnt, keep), shape), None, "int64"))
-    x = b.emit("clamp", cnt, max(keep - 1, 0), keep + 1)  # counts are >= 0: a lower bound of 0 is the same
-    blocks = shape[0] * (shape[1] // m) * math.prod(shape[2:])
-    if blocks * (keep + 1) ** 2 >= 2**31:  # int32 products and sums could overflow
-        x = b.to_long(x)
-    return b.emit("isum", x, None, sum_dtype(blocks * (keep + 1))), \
-        b.emit("isum", b.mul(x, x), None, sum_dtype(blocks * (keep + 1) ** 2))
 
 
 def _group_indices(ctx: Context, groups: tuple[str, ...] | None) -> list[int]:

@@ -1,14 +1,15 @@
-"""Compiled programs (`backend=...`) count nonzeros with their own formulation (`wtcore.nonzero`: opaque
-byte/word indicator ops, 2:4 counts from int32 words, row reductions); it must give eager's numbers exactly.
+"""Nonzero counts (`wtcore.nonzero`, `wtcore.native`): the C kernel against its torch implementation and
+per-element references, and programs that count with it against independent counts.
 
-Fast tests run that formulation without inductor (the program's generated function called directly: the
-opaque ops run their ATen kernels) over random structures; the slow ones compile real models with inductor.
+Every program counts 2+-dim weights through `nonzero_stats`: the native kernel on plain CPU tensors, torch
+ops under vmap/grad, off the CPU, or where the kernel cannot be built. Both must give the same numbers, for
+every float dtype, tolerance (at 0, NaN counts as nonzero; above, it does not), block size and kernel shape.
+The slow tests compile real models with inductor (where the kernel runs as an opaque operator).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import wtcore
+from wtcore import native
 from wtcore.ir import AxisPart, CostAxis, CostOp, Param, Slice, Structure, UnitGroup, runs_from_list
-from wtcore.lang import wt_nonzero_bytes_cols, wt_nonzero_words, wt_word_count
 from wtcore.testing import params_for, structures_with_ops
 
 TRACKED = ["structured_bops", "unstructured_sparsity", "nm_sparsity", "group_pruning_summary"]
@@ -71,40 +72,114 @@ def ref_blocks(w: torch.Tensor, tolerance: float, n: int, m: int) -> tuple[int, 
     return int((nz == m - n).sum()), int((nz <= m - n).sum())
 
 
-# ----------------------------------------------------------------------------- the word primitives
-@settings(max_examples=60, deadline=None)
-@given(st.integers(1, 9), st.integers(1, 12), st.integers(0, 2**31 - 1), st.floats(0.0, 1.0))
-def test_word_counts_and_column_activity_match_a_direct_count(rows: int, words: int, seed: int, density: float) -> None:
+# ----------------------------------------------------------------------------- the kernel
+def ref_stats(w: torch.Tensor, tolerance: float, m: int, keep: int) -> tuple[list[list[int]], list[int]]:
+    """Per-element Python loops over torch's own indicator (`ref_nonzeros`: the comparison in the weight's
+    dtype, as eager torch makes it): ([nonzeros, blocks with exactly keep, with at most keep] per row, input
+    activity)."""
+    o, c = w.shape[0], w.shape[1]
+    k = math.prod(w.shape[2:])
+    vals = ref_nonzeros(w, tolerance).reshape(o, c, k).int().tolist()
+    rows: list[list[int]] = [[], [], []]
+    cols = [0] * c
+    for r in range(o):
+        ind = vals[r]
+        sums = [sum(ind[b * m + j][q] for j in range(m)) for b in range(c // m) for q in range(k)]
+        rows[0].append(sum(map(sum, ind)))
+        rows[1].append(sum(s == keep for s in sums))
+        rows[2].append(sum(s <= keep for s in sums))
+        cols = [a | int(any(ind[i])) for a, i in zip(cols, range(c))]
+    return rows, cols
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 13), st.sampled_from([(), (1,), (3,), (2, 2), (3, 3)]),
+       st.sampled_from(DTYPES), st.sampled_from([0.0, 0.05, 0.1, 1e-30]), st.sampled_from([(4, 2), (4, 0), (4, 4),
+                                                                                         (1, 0), (3, 1), (8, 3)]),
+       st.floats(0.0, 1.0), st.integers(0, 2**31 - 1), st.booleans())
+def test_kernel_equals_torch_and_plain_loops(o: int, c: int, kernel: tuple[int, ...], dtype: torch.dtype,
+                                             tolerance: float, mk: tuple[int, int], density: float, seed: int,
+                                             strided: bool) -> None:
+    """Several weights in one call: zeros, -0.0, entries exactly at and next to the tolerance, NaN, +-inf,
+    tails (c % m), full and empty blocks, non-contiguous inputs."""
+    m, keep = mk
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, 4 * words, generator=gen)
-    w[torch.rand(w.shape, generator=gen) >= density] = 0
-    packed, cols = wt_nonzero_words(w, 0.0)
-    assert packed.shape == (rows, words) and packed.dtype == torch.int32
-    ind = (w != 0).to(torch.int32)
-    assert torch.equal(wt_word_count(packed), ind.reshape(rows, words, 4).sum(-1, dtype=torch.int32))
-    assert torch.equal(cols.to(torch.int32), ind.amax(0))
-    w4 = w.reshape(rows, words, 2, 2)  # [o, c, kh, kw]: activity per index of axis 1
-    e, cols4 = wt_nonzero_bytes_cols(w4, 0.0)
-    assert torch.equal(e.bool(), w4 != 0)
-    assert torch.equal(cols4.bool(), (w4 != 0).any(3).any(2).any(0))
+    ws = []
+    for i in range(3):
+        shape = (o + i, c, *kernel)
+        w = torch.randn(shape, generator=gen, dtype=torch.float64)
+        r = torch.rand(shape, generator=gen, dtype=torch.float64)
+        w[r >= density] = 0
+        w[r < 0.1 * density] = tolerance  # exactly at the tolerance: zero (not above it)
+        w = w.to(dtype)
+        flat = w.view(-1)
+        for j, special in enumerate([-0.0, float("nan"), float("inf"), -float("inf")]):
+            if (seed >> j) & 1:
+                flat[(seed >> (4 + j)) % flat.numel()] = special
+        if strided and len(shape) == 2:
+            w = w.t().contiguous().t()
+        ws.append(w)
+    rows, cols = native.nonzero_stats(ws, tolerance, m, keep)
+    rows_t, cols_t = native.nonzero_stats_torch(ws, tolerance, m, keep)
+    assert torch.equal(rows, rows_t) and torch.equal(cols, cols_t)
+    want_rows: list[list[int]] = [[], [], []]
+    want_cols: list[int] = []
+    for w in ws:
+        r, cl = ref_stats(w, tolerance, m, keep)
+        for i in range(3):
+            want_rows[i] += r[i]
+        want_cols += cl
+    assert rows.tolist() == want_rows and cols.tolist() == want_cols
 
 
-def test_nonzero_words_of_a_non_contiguous_weight() -> None:
-    """A transposed weight's indicator is made contiguous before it is read as words."""
-    w = torch.randn(12, 8)
-    w[w < 0] = 0
-    wt = w.t()  # [8, 12], not contiguous
-    packed, _ = wt_nonzero_words(wt, 0.0)
-    assert torch.equal(wt_word_count(packed), (wt != 0).reshape(8, 3, 4).sum(-1, dtype=torch.int32))
+def test_the_kernel_is_built_and_used() -> None:
+    """CI builds it (a C compiler is there: inductor needs one too); a silent fallback would hide a slow path."""
+    assert native.available()
+    w = torch.randn(4, 8)
+    assert native._native_ok(w, 4)
+
+
+def test_rows_longer_than_the_kernel_takes_are_counted_by_torch() -> None:
+    ws = [torch.zeros(2, 70_000), torch.ones(3, 4)]
+    ws[0][0, ::3] = 1.0
+    rows, cols = native.nonzero_stats(ws, 0.0, 4, 2)
+    (r0, c0), (r1, c1) = ref_stats(ws[0], 0.0, 4, 2), ref_stats(ws[1], 0.0, 4, 2)
+    assert rows.tolist() == [a + b for a, b in zip(r0, r1)] and cols.tolist() == c0 + c1
+    assert rows[0].tolist() == [23_334, 0, 4, 4, 4]
+
+
+def test_tolerance_threshold_agrees_with_torch_at_every_boundary() -> None:
+    """The kernel's integer threshold is the first bit pattern torch calls `|x| > tolerance`, per dtype."""
+    for dtype in DTYPES:
+        for tol in (1e-3, 0.1, 1 / 3, 1.0, 1e-45, 3e38, 1e300):
+            lo, hi = native.threshold_bits(dtype, tol)
+            itype = native._INT[native._WIDTH[dtype]]
+            pats = torch.tensor([lo - 1, lo], dtype=torch.int64).to(itype).view(dtype)
+            above = (pats.abs() > tol).tolist()
+            assert above == [False, True] or (lo > hi and not any(above)), (dtype, tol, lo)
+
+
+def test_one_batch_per_block_kind_in_a_program() -> None:
+    """Every weight's counts come from one call per (tolerance, m, keep), in eager and compiled programs."""
+    s = one_weight((8, 12, 3, 3))
+    prog = wtcore.compile(s, [*specs_at(0.0), wtcore.Spec("unit_active")])
+    batches = [e.args[1:] for e in prog.eqns if e.prim == "nonzero_stats_batch"]
+    assert sorted(batches) == [(0.0, 3, 2), (0.0, 4, 2), (0.0, 8, 4)]
+    assert not any(e.prim == "nonzero_stats" for e in prog.eqns)
 
 
 # ----------------------------------------------------------------------------- the formulation, random structures
-@settings(max_examples=25, deadline=None)
+# monkeypatch is undone per example (a context), so its function scope does not matter
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(structures_with_ops(max_dim=9), st.integers(0, 2**31 - 1), st.sampled_from([0.0, 0.05]), st.booleans())
-def test_compiled_formulation_equals_eager_on_random_structures(s: wtcore.Structure, seed: int, tolerance: float,
-                                                                 nan: bool) -> None:
+def test_counts_equal_without_the_kernel_on_random_structures(monkeypatch: pytest.MonkeyPatch, s: wtcore.Structure,
+                                                                seed: int, tolerance: float, nan: bool) -> None:
     """Every parameter with 2+ dims is counted (unstructured and N:M, explicitly selected), and unit activity
-    covers every slice kind the strategy makes (grouped, partial, repeated, self-overlapping)."""
+    covers every slice kind the strategy makes (grouped, partial, repeated, self-overlapping): the same with
+    the kernel, without it, and through the compiled programs' operator (the generated function run eagerly)."""
     p = sprinkle(params_for(s, dtype=torch.float32, seed=seed), seed, nan)
     mats = tuple(q.name for q in s.params if len(q.shape) >= 2)
     specs = [wtcore.Spec("group_pruning_summary", tolerance=tolerance),
@@ -116,6 +191,9 @@ def test_compiled_formulation_equals_eager_on_random_structures(s: wtcore.Struct
                   wtcore.Spec("nm_sparsity", n=1, m=3, tolerance=tolerance, params=mats, key="nm13")]
     eager = wtcore.compile(s, specs)(p)
     assert_same(uncompiled(wtcore.compile(s, specs, backend="inductor"), p), eager)
+    with monkeypatch.context() as mp:
+        mp.setattr(native, "_library", lambda: None)
+        assert_same(wtcore.compile(s, specs)(p), eager)
     if mats:
         zeros = sum(int((~ref_nonzeros(p[n], tolerance)).sum()) for n in mats)
         assert eager["unstructured_sparsity/zeros"].item() == zeros
@@ -137,25 +215,14 @@ def one_weight(shape: tuple[int, ...]) -> Structure:
     return Structure((p,), groups, (op,))
 
 
-@pytest.fixture(params=[21, 5], ids=["packed", "narrow_fields"])
-def field_bits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
-    """The packed row counts' field width; 5 bits leaves rows of 32+ entries to the unpacked row sums."""
-    import wtcore.nonzero
-
-    monkeypatch.setattr(wtcore.nonzero, "FIELD", request.param)
-    wtcore.clear_cache()
-    yield request.param
-    wtcore.clear_cache()
-
-
-# the fixture holds for every example of a test (that is the point): its health check does not apply
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(1, 6), st.sampled_from([1, 3, 4, 5, 8, 10, 12, 16]), st.sampled_from([(), (1, 1), (3, 1), (2, 2)]),
        st.sampled_from([0.0, 0.3, 0.7, 1.0]), st.sampled_from([0.0, 0.05]), st.integers(0, 2**31 - 1))
-def test_compiled_formulation_equals_eager_on_one_weight(field_bits: int, o: int, c: int, kernel: tuple[int, ...],
-                                                         density: float, tolerance: float, seed: int) -> None:
-    """Words layout (linear/1x1 with 4 | inputs), byte layout (kernels, tails), full and empty blocks, NaN;
-    rows counted packed and (narrow fields) unpacked."""
+def test_program_counts_of_one_weight_equal_direct_counts(monkeypatch: pytest.MonkeyPatch, o: int, c: int,
+                                                          kernel: tuple[int, ...], density: float, tolerance: float,
+                                                          seed: int) -> None:
+    """Linear and conv weights, tails, full and empty blocks, NaN: zero counts, 2:4, 1:3 and 4:8 blocks and
+    unit activity against direct counts, with and without the kernel."""
     shape = (o, c, *kernel)
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=gen) + 0.2
@@ -168,6 +235,9 @@ def test_compiled_formulation_equals_eager_on_one_weight(field_bits: int, o: int
     specs = [*specs_at(tolerance), wtcore.Spec("unit_active", tolerance=tolerance)]
     eager = wtcore.compile(s, specs)(p)
     assert_same(uncompiled(wtcore.compile(s, specs, backend="inductor"), p), eager)
+    with monkeypatch.context() as mp:
+        mp.setattr(native, "_library", lambda: None)
+        assert_same(wtcore.compile(s, specs)(p), eager)
     nz = ref_nonzeros(w, tolerance)
     assert eager[f"unstructured_sparsity@{tolerance}/zeros"].item() == int((~nz).sum())
     for key, (n, m) in (("nm_sparsity", (2, 4)), ("nm13", (1, 3)), ("nm48", (4, 8))):
@@ -187,7 +257,7 @@ def _model_case(name: str) -> tuple[wtcore.Structure, dict[str, torch.Tensor]]:
     model = getattr(tv.models, name)(weights=None).eval()
     s = trace(model, torch.randn(1, 3, 64, 64))
     p = sprinkle(dict(model.named_parameters()), seed=1)
-    # whole input channels / output rows zero (activity), on a words-layout (1x1) and a 3x3 weight
+    # whole input channels / output rows zero (activity), on 1x1 and 3x3 weights
     for w in p.values():
         if w.dim() == 4 and w.shape[1] >= 8:
             w[:, 5] = 0
