@@ -87,7 +87,16 @@ def _build() -> Path:
     lib = out_dir / f"nonzero_stats-{key}.so"
     if lib.exists():
         return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=out_dir)
+        probe.close()
+    except OSError:  # a read-only home: the temporary folder, per user
+        out_dir = Path(tempfile.gettempdir()) / f"wt-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lib = out_dir / lib.name
+        if lib.exists():
+            return lib
     errors = []
     for flags in attempts:  # -march=native is not known to every compiler and target
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)

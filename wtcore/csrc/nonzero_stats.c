@@ -33,11 +33,11 @@ typedef struct {
     int64_t n_tasks, total_rows, m, keep;
     int64_t *rows;        /* [3, total_rows]: nonzeros, m-blocks with exactly keep, with at most keep */
     uint8_t *col_bufs;    /* [threads, col_len] */
-    int64_t col_len;
+    int64_t col_len, row_max;
     int64_t next;
 } wt_job;
 
-#define ROW_MAX 65536
+#define ROW_MAX 65536 /* the longest row (c * k) the kernel takes; wtcore/native.py sends longer ones to torch */
 
 #define INDICATOR(T, MASK)                                                                       \
     static int64_t ind_##T(const T *x, int64_t n, T lo, T span, uint8_t *e, uint8_t *acc) {      \
@@ -97,10 +97,9 @@ static void blocks_mk(const uint8_t *e, const uint8_t *first, int64_t nb, int64_
     *le = b;
 }
 
-static void run_task(const wt_job *job, const wt_task *t, uint8_t *cols) {
+static void run_task(const wt_job *job, const wt_task *t, uint8_t *cols, uint8_t *e, uint8_t *sums) {
     const wt_weight *w = &job->ws[t->w];
     int64_t len = w->c * w->k, total = job->total_rows;
-    uint8_t e[ROW_MAX], sums[ROW_MAX];
     uint8_t *acc = cols + w->col_off;
     int64_t nb = w->c / job->m;
     for (int64_t r = t->r0; r < t->r1; r++) {
@@ -134,23 +133,29 @@ static void *work(void *arg) {
     wt_worker *me = (wt_worker *)arg;
     wt_job *job = me->job;
     uint8_t *cols = job->col_bufs + me->thread * job->col_len;
+    /* one row's indicator and block sums, on the heap: thread stacks can be small (musl: 128 KiB) */
+    uint8_t *e = malloc(2 * (size_t)job->row_max + 1);
+    if (!e) return 0; /* the other workers take its tasks; the caller checks that all were taken */
     for (;;) {
         int64_t i = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
-        if (i >= job->n_tasks) return 0;
-        run_task(job, &job->tasks[i], cols);
+        if (i >= job->n_tasks) break;
+        run_task(job, &job->tasks[i], cols, e, e + job->row_max);
     }
+    free(e);
+    return 0;
 }
 
 /* Counts of `n_weights` weights (rows of `tasks`, any order): rows [3, total_rows] (nonzeros, m-blocks with
  * exactly keep / at most keep nonzeros, per row), cols [sum c] (1 where an input has a nonzero over every
  * row and kernel position). Returns 0; -1 when a row is longer than ROW_MAX or m > 255 (nothing written),
- * -2 when the column buffers cannot be allocated. */
+ * -2 when memory cannot be allocated. */
 int wt_nonzero_stats(const wt_weight *ws, int64_t n_weights, const wt_task *tasks, int64_t n_tasks,
                      int64_t total_rows, int64_t m, int64_t keep, int64_t *rows, uint8_t *cols, int threads) {
-    int64_t col_len = 0;
+    int64_t col_len = 0, row_max = 0;
     if (m < 1 || m > 255) return -1;
     for (int64_t i = 0; i < n_weights; i++) {
         if (ws[i].c * ws[i].k > ROW_MAX) return -1;
+        row_max = ws[i].c * ws[i].k > row_max ? ws[i].c * ws[i].k : row_max;
         col_len = ws[i].col_off + ws[i].c * ws[i].k > col_len ? ws[i].col_off + ws[i].c * ws[i].k : col_len;
     }
     if (threads > 64) threads = 64;
@@ -158,7 +163,7 @@ int wt_nonzero_stats(const wt_weight *ws, int64_t n_weights, const wt_task *task
     if (threads < 1) threads = 1;
     uint8_t *bufs = calloc((size_t)(threads * col_len + 1), 1);
     if (!bufs) return -2;
-    wt_job job = {ws, tasks, n_tasks, total_rows, m, keep, rows, bufs, col_len, 0};
+    wt_job job = {ws, tasks, n_tasks, total_rows, m, keep, rows, bufs, col_len, row_max, 0};
     wt_worker me[64];
     pthread_t th[64];
     int started = 0;
@@ -167,6 +172,10 @@ int wt_nonzero_stats(const wt_weight *ws, int64_t n_weights, const wt_task *task
         if (pthread_create(&th[started], 0, work, &me[i]) == 0) started++;
     work(&me[0]);
     for (int i = 0; i < started; i++) pthread_join(th[i], 0);
+    if (job.next < n_tasks) { /* no worker could allocate its row buffers */
+        free(bufs);
+        return -2;
+    }
     /* the threads' buffers OR-ed, then over the kernel positions of every input */
     for (int t = 1; t < threads; t++) {
         const uint8_t *src = bufs + t * col_len;
