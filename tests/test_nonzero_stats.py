@@ -151,6 +151,12 @@ def test_rows_longer_than_the_kernel_takes_are_counted_by_torch() -> None:
     assert rows[0].tolist() == [23_334, 0, 4, 4, 4]
 
 
+def test_an_infinite_tolerance_counts_nothing() -> None:
+    w = torch.tensor([[1.0, float("inf"), -float("inf"), float("nan"), 0.0]])
+    rows, cols = native.nonzero_stats([w], float("inf"), 4, 2)
+    assert rows.tolist() == [[0], [0], [1]] and cols.tolist() == [0] * 5
+
+
 def test_tolerance_threshold_agrees_with_torch_at_every_boundary() -> None:
     """The kernel's integer threshold is the first bit pattern torch calls `|x| > tolerance`, per dtype."""
     for dtype in DTYPES:

@@ -561,9 +561,9 @@ def _schedule(b: Builder) -> None:
 
 
 def _batch_stats(b: Builder) -> None:
-    """Turn the per-weight `nonzero_stats` equations of a compiled program into ONE `nonzero_stats_batch` per
+    """Turn the per-weight `nonzero_stats` equations of a program into ONE `nonzero_stats_batch` per
     (tolerance, m, keep) and per-weight views of it (`stats_part`): one native call reads every weight, its
-    threads balance rows across weights, and inductor's wrapper makes one call instead of one per weight.
+    threads balance rows across weights, and a compiled program's wrapper makes one call, not one per weight.
     The batch needs every weight it reads, so parameter loads move to the front (they are read in place:
     their order only names the program's parameter list)."""
     batches: dict[tuple[Any, ...], list[Eqn]] = {}

@@ -160,7 +160,7 @@ PRIMITIVES.update({
         "axis 1 with exactly / at most `keep` nonzeros; uint8 [inputs]: input activity) of a 2+-dim weight",
     ),
     "nonzero_stats_batch": Primitive(
-        "nonzero_stats_batch", lambda ws, tol, m, keep: f"wt_nonzero_stats([{ws.strip('(,)')}], {tol}, {m}, {keep})",
+        "nonzero_stats_batch", lambda ws, tol, m, keep: f"wt_nonzero_stats(list({ws}), {tol}, {m}, {keep})",
         "`nonzero_stats` of many weights in one call, concatenated (rows along dim 1, then inputs)",
     ),
     "stats_part": Primitive(
@@ -229,9 +229,9 @@ def _(x: torch.Tensor, tolerance: float) -> torch.Tensor:
 @torch.library.custom_op("wt::nonzero_stats", mutates_args=())
 def _nonzero_stats_op(ws: list[torch.Tensor], tolerance: float, m: int, keep: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`wtcore.native.nonzero_stats` as an operator torch.compile calls without looking into it. Compiled
-    programs only: in eager a custom op costs ~35 us of Python per call, and it has no autograd or vmap rule
-    (counts have no gradient; eager programs count with plain torch ops, which vmap)."""
+    """`wtcore.native.nonzero_stats` as an operator torch.compile calls without looking into it (dynamo cannot
+    trace the ctypes call). It has no autograd or vmap rule: counts have no gradient, and eager programs,
+    which vmap and grad transform, call `nonzero_stats` directly (torch ops under those transforms)."""
     return nonzero_stats(ws, tolerance, m, keep)
 
 

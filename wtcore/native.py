@@ -230,8 +230,8 @@ def nonzero_stats(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: in
     `keep`; blocks per kernel position, `c % m` tail inputs in none) and `cols` uint8 `[sum c]` (1 where an
     input has a nonzero in some row and kernel position). Nonzero means `|w| > tolerance` (`w != 0` at 0)."""
     lib = _library()
-    if lib is None or not ws or not all(_native_ok(w, m) for w in ws):
-        return nonzero_stats_torch(ws, tolerance, m, keep)
+    if lib is None or not ws or math.isinf(tolerance) or not all(_native_ok(w, m) for w in ws):
+        return nonzero_stats_torch(ws, tolerance, m, keep)  # (nothing is above an infinite tolerance)
     ws = [w if w.is_contiguous() else w.contiguous() for w in ws]
     plan = _plan(tuple((tuple(w.shape), w.dtype) for w in ws), tolerance, m)
     for slot, w in zip(plan.weights, ws):
