@@ -80,7 +80,6 @@ class Context:
     _memo: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = field(default_factory=dict)
     include: tuple[str, ...] | None = None  # the compile filters, for specs that select ops or parameters
     ignore: tuple[str, ...] = ()
-    backend: str | None = None  # torch.compile backend, for specs whose fastest formulation depends on it
 
     def selects(self, *names: str) -> bool:
         """Whether the compile filters keep something named `names` (a parameter and/or module name)."""
@@ -745,7 +744,7 @@ def _compile(structure: Structure, requests: list[Spec], resolved: list[Any], in
     order = _spec_dag(requests)
     slices = select_slices(structure, inc, ign)
     b = Builder()
-    ctx = Context(b, structure, slices, include=inc, ignore=ign, backend=backend)
+    ctx = Context(b, structure, slices, include=inc, ignore=ign)
     rank = {n: i for i, n in enumerate(order)}
     outs_by_req: dict[str, Any] = {}
     for r, (d, opts) in sorted(zip(requests, resolved), key=lambda x: rank[x[0].name]):
