@@ -29,7 +29,9 @@ __all__ = [
     "UnitGroup",
     "runs_from_list",
     "runs_length",
+    "runs_to_array",
     "runs_to_list",
+    "runs_to_tensor",
 ]
 
 
@@ -64,20 +66,26 @@ def runs_to_list(runs: Iterable[Run]) -> list[int]:
     return out
 
 
-def runs_to_tensor(runs: Iterable[Run]) -> torch.Tensor:
-    """Materialize an index (compile time only)."""
+def runs_to_array(runs: Iterable[Run], offset: int = 0, none: int = -1) -> np.ndarray:
+    """The unit of every entry of a run-encoded index, int64, plus `offset` (a group's place in the global unit
+    vector); entries of no unit read `none`. The one materialization of an index: every table of units per
+    entry (the compiler's scatter index, masks, cost axes, the trace's coverage check) is built from it."""
     parts = []
     for r in runs:
         if r.start < 0:
-            parts.append(torch.full((r.length,), -1, dtype=torch.long))
+            parts.append(np.full(r.length, none, dtype=np.int64))
         elif r.repeat == 1 and r.step > 0:
-            parts.append(torch.arange(r.start, r.start + r.length * r.step, r.step, dtype=torch.long))
+            parts.append(np.arange(r.start + offset, r.start + offset + r.length * r.step, r.step, dtype=np.int64))
         else:
-            i = torch.arange(r.length, dtype=torch.long)
-            parts.append(r.start + torch.div(i, r.repeat, rounding_mode="floor") * r.step)
+            parts.append(r.start + offset + (np.arange(r.length, dtype=np.int64) // r.repeat) * r.step)
     if not parts:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.cat(parts)
+        return np.zeros(0, dtype=np.int64)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def runs_to_tensor(runs: Iterable[Run], offset: int = 0, none: int = -1) -> torch.Tensor:
+    """`runs_to_array` as an int64 tensor (compile time only)."""
+    return torch.from_numpy(runs_to_array(runs, offset, none))
 
 
 def runs_from_list(values: Sequence[int] | np.ndarray) -> tuple[Run, ...]:
