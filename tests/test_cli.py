@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import re
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def test_inspect_vit_program(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0, err
     ref = load_model("hf:ViTForImageClassification")
     structure = trace(ref.model, ref.example_inputs)
-    assert "def wt_program" in out and "index_add" in out  # the generated code
+    assert "def wt_program" in out and "scatter_add(" in out  # the generated code
     assert f"program over ViTForImageClassification [{structure.fingerprint}]" in out
     total = float(re.search(r"active_macs/total\s+([0-9.e+]+)", out).group(1))
     assert total == pytest.approx(sum(o.macs for o in structure.ops), rel=1e-5)  # dense weights: all MACs active
@@ -191,7 +192,7 @@ def test_bench(capsys: pytest.CaptureFixture[str]) -> None:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
     structure = trace(model, torch.randn(1, 3, 32, 32), costs=False)
     r = floor_ratios(structure, dict(model.named_parameters()), reps=2, warmup=1)
-    assert 0 < r.fwd < 100 and 0 < r.fwd_bwd < 100 and r.reps == 2
+    assert math.isfinite(r.fwd) and r.fwd > 0 and math.isfinite(r.fwd_bwd) and r.fwd_bwd > 0 and r.reps == 2
     code, out, err = run(capsys, "bench", "timm:vit_tiny_patch16_224", "--config", "img_size=32", "depth=2",
                          "--input", "1,3,32,32", "--reps", "2")
     assert code == 0, err

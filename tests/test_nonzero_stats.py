@@ -172,9 +172,9 @@ def test_one_batch_per_block_kind_in_a_program() -> None:
     """Every weight's counts come from one call per (tolerance, m, keep), in eager and compiled programs."""
     s = one_weight((8, 12, 3, 3))
     prog = wtcore.compile(s, [*specs_at(0.0), wtcore.Spec("unit_active")])
-    batches = [e.args[1:] for e in prog.eqns if e.prim == "nonzero_stats_batch"]
+    batches = [(e.kwargs["tolerance"], e.kwargs["m"], e.kwargs["keep"]) for e in prog.eqns
+               if e.prim == "nonzero_stats"]
     assert sorted(batches) == [(0.0, 3, 2), (0.0, 4, 2), (0.0, 8, 4)]
-    assert not any(e.prim == "nonzero_stats" for e in prog.eqns)
 
 
 # ----------------------------------------------------------------------------- the formulation, random structures

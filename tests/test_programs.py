@@ -166,7 +166,6 @@ def test_shared_work_is_computed_once_and_one_scatter():
     assert stats.get("sumsq_pairs", 0) <= 1
     assert stats.get("square", 0) + in_pairs == n_nd + 1
     assert stats["scatter_add"] == 1
-    assert prog.code.count("index_add") == 1
     assert "unit_sumsq" in str(prog) or "square" in str(prog)
     # requesting more specs later shares the cache
     assert wtcore.compile(s, ["unit_sumsq", "unit_l2", "group_lasso"]) is prog
@@ -294,7 +293,7 @@ def test_compile_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_byte_indicator_matches_plain_loops(rows, blocks, zero_fraction, transposed, seed):
     """The byte indicator of 1-D parameters (`wtcore.nonzero.indicator`) against per-element Python loops,
     on contiguous and non-contiguous inputs, at tolerance 0 (incl. -0.0 and NaN) and above."""
-    from wtcore.lang import wt_nonzero_bytes
+    from wtcore.native import nonzero_bytes
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, 4 * blocks, generator=g)
@@ -305,7 +304,7 @@ def test_byte_indicator_matches_plain_loops(rows, blocks, zero_fraction, transpo
     if transposed:
         w = w.t().contiguous().t()
     for tol in (0.0, 0.5):
-        e = wt_nonzero_bytes(w, tol)
+        e = nonzero_bytes(w, tol)
         want = [[int(x != 0) if tol == 0 else int(abs(x) > tol) for x in row] for row in w.tolist()]
         assert e.dtype == torch.uint8 and e.tolist() == want
 

@@ -56,7 +56,7 @@ def test_track_runs_one_fused_program_with_one_host_sync(traced, monkeypatch):
     _, t = fresh(traced)
     t.create_tracker(["structured_bops", "unstructured_sparsity", "nm_sparsity", "group_pruning_summary"])
     prog = t.program()
-    assert prog.code.count("index_add") == 1 and prog.stats()["scatter_add"] == 1
+    assert prog.stats()["scatter_add"] == 1
     calls = {"program": 0, "tolist": 0}
     real_call, real_tolist = wtcore.Program.flat, torch.Tensor.tolist
 

@@ -25,10 +25,13 @@ __all__ = [
 ]
 
 from . import specs as _builtin_specs  # noqa: F401  (registers the built-in specs)
-from .compiler import Context, clear_cache, compile, select_slices
-from .lang import Builder, Var
+from .compiler import PASSES, clear_cache, compile, lower
+from .filters import select_slices
+from .interpret import interpret
+from .lang import Builder, Eqn, Graph, Var
+from .primitives import PRIMITIVES
 from .program import Program
-from .spec import REGISTRY, Spec, define_spec
+from .spec import REGISTRY, Context, Spec, define_spec
 
-__all__ += ["REGISTRY", "Builder", "Context", "Program", "Spec", "Var", "clear_cache", "compile", "define_spec",
-            "select_slices"]
+__all__ += ["PASSES", "PRIMITIVES", "REGISTRY", "Builder", "Context", "Eqn", "Graph", "Program", "Spec", "Var",
+            "clear_cache", "compile", "define_spec", "interpret", "lower", "select_slices"]

@@ -151,6 +151,26 @@ class Slice:
     def index_tensor(self) -> torch.Tensor:
         return runs_to_tensor(self.index)
 
+    def unit_ids(self, offset: int = 0, none: int = -1) -> np.ndarray:
+        """The unit of every entry along `axis` (`runs_to_array`)."""
+        return runs_to_array(self.index, offset, none)
+
+    def unit_table(self, shape: Sequence[int], offset: int = 0, none: int = -1) -> np.ndarray:
+        """The unit of every element of a parameter of `shape`, as an int64 array that broadcasts against it:
+        size 1 on every dim but `axis` (and `group_axis` for a grouped slice, whose channel depends on both).
+        Every per-element map of units (the compiler's reductions, masks, overlap checks) starts here."""
+        ids = self.unit_ids(offset, none)
+        view = [1] * len(shape)
+        if self.groups == 1:
+            view[self.axis] = shape[self.axis]
+            return ids.reshape(view)
+        per_group = shape[self.group_axis] // self.groups
+        table = ids.reshape(self.groups, shape[self.axis])[np.arange(shape[self.group_axis]) // per_group]
+        if self.group_axis > self.axis:  # table is [group_axis, axis]; lay it out in dim order
+            table = table.T
+        view[self.group_axis], view[self.axis] = shape[self.group_axis], shape[self.axis]
+        return np.ascontiguousarray(table).reshape(view)
+
     def units(self) -> set[int]:
         return {u for u in self.index_list() if u >= 0}
 

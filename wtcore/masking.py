@@ -76,20 +76,8 @@ def slice_lookup(s: Slice, shape: tuple[int, ...], offset: int, sentinel: int) -
     """(index, view): global unit id of each entry of the slice (`sentinel` for entries of no unit), laid out
     so that `index.reshape(view)` broadcasts against the parameter. A grouped slice yields a 2-D table over
     (group_axis, axis); a plain one a vector along `axis`."""
-    idx = s.index_tensor()
-    glob = torch.where(idx >= 0, idx + offset, torch.full_like(idx, sentinel))
-    view = [1] * len(shape)
-    if s.groups == 1:
-        view[s.axis] = shape[s.axis]
-        return glob, view
-    n_g = shape[s.group_axis] // s.groups
-    length = shape[s.axis]
-    g_of = torch.arange(shape[s.group_axis]) // n_g
-    table = glob.view(s.groups, length)[g_of]  # [group_axis_len, axis_len]
-    if s.group_axis > s.axis:
-        table = table.t()
-    view[s.group_axis], view[s.axis] = shape[s.group_axis], length
-    return table.reshape(-1), view
+    table = s.unit_table(shape, offset, sentinel)
+    return torch.from_numpy(table.reshape(-1)), list(table.shape)
 
 
 def param_masks(
@@ -167,9 +155,7 @@ def pruned_shapes(structure: Structure, keep: torch.Tensor) -> dict[str, tuple[i
     gone: dict[tuple[str, int], tuple[torch.Tensor, int]] = {}
     for pname, items in _slices_by_param(structure).items():
         for s, off in items:
-            idx = s.index_tensor()
-            glob = torch.where(idx >= 0, idx + off, torch.full_like(idx, n))
-            removed = ~ext[glob]
+            removed = ~ext[torch.from_numpy(s.unit_ids(off, n))]
             key = (pname, s.axis)
             prev = gone.get(key)
             gone[key] = ((prev[0] | removed) if prev is not None else removed, s.groups)

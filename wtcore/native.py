@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["available", "nonzero_stats", "nonzero_stats_torch", "threshold_bits"]
+__all__ = ["available", "nonzero_bytes", "nonzero_bytes_op", "nonzero_stats", "nonzero_stats_op", "nonzero_stats_torch",
+           "threshold_bits"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "nonzero_stats.c"
 _ROW_MAX = 65536
@@ -136,7 +137,7 @@ def available() -> bool:
 
 @functools.cache
 def threshold_bits(dtype: torch.dtype, tolerance: float) -> tuple[int, int]:
-    """(lo, hi) such that an element of `dtype` is nonzero (`wtcore.lang.wt_nonzero_bytes`: `x != 0` at
+    """(lo, hi) such that an element of `dtype` is nonzero (`nonzero_bytes`: `x != 0` at
     tolerance 0, NaN included; else `|x| > tolerance`, NaN excluded) exactly when the magnitude bits of its
     pattern lie in [lo, hi]. The boundary is found by asking torch itself about the neighbouring patterns, so
     the native kernel agrees with eager programs however torch rounds the tolerance for this dtype."""
@@ -197,12 +198,10 @@ def _plan(shapes: tuple[tuple[tuple[int, ...], torch.dtype], ...], tolerance: fl
 def nonzero_stats_torch(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """`nonzero_stats` with torch ops (any device): the fallback, and what the kernel is tested against."""
-    from .lang import wt_nonzero_bytes
-
     rows, cols = [], []
     for w in ws:
         o, c, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
-        e = wt_nonzero_bytes(w, tolerance).reshape(o, c, k)
+        e = nonzero_bytes(w, tolerance).reshape(o, c, k)
         nnz = e.reshape(o, -1).sum(1, dtype=torch.int64)
         nb = c // m
         if nb:
@@ -244,3 +243,38 @@ def nonzero_stats(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: in
     if rc != 0:
         raise RuntimeError(f"wt nonzero_stats kernel failed with code {rc}")
     return rows, cols
+
+
+def nonzero_bytes(x: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """uint8 1 where `|x| > tolerance`, else 0. At tolerance 0 it is a cast to bool (`x != 0`, NaN counts as
+    nonzero), which ATen runs several times faster than the comparison on CPU; bool -> uint8 is a view."""
+    hit = x.bool() if tolerance == 0.0 else x.abs() > tolerance
+    return hit.view(torch.uint8)
+
+
+@torch.library.custom_op("wt::nonzero_bytes", mutates_args=())
+def nonzero_bytes_op(x: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """`nonzero_bytes` as an operator torch.compile does not look into: inductor's CPU code for bool and uint8
+    *outputs* is much slower than ATen's cast, while it reads uint8 inputs fast."""
+    return nonzero_bytes(x, tolerance)
+
+
+@nonzero_bytes_op.register_fake
+def _(x: torch.Tensor, tolerance: float) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+
+
+@torch.library.custom_op("wt::nonzero_stats", mutates_args=())
+def nonzero_stats_op(ws: list[torch.Tensor], tolerance: float, m: int, keep: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nonzero_stats` as an operator that torch.compile calls without looking into it (dynamo cannot trace
+    the ctypes call). No autograd or vmap rule: counts have no gradient, and eager programs, which vmap and
+    grad transform, call `nonzero_stats` directly (torch ops under those transforms)."""
+    return nonzero_stats(ws, tolerance, m, keep)
+
+
+@nonzero_stats_op.register_fake
+def _(ws: list[torch.Tensor], tolerance: float, m: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dev = ws[0].device if ws else None
+    return (torch.empty((3, sum(w.shape[0] for w in ws)), dtype=torch.int64, device=dev),
+            torch.empty((sum(w.shape[1] for w in ws),), dtype=torch.uint8, device=dev))

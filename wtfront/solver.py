@@ -36,7 +36,7 @@ import wtcore
 from wtcore.errors import SpecError, WtError
 from wtcore.ir import Structure
 from wtcore.masking import param_masks
-from wtcore.specs.costs import _table as axis_table  # the cost specs' own axis tables: the same semantics
+from wtcore.specs.costs import axis_table  # the cost specs' own axis tables: the same semantics
 from wtcore.specs.costs import axis_desc, bits_vector, param_axes
 from wtcore.specs.masks import SCOPES, isomorphism_key, name_patterns
 

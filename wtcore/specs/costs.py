@@ -18,17 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..compiler import Context
 from ..errors import SpecError, StructureError
-from ..ir import CostAxis, Structure
+from ..ir import CostAxis, Run, Structure, runs_length, runs_to_array
 from ..lang import Var
 from ..nonzero import total_count
-from ..spec import define_spec
+from ..spec import Context, define_spec
 
 __all__ = ["WEIGHT_KINDS", "op_indices", "param_axes", "weight_params"]
 
 #: Op kinds whose MACs are (uses of each weight element) x numel(weight).
 WEIGHT_KINDS = frozenset({"conv", "grouped_conv", "depthwise_conv", "conv_transpose", "linear", "matmul"})
+
+
+BOPS_OUTPUTS = {"per_op": "op", "total": "scalar", "baseline": "scalar", "compression": "scalar",
+                "per_op_compression": "op"}
 
 
 # ----------------------------------------------------------------------------- selections
@@ -79,16 +82,16 @@ def bits_vector(structure: Structure, bits: Any, what: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- axis tables
 @dataclass(frozen=True)
 class AxisDesc:
-    """An axis of `length` positions; `parts` are (group name, per-position unit list or None for the
-    coarse form: every unit of the group `scale` times)."""
+    """An axis of `length` positions; `parts` are (group name, the run-encoded unit of every position, or None
+    for the coarse form: every unit of the group `scale` times)."""
 
     length: int
-    parts: tuple[tuple[str, tuple[int, ...] | None, int], ...] = ()
+    parts: tuple[tuple[str, tuple[Run, ...] | None, int], ...] = ()
 
 
 def axis_desc(a: CostAxis) -> AxisDesc:
     if a.parts:
-        return AxisDesc(a.size, tuple((p.group, tuple(p.index_list()), 1) for p in a.parts))
+        return AxisDesc(a.size, tuple((p.group, p.index, 1) for p in a.parts))
     if a.group is not None:
         return AxisDesc(a.size, ((a.group, None, a.scale),))
     return AxisDesc(a.size)
@@ -100,12 +103,14 @@ def param_axes(structure: Structure, name: str) -> list[AxisDesc]:
     for g in structure.groups:
         for s in g.slices:
             if s.param == name:
-                by_axis.setdefault(s.axis, []).append((g.name, tuple(s.index_list()), 1))
-    return [AxisDesc(len(parts[0][1]), tuple(parts)) for _, parts in sorted(by_axis.items())]
+                by_axis.setdefault(s.axis, []).append((g.name, s.index, 1))
+    return [AxisDesc(runs_length(parts[0][1]), tuple(parts)) for _, parts in sorted(by_axis.items())]
 
 
 @dataclass
-class _Table:
+class AxisTable:
+    """Cost axes as (unit, positions) entries: what a unit's inactivity removes from each axis."""
+
     units: torch.Tensor  # int64 [E]: global unit of each entry
     counts: torch.Tensor  # float64 [E]: positions of the axis mapped to that unit
     ends: torch.Tensor  # int64 [n_axes]: end of each axis' entries (every axis has >= 1 entry)
@@ -113,7 +118,7 @@ class _Table:
     dynamic: bool  # any entry with a nonzero count
 
 
-def _table(structure: Structure, axes: Sequence[AxisDesc], what: Sequence[str]) -> _Table:
+def axis_table(structure: Structure, axes: Sequence[AxisDesc], what: Sequence[str]) -> AxisTable:
     units: list[np.ndarray] = []
     counts: list[np.ndarray] = []
     ends: list[int] = []
@@ -128,7 +133,7 @@ def _table(structure: Structure, axes: Sequence[AxisDesc], what: Sequence[str]) 
                 glob_all.append(np.repeat(np.arange(g.size, dtype=np.int64) + off, scale))
                 covered[: g.size * scale] += 1
                 continue
-            idx = np.asarray(index, dtype=np.int64)
+            idx = runs_to_array(index)
             covered += idx >= 0
             glob_all.append(idx[idx >= 0] + off)
         if (covered > 1).any():
@@ -142,7 +147,7 @@ def _table(structure: Structure, axes: Sequence[AxisDesc], what: Sequence[str]) 
         total += u.size
         ends.append(total)
     cnt = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
-    return _Table(
+    return AxisTable(
         torch.from_numpy(np.concatenate(units) if units else np.zeros(0, dtype=np.int64)),
         torch.from_numpy(cnt.astype(np.float64)),
         torch.tensor(ends, dtype=torch.long),
@@ -161,13 +166,13 @@ def active_units(ctx: Context, tolerance: float) -> Var:
 def inactive_f64(ctx: Context, tolerance: float) -> Var:
     """1.0 for every unit that is not active (every coupled element |w| <= tolerance), else 0.0."""
     b = ctx.b
-    return b.emit("to_float64", b.logical_not(active_units(ctx, tolerance)))
+    return b.to_float64(b.logical_not(active_units(ctx, tolerance)))
 
 
 def axis_active(ctx: Context, axes: Sequence[AxisDesc], labels: Sequence[str], tolerance: float) -> Var:
     """Active positions of every axis, float64 `[len(axes)]`."""
     b = ctx.b
-    t = _table(ctx.structure, axes, labels)
+    t = axis_table(ctx.structure, axes, labels)
     lengths = b.const(t.lengths, "axis_lengths")
     if not t.dynamic or ctx.structure.num_units == 0:
         return lengths
@@ -186,18 +191,17 @@ def ratio_products(ctx: Context, axes_of: Sequence[Sequence[AxisDesc]], labels: 
     flat_labels = [f"{lab} axis {k}" for lab, axes in zip(labels, axes_of) for k in range(len(axes))]
     ratio = b.div(axis_active(ctx, flat, flat_labels, tolerance),
                   b.const(torch.tensor([max(float(a.length), 1.0) for a in flat], dtype=torch.float64), "axis_sizes"))
-    padded = b.emit("cat", ratio, b.const(torch.ones(1, dtype=torch.float64), "one"))
+    padded = b.cat(ratio, b.const(torch.ones(1, dtype=torch.float64), "one"))
     pad = len(flat)
     idx, k = [], 0
     for axes in axes_of:
         row = [k + j for j in range(len(axes))] + [pad] * (width - len(axes))
         idx.extend(row)
         k += len(axes)
-    m = b.emit("reshape", b.take(padded, b.const(torch.tensor(idx, dtype=torch.long), "op_axes")),
-               (len(axes_of), width))
-    out = b.emit("column", m, 0)
+    m = b.reshape(b.take(padded, b.const(torch.tensor(idx, dtype=torch.long), "op_axes")), (len(axes_of), width))
+    out = b.emit("select", m, dim=1, index=0)
     for j in range(1, width):
-        out = b.mul(out, b.emit("column", m, j))
+        out = b.mul(out, b.emit("select", m, dim=1, index=j))
     return out
 
 
@@ -218,13 +222,14 @@ def _active_macs_per_op(ctx: Context, idx: list[int], tolerance: float) -> Var:
     return ctx.b.emit("round", ctx.b.mul(ctx.b.const(_f64([o.macs for o in ops]), "op_macs"), prod))
 
 
-def _check_tolerance(name: str, tolerance: float) -> float:
+def check_tolerance(name: str, tolerance: float) -> float:
     if not tolerance >= 0.0:
         raise SpecError(f"{name}: tolerance must be >= 0, got {tolerance!r}")
     return float(tolerance)
 
 
-@define_spec("active_macs", deps=("unit_active",))
+@define_spec("active_macs", deps=("unit_active",), outputs={"per_op": "op", "total": "scalar", "dense": "scalar",
+                                                            "baseline": "scalar", "ratio": "scalar"})
 def active_macs(ctx: Context, tolerance: float = 0.0, ops: tuple[str, ...] | None = None) -> dict[str, Var]:
     """Active MACs (1 MAC = one multiply-add) of the selected cost ops, float64.
 
@@ -232,7 +237,7 @@ def active_macs(ctx: Context, tolerance: float = 0.0, ops: tuple[str, ...] | Non
     `baseline` (their MACs in the original, unpruned model) and `ratio` = total / baseline.
     `ops`: op names to count (default: every op whose module or weight the compile filters keep).
     """
-    tolerance = _check_tolerance("active_macs", tolerance)
+    tolerance = check_tolerance("active_macs", tolerance)
     idx = op_indices(ctx, ops)
     b = ctx.b
     sel = [ctx.structure.ops[i] for i in idx]
@@ -267,7 +272,7 @@ def _bops(ctx: Context, per_op: Var, idx: list[int], weight_bits: Any, act_bits:
     }
 
 
-@define_spec("structured_bops", deps=("unit_active",))
+@define_spec("structured_bops", deps=("unit_active",), outputs=BOPS_OUTPUTS)
 def structured_bops(ctx: Context, weight_bits: Any = 32, act_bits: Any = 32, tolerance: float = 0.0,
                     ops: tuple[str, ...] | None = None) -> dict[str, Var]:
     """Structured BOPs = active MACs x activation bits x weight bits per op, float64.
@@ -276,12 +281,12 @@ def structured_bops(ctx: Context, weight_bits: Any = 32, act_bits: Any = 32, tol
     `ops` selects). Outputs: `per_op`, `total`, `baseline` (dense original MACs x 32 x 32), `compression`
     = 1 - total / baseline, `per_op_compression`.
     """
-    tolerance = _check_tolerance("structured_bops", tolerance)
+    tolerance = check_tolerance("structured_bops", tolerance)
     idx = op_indices(ctx, ops)
     return _bops(ctx, _active_macs_per_op(ctx, idx, tolerance), idx, weight_bits, act_bits, "structured_bops")
 
 
-@define_spec("compression", deps=("structured_bops",))
+@define_spec("compression", deps=("structured_bops",), outputs="scalar")
 def compression(ctx: Context, weight_bits: Any = 32, act_bits: Any = 32, tolerance: float = 0.0,
                 ops: tuple[str, ...] | None = None) -> Var:
     """1 - structured BOPs / dense 32x32-bit BOPs of the original model (0: nothing saved)."""
@@ -292,7 +297,7 @@ def compression(ctx: Context, weight_bits: Any = 32, act_bits: Any = 32, toleran
 def nonzero_count(ctx: Context, name: str, tolerance: float) -> Var:
     """Number of elements with |w| > tolerance, an int64 scalar, from the packed indicator shared with unit
     activity and N:M (`wtcore.nonzero.total_count`)."""
-    return total_count(ctx.b, ctx.b.param(name), ctx.structure.param_map[name].shape, tolerance)
+    return total_count(ctx.b, ctx.b.param(name), len(ctx.structure.param_map[name].shape), tolerance)
 
 
 def stack_scalars(ctx: Context, values: Sequence[Var], dtype: torch.dtype = torch.float64) -> Var:
@@ -301,16 +306,16 @@ def stack_scalars(ctx: Context, values: Sequence[Var], dtype: torch.dtype = torc
     b = ctx.b
     if not values:
         return b.const(torch.zeros(0, dtype=dtype), "empty")
-    return b.emit("to_float64", b.emit("stack0", *values))
+    return b.to_float64(b.emit("stack", *values))
 
 
-@define_spec("unstructured_bops", deps=("unit_active",))
+@define_spec("unstructured_bops", deps=("unit_active",), outputs=BOPS_OUTPUTS)
 def unstructured_bops(ctx: Context, weight_bits: Any = 32, act_bits: Any = 32, tolerance: float = 0.0,
                       ops: tuple[str, ...] | None = None) -> dict[str, Var]:
     """BOPs counting only multiply-adds with a nonzero weight: per weight op MACs x (nonzero weights / weights)
     x bits (exact in fvcore's convention, where every weight element is used equally often); weightless ops
     (attention matmuls) count their structured active MACs. Outputs as `structured_bops`."""
-    tolerance = _check_tolerance("unstructured_bops", tolerance)
+    tolerance = check_tolerance("unstructured_bops", tolerance)
     idx = op_indices(ctx, ops)
     s = ctx.structure
     b = ctx.b
@@ -327,14 +332,15 @@ def unstructured_bops(ctx: Context, weight_bits: Any = 32, act_bits: Any = 32, t
             pick[k] = j
         has_w = torch.zeros(len(sel), dtype=torch.bool)
         has_w[weighted] = True
-        padded = b.emit("cat", macs, b.const(torch.zeros(1, dtype=torch.float64), "zero"))
+        padded = b.cat(macs, b.const(torch.zeros(1, dtype=torch.float64), "zero"))
         gathered = b.take(padded, b.const(torch.tensor(pick, dtype=torch.long), "weight_op_pick"))
         structured = b.where(b.const(has_w, "has_weight"), b.emit("round", gathered), structured)
     return _bops(ctx, structured, idx, weight_bits, act_bits, "unstructured_bops")
 
 
 # ----------------------------------------------------------------------------- parameters
-@define_spec("active_params", deps=("unit_active",))
+@define_spec("active_params", deps=("unit_active",), outputs={
+    "per_param": "param", "total": "scalar", "numel": "scalar", "baseline": "scalar", "ratio": "scalar"})
 def active_params(ctx: Context, tolerance: float = 0.0, params: tuple[str, ...] | None = None) -> dict[str, Var]:
     """Parameter elements that physical pruning of the inactive units would keep: numel x product over the
     parameter's sliced axes of (active positions / positions), float64.
@@ -344,7 +350,7 @@ def active_params(ctx: Context, tolerance: float = 0.0, params: tuple[str, ...] 
     original, unpruned model: `Param.baseline_shape`, kept through physical pruning) and `ratio` = total /
     baseline (as for `active_macs`; the same as total / numel until the model is physically pruned).
     """
-    tolerance = _check_tolerance("active_params", tolerance)
+    tolerance = check_tolerance("active_params", tolerance)
     s = ctx.structure
     names = param_names(ctx, params, [p.name for p in s.params])
     b = ctx.b

@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..compiler import Context
 from ..errors import ParamsError, SpecError
 from ..ir import Structure
 from ..lang import Var
-from ..spec import Spec, define_spec
-from .costs import _table, axis_desc, bits_vector, op_indices
+from ..spec import Context, Spec, define_spec
+from .costs import axis_desc, axis_table, bits_vector, op_indices
 from .masks import norm_score
 
 __all__ = ["group_extremum", "prunable_mask", "scalar", "taylor_inputs", "unit_cost_tensor", "unit_cost_vector"]
@@ -59,16 +58,16 @@ def group_extremum(ctx: Context, x: Var, kind: str, valid: Var | None = None) ->
     v = x if kind == "max" else b.emit("neg", x)
     if valid is not None:
         v = b.where(valid, v, scalar(ctx, -math.inf))
-    pad = ctx._cached_const("group_pad_table", lambda: _pad_table(st).reshape(-1))
-    ext = b.emit("cat", v, b.cast_like(b.const(torch.full((1,), -math.inf), "-inf"), v))
-    table = b.emit("reshape", b.take(ext, pad), (len(st.groups), -1))
-    m = b.emit("amax", table, (1,))
+    pad = ctx.cached_const("group_pad_table", lambda: _pad_table(st).reshape(-1))
+    ext = b.cat(v, b.cast_like(b.const(torch.full((1,), -math.inf), "-inf"), v))
+    table = b.reshape(b.take(ext, pad), (len(st.groups), -1))
+    m = b.emit("amax", table, dims=(1,))
     return m if kind == "max" else b.emit("neg", m)
 
 
 def scalar(ctx: Context, value: float) -> Var:
     """A 0-d float64 constant (generated code cannot spell `inf` or `nan` as a literal)."""
-    return ctx._cached_const(f"scalar {value!r}", lambda: torch.tensor(float(value), dtype=torch.float64))
+    return ctx.cached_const(f"scalar {value!r}", lambda: torch.tensor(float(value), dtype=torch.float64))
 
 
 def _per_unit(ctx: Context, per_group: Var) -> Var:
@@ -88,7 +87,7 @@ def unit_cost_vector(structure: Structure, op_idx: Sequence[int], op_weight: np.
         if not op.axes or op.macs == 0:
             continue
         labels = [f"op {op.name!r} axis {j}" for j in range(len(op.axes))]
-        t = _table(structure, [axis_desc(a) for a in op.axes], labels)
+        t = axis_table(structure, [axis_desc(a) for a in op.axes], labels)
         units, counts = t.units.numpy(), t.counts.numpy()
         starts = np.concatenate([[0], t.ends.numpy()[:-1]])
         keep = np.ones(structure.num_units, dtype=np.float64)
@@ -196,16 +195,16 @@ def bn_scale_importance(ctx: Context, missing: float = math.inf) -> Var:
         for s in ctx.slices[g.name]:
             if not _is_bn_weight(st, s.param):
                 continue
-            idx = s.index_tensor()
             values.append(b.abs(b.emit("acc", b.param(s.param))))
-            index.append(torch.where(idx >= 0, idx + off, torch.full_like(idx, n)))
+            index.append(torch.from_numpy(s.unit_ids(off, n)))
     if not values:
         return b.const(torch.full((n,), float(missing)), "no BatchNorm weight")
     all_idx = torch.cat(index)
     covered = torch.zeros(n + 1, dtype=torch.bool)
     covered[all_idx] = True
-    v = b.emit("cat", *values) if len(values) > 1 else values[0]
-    summed = b.emit("head", b.emit("scatter_add", b.const(all_idx, "BatchNorm unit index"), v, n + 1), n)
+    v = b.cat(*values)
+    summed = b.emit("narrow", b.emit("scatter_add", b.const(all_idx, "BatchNorm unit index"), v, size=n + 1),
+                    dim=0, start=0, length=n)
     return b.where(b.const(covered[:n], "units with BatchNorm"), summed, scalar(ctx, missing))
 
 
@@ -242,7 +241,7 @@ def mac_aware_importance(
     if mode == "multiplicative" and not beta > 0:
         raise SpecError(f"mac_aware_importance: beta must be > 0, got {beta!r}")
     b = ctx.b
-    imp = b.emit("to_float64", _base(ctx, base, "mac_aware_importance"))
+    imp = b.to_float64(_base(ctx, base, "mac_aware_importance"))
     mac = unit_cost_tensor(ctx, cost, weight_bits, act_bits, "mac_aware_importance")
     prun = prunable_mask(ctx.structure)
     pool = mac[prun] if bool(prun.any()) else mac
@@ -258,7 +257,7 @@ def mac_aware_importance(
         top = _per_unit(ctx, group_extremum(ctx, imp, "max", finite))
     else:
         valid = b.logical_and(finite, ctx.prunable_units()) if bool(prun.any()) else finite
-        top = b.emit("amax", b.where(valid, imp, scalar(ctx, -math.inf)), (0,))
+        top = b.emit("amax", b.where(valid, imp, scalar(ctx, -math.inf)), dims=(0,))
     ok = b.logical_and(b.gt(top, 0.0), b.lt(top, scalar(ctx, math.inf)))
     scaled = b.where(ok, b.div(imp, b.where(ok, top, 1.0)), imp)
     cost_term = b.const((1.0 - mac / max_mac).clamp(min=0.0), f"1 - {cost} / max {cost}")
@@ -280,7 +279,7 @@ def standardized_importance(ctx: Context, base: Any = "unit_l2", eps: float = 0.
     if not eps >= 0.0:
         raise SpecError(f"standardized_importance: eps must be >= 0, got {eps!r}")
     b = ctx.b
-    s = b.emit("to_float64", _base(ctx, base, "standardized_importance"))
+    s = b.to_float64(_base(ctx, base, "standardized_importance"))
     hi = _per_unit(ctx, group_extremum(ctx, s, "max"))
     lo = _per_unit(ctx, group_extremum(ctx, s, "min"))
     span = b.add(b.sub(hi, lo), float(eps))

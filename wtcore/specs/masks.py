@@ -25,12 +25,11 @@ from typing import Any
 
 import torch
 
-from ..compiler import Context
 from ..errors import SpecError, StructureError
 from ..ir import Slice, Structure
 from ..lang import Var
 from ..masking import as_unit_vector, slice_lookup, validate_amount
-from ..spec import define_spec
+from ..spec import Context, define_spec
 
 __all__ = ["SCOPES", "isomorphism_key"]
 
@@ -66,6 +65,12 @@ def isomorphism_key(structure: Structure, group_name: str) -> tuple[Any, ...]:
             (pm[s.param].module_type, pm[s.param].shape, s.axis, s.groups, s.group_axis, s.index) for s in g.slices
         ),
     )
+
+
+def mask_outputs(per_param: bool = False, **_: Any) -> str | dict[str, str]:
+    """A structured mask's outputs: the unit keep-vector, and with `per_param` every parameter's element mask."""
+    return {"units": "unit", "*": "elements"} if per_param else "unit"
+
 
 
 class _Groups:
@@ -122,16 +127,16 @@ class _Groups:
 
 def _rank(b: Any, score: Var, key: Var) -> Var:
     """Position of every entry in the order (key, score, index): two stable argsorts of constant length."""
-    p1 = b.emit("argsort", score, 0)
-    p = b.take(p1, b.emit("argsort", b.take(key, p1), 0))
-    return b.emit("argsort", p, 0)
+    p1 = b.emit("argsort", score, dim=0)
+    p = b.take(p1, b.emit("argsort", b.take(key, p1), dim=0))
+    return b.emit("argsort", p, dim=0)
 
 
 def _count(b: Any, live: Var, amount: int | float) -> Var:
     """How many of `live` (an int64 count per group or domain) to remove: torch's rounding, in float64."""
     if isinstance(amount, int):
         return b.emit("minimum", live, amount)
-    return b.to_long(b.emit("round", b.mul(b.emit("to_float64", live), float(amount))))
+    return b.to_long(b.emit("round", b.mul(b.to_float64(live), float(amount))))
 
 
 def _structured_keep(
@@ -178,7 +183,7 @@ def _structured_keep(
     else:
         cand = b.logical_and(b.logical_and(live, elig_u), b.lt(r, b.take(caps, gid)))
         if normalize == "mean":  # in float64: group totals come from one cumulative sum over all units
-            s64 = b.emit("to_float64", score)
+            s64 = b.to_float64(score)
             total = b.segment_sum_sorted(b.where(b.logical_and(live, elig_u), s64, 0.0), ends)
             mean = b.take(b.div(total, b.maximum(live_g, 1)), gid)
             score = b.where(b.gt(mean, 0), b.div(s64, mean), s64)
@@ -198,7 +203,7 @@ def _structured_keep(
     if round_to > 1:
         avail = b.sub(b.const(torch.tensor(info.sizes), "group_sizes"), dead_g)
         left = b.sub(avail, new_g)
-        up = b.mul(b.to_long(b.emit("ceil", b.div(b.emit("to_float64", left), float(round_to)))), round_to)
+        up = b.mul(b.to_long(b.emit("ceil", b.div(b.to_float64(left), float(round_to)))), round_to)
         new_g = b.sub(avail, b.emit("minimum", up, avail))
     pruned = b.logical_and(elig_u, b.lt(r, b.take(b.add(dead_g, new_g), gid)))
     return b.logical_not(pruned)
@@ -208,7 +213,7 @@ def _param_outputs(ctx: Context, keep: Var) -> dict[str, Var]:
     """Element masks of every parameter from a unit keep-vector (all slices, regardless of filters)."""
     b, st = ctx.b, ctx.structure
     n = st.num_units
-    ext = b.emit("cat", keep, b.const(torch.ones(1, dtype=torch.bool), "true"))
+    ext = b.cat(keep, b.const(torch.ones(1, dtype=torch.bool), "true"))
     by_param: dict[str, list[tuple[Slice, int]]] = {}
     for g in st.groups:
         for s in g.slices:
@@ -221,9 +226,9 @@ def _param_outputs(ctx: Context, keep: Var) -> dict[str, Var]:
         m = None
         for s, off in items:
             idx, view = slice_lookup(s, p.shape, off, n)
-            v = b.emit("reshape", b.take(ext, b.const(idx, f"units of {p.name}[{s.axis}]")), tuple(view))
+            v = b.reshape(b.take(ext, b.const(idx, f"units of {p.name}[{s.axis}]")), tuple(view))
             m = v if m is None else b.logical_and(m, v)
-        out[p.name] = b.emit("expand", m, tuple(p.shape))
+        out[p.name] = b.emit("expand", m, shape=tuple(p.shape))
     return out
 
 
@@ -266,24 +271,23 @@ def unit_linf(ctx: Context) -> Var:
             raise StructureError(f"parameter {p.name!r} is sliced on {len(axes)} axes; at most two are supported")
         v = b.abs(b.emit("acc", b.param(p.name)))
         dims = tuple(d for d in range(len(p.shape)) if d not in axes)
-        r = b.emit("amax", v, dims) if dims else v
+        r = b.emit("amax", v, dims=dims) if dims else v
         for s, off in items:
             if len(axes) == 1:
                 vec = r
             elif s.groups == 1:
-                vec = b.emit("amax", r, (1 - axes.index(s.axis),))
+                vec = b.emit("amax", r, dims=(1 - axes.index(s.axis),))
             else:
-                rt = r if axes.index(s.axis) == 1 else b.emit("transpose", r, 0, 1)
-                blocks = b.emit("reshape", rt, (s.groups, p.shape[s.group_axis] // s.groups, p.shape[s.axis]))
-                vec = b.emit("reshape", b.emit("amax", blocks, (1,)), (-1,))
+                rt = r if axes.index(s.axis) == 1 else b.emit("permute", r, dims=(1, 0))
+                blocks = b.reshape(rt, (s.groups, p.shape[s.group_axis] // s.groups, p.shape[s.axis]))
+                vec = b.reshape(b.emit("amax", blocks, dims=(1,)), (-1,))
             vectors.append(vec)
-            idx = s.index_tensor()
-            index_parts.append(torch.where(idx >= 0, idx + off, idx))
+            index_parts.append(torch.from_numpy(s.unit_ids(off, -1)))
     index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.long)
     valid = index >= 0
     if not bool(valid.any()):  # no element belongs to any unit (e.g. everything filtered away)
         return b.const(torch.zeros(n), "zeros")
-    allv = b.emit("cat", *vectors) if len(vectors) > 1 else vectors[0]
+    allv = b.cat(*vectors)
     units = index[valid]
     positions = torch.arange(index.numel())[valid]
     order = torch.argsort(units, stable=True)
@@ -294,10 +298,10 @@ def unit_linf(ctx: Context) -> Var:
     for c in sorted(set(counts.tolist()) - {0}):
         us = (counts == c).nonzero().flatten()
         pos = positions[(starts[us].unsqueeze(1) + torch.arange(c)).reshape(-1)]
-        gathered = b.emit("reshape", b.take(allv, b.const(pos, f"entries of units with {c}")), (us.numel(), c))
-        parts.append(b.emit("amax", gathered, (1,)))
+        gathered = b.reshape(b.take(allv, b.const(pos, f"entries of units with {c}")), (us.numel(), c))
+        parts.append(b.emit("amax", gathered, dims=(1,)))
         placed.append(us)
-    flat = b.emit("cat", *parts) if len(parts) > 1 else parts[0]
+    flat = b.cat(*parts)
     where_is = torch.zeros(n, dtype=torch.long)
     where_is[torch.cat(placed)] = torch.arange(sum(u.numel() for u in placed))
     out = b.take(flat, b.const(where_is, "unit_positions"))
@@ -328,7 +332,7 @@ _STRUCTURED_DOC = """
 
 
 # ------------------------------------------------------------------------------------ structured
-@define_spec("ln_structured")
+@define_spec("ln_structured", outputs=mask_outputs)
 def ln_structured(
     ctx: Context, amount: Any = None, n: Any = 2, scope: str = "local", groups: Any = None,
     max_fraction: float = 1.0, round_to: int = 1, normalize: str | None = None, per_param: bool = False,
@@ -341,7 +345,7 @@ def ln_structured(
     return _with_params(ctx, keep, per_param, "ln_structured")
 
 
-@define_spec("random_structured")
+@define_spec("random_structured", outputs=mask_outputs)
 def random_structured(
     ctx: Context, amount: Any = None, seed: int = 0, scope: str = "local", groups: Any = None,
     max_fraction: float = 1.0, round_to: int = 1, per_param: bool = False,
@@ -360,7 +364,7 @@ def random_structured(
     return _with_params(ctx, keep, per_param, "random_structured")
 
 
-@define_spec("importance")
+@define_spec("importance", outputs=mask_outputs)
 def importance(
     ctx: Context, scores: Any = None, amount: Any = None, scope: str = "local", groups: Any = None,
     max_fraction: float = 1.0, round_to: int = 1, normalize: str | None = None, per_param: bool = False,
@@ -383,7 +387,7 @@ for _f in (ln_structured, random_structured, importance):
     _f.__doc__ = (_f.__doc__ or "") + "\n" + _STRUCTURED_DOC
 
 
-@define_spec("custom")
+@define_spec("custom", outputs=mask_outputs)
 def custom(ctx: Context, keep: Any = None, per_param: bool = False) -> Var | dict[str, Var]:
     """A user keep-mask per unit (`[num_units]` bool tensor or `(group, bools)` pairs; groups left out are
     kept), combined with what earlier masks removed: units of prunable groups that are exactly zero stay
@@ -425,13 +429,13 @@ def _prune_lowest(b: Any, key: Var, dead: Var, numel: int, amount: int | float, 
     ndead = b.sum(b.to_long(dead), None)
     live = b.sub(numel, ndead)
     k = _count(b, live, amount)
-    p1 = first if first is not None else b.emit("argsort", key, 0)
-    p = b.take(p1, b.emit("argsort", b.take(b.to_long(b.logical_not(dead)), p1), 0))
-    rank = b.emit("argsort", p, 0)
+    p1 = first if first is not None else b.emit("argsort", key, dim=0)
+    p = b.take(p1, b.emit("argsort", b.take(b.to_long(b.logical_not(dead)), p1), dim=0))
+    rank = b.emit("argsort", p, dim=0)
     return b.logical_not(b.lt(rank, b.add(ndead, k)))
 
 
-@define_spec("l1_unstructured")
+@define_spec("l1_unstructured", outputs={"*": "elements"})
 def l1_unstructured(ctx: Context, amount: Any = None, params: Any = None) -> dict[str, Var]:
     """Element keep-masks removing the `amount` smallest |w| of each parameter (torch's `l1_unstructured`),
     relative to the entries that are not already zero. `params`: fnmatch patterns (default: every parameter
@@ -441,9 +445,9 @@ def l1_unstructured(ctx: Context, amount: Any = None, params: Any = None) -> dic
     for name in _selected_params(ctx, params, "l1_unstructured", _weights):
         shape = ctx.structure.param_map[name].shape
         numel = _check_count(amount, name, shape, "l1_unstructured")
-        a = b.emit("reshape", b.abs(b.param(name)), (-1,))
+        a = b.reshape(b.abs(b.param(name)), (-1,))
         keep = _prune_lowest(b, a, b.eq(a, 0), numel, amount)
-        out[name] = b.emit("reshape", keep, tuple(shape))
+        out[name] = b.reshape(keep, tuple(shape))
     return out
 
 
@@ -455,7 +459,7 @@ def _check_count(amount: int | float, name: str, shape: tuple[int, ...], spec: s
     return numel
 
 
-@define_spec("random_unstructured")
+@define_spec("random_unstructured", outputs={"*": "elements"})
 def random_unstructured(ctx: Context, amount: Any = None, seed: int = 0, params: Any = None) -> dict[str, Var]:
     """Element keep-masks removing random entries, relative to the entries not already zero. One generator
     seeded with `seed` draws `torch.rand(shape)` per parameter in structure order (at compile time) and the
@@ -471,9 +475,9 @@ def random_unstructured(ctx: Context, amount: Any = None, seed: int = 0, params:
         numel = _check_count(amount, name, shape, "random_unstructured")
         draws = torch.rand(shape, generator=gen).reshape(-1)
         first = b.const(torch.argsort(-draws, stable=True), f"random order of {name}")
-        w = b.emit("reshape", b.param(name), (-1,))
+        w = b.reshape(b.param(name), (-1,))
         keep = _prune_lowest(b, w, b.eq(w, 0), numel, amount, first=first)
-        out[name] = b.emit("reshape", keep, tuple(shape))
+        out[name] = b.reshape(keep, tuple(shape))
     return out
 
 
@@ -482,7 +486,7 @@ def _is_nm_weight(p: Any) -> bool:
     return len(p.shape) >= 2 and (t.endswith("Linear") or t.startswith("Conv"))
 
 
-@define_spec("nm")
+@define_spec("nm", outputs={"*": "elements"})
 def nm(
     ctx: Context, n: int = 2, m: int = 4, block_shape: Any = None, params: Any = None, indivisible: str = "skip"
 ) -> dict[str, Var]:
@@ -527,21 +531,21 @@ def nm(
                                 f"{bs} blocks; pass indivisible='skip' or 'pad'")
         identity = perm == tuple(range(len(shape)))
         a = b.abs(b.param(name))
-        a = b.emit("reshape", a if identity else b.emit("permute", a, perm), (rows, cols))
+        a = b.reshape(a if identity else b.emit("permute", a, dims=perm), (rows, cols))
         if dh or dw:
-            a = b.emit("pad_inf", a, (0, dw, 0, dh))
+            a = b.emit("pad_inf", a, pad=(0, dw, 0, dh))
         hh, ww = rows + dh, cols + dw
-        blocks = b.emit("reshape", b.emit("permute", b.emit("reshape", a, (hh // bs[0], bs[0], ww // bs[1], bs[1])),
-                                          (0, 2, 1, 3)), (-1, m))
-        rank = b.emit("argsort", b.emit("argsort", blocks, 1), 1)
-        keep = b.emit("ge", rank, n)
-        keep = b.emit("reshape", b.emit("permute", b.emit("reshape", keep, (hh // bs[0], ww // bs[1], bs[0], bs[1])),
-                                        (0, 2, 1, 3)), (hh, ww))
+        tiles = b.reshape(a, (hh // bs[0], bs[0], ww // bs[1], bs[1]))
+        blocks = b.reshape(b.emit("permute", tiles, dims=(0, 2, 1, 3)), (-1, m))
+        rank = b.emit("argsort", b.emit("argsort", blocks, dim=1), dim=1)
+        keep = b.ge(rank, n)
+        tiles = b.reshape(keep, (hh // bs[0], ww // bs[1], bs[0], bs[1]))
+        keep = b.reshape(b.emit("permute", tiles, dims=(0, 2, 1, 3)), (hh, ww))
         if dh or dw:
-            keep = b.emit("narrow", b.emit("narrow", keep, 0, 0, rows), 1, 0, cols)
+            keep = b.emit("narrow", b.emit("narrow", keep, dim=0, start=0, length=rows), dim=1, start=0, length=cols)
         inv = tuple(sorted(range(len(perm)), key=lambda i: perm[i]))
-        keep = b.emit("reshape", keep, permuted)
-        out[name] = keep if identity else b.emit("permute", keep, inv)
+        keep = b.reshape(keep, permuted)
+        out[name] = keep if identity else b.emit("permute", keep, dims=inv)
     if not out:
         raise SpecError("nm: no selected weight is a whole number of blocks; pass indivisible='pad' or params=")
     return out

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ..compiler import Context
 from ..lang import Var
-from ..spec import define_spec
+from ..spec import Context, define_spec
 
 
 @define_spec("unit_sumsq")

@@ -22,18 +22,15 @@ from typing import Any
 
 import torch
 
-from ..compiler import Context, select_slices
 from ..errors import SpecError
+from ..filters import select_slices
 from ..ir import Structure
-from ..lang import PRIMITIVES, Primitive, Var
+from ..lang import Var
 from ..masking import slice_lookup
-from ..spec import define_spec
+from ..spec import Context, define_spec
 from .importance import prunable_mask, unit_cost_tensor
 
 __all__ = ["ParamDecay", "decay_coefficients", "decay_plan", "plan_to"]
-
-PRIMITIVES.setdefault("detach", Primitive("detach", lambda x: f"{x}.detach()", "stop gradient"))
-PRIMITIVES.setdefault("rpow", Primitive("rpow", lambda a, x: f"({a} ** {x})", "a scalar raised to a tensor power"))
 
 WEIGHTINGS = (True, False, "sqrt_params", "none", "macs", "bops")
 
@@ -55,7 +52,7 @@ def _unit_weights(ctx: Context, weighted: Any, regularized: torch.Tensor, weight
     return b.cast_like(b.const(cost / mean, f"unit {weighted} / mean"), like)
 
 
-@define_spec("group_lasso", deps=("unit_l2",))
+@define_spec("group_lasso", deps=("unit_l2",), outputs="scalar")
 def group_lasso(ctx: Context, weighted: Any = True, groups: str = "prunable", reweighted: bool = False,
                 eps: float = 0.0, weight_bits: Any = 32, act_bits: Any = 32) -> Var:
     """Group lasso: sum over units of weight * ||unit||_2.
@@ -88,13 +85,13 @@ def group_lasso(ctx: Context, weighted: Any = True, groups: str = "prunable", re
     return b.sum(norms)
 
 
-@define_spec("mac_group_lasso", deps=("group_lasso",))
+@define_spec("mac_group_lasso", deps=("group_lasso",), outputs="scalar")
 def mac_group_lasso(ctx: Context, groups: str = "prunable", reweighted: bool = False, eps: float = 0.0) -> Var:
     """Group lasso weighted by each unit's MAC cost (`group_lasso(weighted="macs")`)."""
     return ctx.dep("group_lasso", weighted="macs", groups=groups, reweighted=reweighted, eps=eps)
 
 
-@define_spec("bop_group_lasso", deps=("group_lasso",))
+@define_spec("bop_group_lasso", deps=("group_lasso",), outputs="scalar")
 def bop_group_lasso(ctx: Context, groups: str = "prunable", reweighted: bool = False, eps: float = 0.0,
                     weight_bits: Any = 32, act_bits: Any = 32) -> Var:
     """Group lasso weighted by each unit's BOP cost (`group_lasso(weighted="bops")`)."""
@@ -102,7 +99,7 @@ def bop_group_lasso(ctx: Context, groups: str = "prunable", reweighted: bool = F
                    weight_bits=weight_bits, act_bits=act_bits)
 
 
-@define_spec("reweighted_group_lasso", deps=("group_lasso",))
+@define_spec("reweighted_group_lasso", deps=("group_lasso",), outputs="scalar")
 def reweighted_group_lasso(ctx: Context, weighted: Any = False, groups: str = "prunable", eps: float = 0.0) -> Var:
     """Sum over units of `||u|| / stop_grad(||u|| + eps)`: each live unit contributes about 1
     (`group_lasso(reweighted=True)`, unweighted by default)."""
@@ -130,7 +127,7 @@ def decay_gamma(ctx: Context, rule: str = "depgraph", alpha: float = 16.0, base:
     if not alpha >= 1.0:
         raise SpecError(f"decay_gamma: alpha must be >= 1 (the largest coefficient), got {alpha!r}")
     std = ctx.dep("standardized_importance", base=base, eps=0.0)
-    return b.where(ctx.prunable_units(), b.emit("rpow", float(alpha), std), 0.0)
+    return b.where(ctx.prunable_units(), b.emit("pow", float(alpha), std), 0.0)
 
 
 @dataclass(frozen=True)

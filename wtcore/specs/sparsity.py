@@ -12,15 +12,14 @@ import math
 import numpy as np
 import torch
 
-from ..compiler import Context
 from ..errors import SpecError
 from ..ir import UnitGroup
 from ..lang import Var
 from ..nonzero import stats_blocks
-from ..spec import define_spec
+from ..spec import Context, define_spec
 from .costs import (
     WEIGHT_KINDS,
-    _check_tolerance,
+    check_tolerance,
     inactive_f64,
     nonzero_count,
     param_names,
@@ -34,11 +33,19 @@ __all__ = ["NM_KINDS", "nm_params"]
 NM_KINDS = frozenset({"linear", "conv", "grouped_conv", "depthwise_conv"})
 
 
+NM_OUTPUTS = {
+    **dict.fromkeys(("strict_fraction", "eligible_fraction", "blocks", "strict_blocks", "eligible_blocks",
+                     "tail_elements", "layers", "strict_layers", "eligible_layers"), "scalar"),
+    **dict.fromkeys(("per_param_strict_fraction", "per_param_eligible_fraction", "per_param_tail_elements"), "param"),
+}
+
+
 def _f64(x: float) -> torch.Tensor:
     return torch.tensor(float(x), dtype=torch.float64)
 
 
-@define_spec("unstructured_sparsity")
+@define_spec("unstructured_sparsity", outputs={"per_param": "param", "total": "scalar", "zeros": "scalar",
+                                               "numel": "scalar"})
 def unstructured_sparsity(ctx: Context, tolerance: float = 0.0, params: tuple[str, ...] | None = None
                           ) -> dict[str, Var]:
     """Fraction of exactly-zero (|w| <= tolerance) elements per weight and in total, float64.
@@ -48,7 +55,7 @@ def unstructured_sparsity(ctx: Context, tolerance: float = 0.0, params: tuple[st
     (zeros / elements over all selected weights), not a mean of fractions. Outputs: `per_param`, `total`,
     `zeros`, `numel`.
     """
-    tolerance = _check_tolerance("unstructured_sparsity", tolerance)
+    tolerance = check_tolerance("unstructured_sparsity", tolerance)
     s = ctx.structure
     b = ctx.b
     names = param_names(ctx, params, weight_params(s, WEIGHT_KINDS))
@@ -77,7 +84,7 @@ def nm_params(ctx: Context, params: tuple[str, ...] | None) -> list[str]:
     return names
 
 
-@define_spec("nm_sparsity")
+@define_spec("nm_sparsity", outputs=NM_OUTPUTS)
 def nm_sparsity(ctx: Context, n: int = 2, m: int = 4, tolerance: float = 0.0,
                 params: tuple[str, ...] | None = None) -> dict[str, Var]:
     """N:M sparsity along the input axis (axis 1) of linear and conv weights `[out, in, *kernel]`: for every
@@ -93,7 +100,7 @@ def nm_sparsity(ctx: Context, n: int = 2, m: int = 4, tolerance: float = 0.0,
     if isinstance(n, bool) or isinstance(m, bool) or not (isinstance(n, int) and isinstance(m, int)) \
             or not 0 <= n <= m or m < 1:
         raise SpecError(f"nm_sparsity: need integers 0 <= n <= m, m >= 1; got n={n!r}, m={m!r}")
-    tolerance = _check_tolerance("nm_sparsity", tolerance)
+    tolerance = check_tolerance("nm_sparsity", tolerance)
     s = ctx.structure
     b = ctx.b
     names = nm_params(ctx, params)
@@ -107,7 +114,7 @@ def nm_sparsity(ctx: Context, n: int = 2, m: int = 4, tolerance: float = 0.0,
         blocks.append(o * nb * k)
         tails.append(o * (c - nb * m) * k)
         if nb:  # blocks with exactly / at most `keep` nonzeros, with the zero counts (`wtcore.nonzero.stats`)
-            strict, eligible = stats_blocks(b, b.param(name), shape, tolerance, m, keep)
+            strict, eligible = stats_blocks(b, b.param(name), tolerance, m, keep)
             s1.append(strict)
             s2.append(eligible)
     blocks_np = np.asarray(blocks, dtype=np.float64)
@@ -123,8 +130,8 @@ def nm_sparsity(ctx: Context, n: int = 2, m: int = 4, tolerance: float = 0.0,
             pick[has] = torch.arange(len(has))
             zero = b.const(torch.zeros(1, dtype=torch.float64), "zero")
             idx = b.const(pick, "nm_pick")
-            strict_v = b.take(b.emit("cat", strict_h, zero), idx)
-            elig_v = b.take(b.emit("cat", elig_h, zero), idx)
+            strict_v = b.take(b.cat(strict_h, zero), idx)
+            elig_v = b.take(b.cat(elig_h, zero), idx)
     else:
         strict_v = elig_v = b.const(torch.zeros(len(blocks), dtype=torch.float64), "zeros")
     safe = b.const(torch.from_numpy(np.maximum(blocks_np, 1.0)), "nm_blocks_safe")
@@ -142,8 +149,8 @@ def nm_sparsity(ctx: Context, n: int = 2, m: int = 4, tolerance: float = 0.0,
         "eligible_blocks": e_sum,
         "tail_elements": b.const(_f64(tails_np.sum()), "nm_tail"),
         "layers": b.const(_f64(len(names)), "nm_layers"),
-        "strict_layers": b.sum(b.emit("to_float64", strict_layer)),
-        "eligible_layers": b.sum(b.emit("to_float64", elig_layer)),
+        "strict_layers": b.sum(b.to_float64(strict_layer)),
+        "eligible_layers": b.sum(b.to_float64(elig_layer)),
         "per_param_strict_fraction": b.div(strict_v, safe),
         "per_param_eligible_fraction": b.div(elig_v, safe),
         "per_param_tail_elements": b.const(torch.from_numpy(tails_np), "nm_tails"),
@@ -160,7 +167,9 @@ def _group_indices(ctx: Context, groups: tuple[str, ...] | None) -> list[int]:
     return sorted(s.group_index(g) for g in dict.fromkeys(groups))
 
 
-@define_spec("group_pruning_summary", deps=("unit_active",))
+@define_spec("group_pruning_summary", deps=("unit_active",), outputs={
+    "pruned_units": "scalar", "pruned_params": "scalar", "units": "scalar", "per_group_pruned_units": "group",
+    "per_group_pruned_params": "group"})
 def group_pruning_summary(ctx: Context, tolerance: float = 0.0, groups: tuple[str, ...] | None = None
                           ) -> dict[str, Var]:
     """Pruned units and group-attributed pruned parameters, in total and per group, float64.
@@ -172,7 +181,7 @@ def group_pruning_summary(ctx: Context, tolerance: float = 0.0, groups: tuple[st
     Outputs: `pruned_units`, `pruned_params`, `units` (baseline units),
     `per_group_pruned_units`, `per_group_pruned_params` (selected groups in structure order).
     """
-    tolerance = _check_tolerance("group_pruning_summary", tolerance)
+    tolerance = check_tolerance("group_pruning_summary", tolerance)
     s = ctx.structure
     b = ctx.b
     idx = _group_indices(ctx, groups)
@@ -183,7 +192,7 @@ def group_pruning_summary(ctx: Context, tolerance: float = 0.0, groups: tuple[st
     inactive = inactive_f64(ctx, tolerance)
     ends = ctx.group_ends()
     units = b.segment_sum_sorted(inactive, ends)
-    params = b.segment_sum_sorted(b.mul(inactive, b.emit("to_float64", ctx.params_per_unit())), ends)
+    params = b.segment_sum_sorted(b.mul(inactive, b.to_float64(ctx.params_per_unit())), ends)
     removed = [float(g.baseline_size - g.size) for g in s.groups]
     units = b.add(units, b.const(torch.tensor(removed, dtype=torch.float64), "removed_units"))
     if any(removed):
@@ -215,7 +224,7 @@ def _removed_params(ctx: Context, g: UnitGroup) -> float:
         positions = p.baseline_shape[sl.axis] * (sl.groups if sl.groups > 1 else 1)
         per_entry = p.baseline_numel / max(positions, 1)
         if g.size:
-            per_unit = sum(1 for u in sl.index_list() if u >= 0) / g.size
+            per_unit = int((sl.unit_ids() >= 0).sum()) / g.size
         else:  # every unit removed: the axis lost exactly the removed entries
             per_unit = (positions - p.shape[sl.axis] * (sl.groups if sl.groups > 1 else 1)) / r
         total += r * per_unit * per_entry
@@ -232,7 +241,8 @@ def histogram_edges(bins: int, lo: float, hi: float, log: bool) -> torch.Tensor:
     return torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
 
 
-@define_spec("unit_l2_histogram", deps=("unit_l2",))
+@define_spec("unit_l2_histogram", deps=("unit_l2",), outputs={
+    "counts": "bin", "below": "scalar", "above": "scalar", "zero": "scalar", "units": "scalar", "edges": "edge"})
 def unit_l2_histogram(ctx: Context, bins: int = 16, lo: float = 1e-6, hi: float = 1e2, log: bool = True,
                       groups: str = "prunable") -> dict[str, Var]:
     """Histogram of unit L2 norms over fixed bins (fixed shapes: vmap-able, no bincount), int64 counts.
@@ -252,15 +262,16 @@ def unit_l2_histogram(ctx: Context, bins: int = 16, lo: float = 1e-6, hi: float 
         valid = torch.cat([torch.full((g.size,), g.prunable, dtype=torch.bool) for g in s.groups]) \
             if s.groups else valid
     valid_c = b.logical_and(b.const(valid, "histogram_units"), b.gt(ctx.params_per_unit(), 0))
-    x = b.emit("to_float64", ctx.dep("unit_l2"))
-    ge = b.ge(b.emit("reshape", x, (-1, 1)), b.const(edges.reshape(1, -1), "histogram_edges"))
-    cum = b.sum(b.logical_and(ge, b.emit("reshape", valid_c, (-1, 1))), (0,))  # units >= each edge, [bins+1]
+    x = b.to_float64(ctx.dep("unit_l2"))
+    ge = b.ge(b.reshape(x, (-1, 1)), b.const(edges.reshape(1, -1), "histogram_edges"))
+    cum = b.sum(b.logical_and(ge, b.reshape(valid_c, (-1, 1))), (0,))  # units >= each edge, [bins+1]
     n_valid = b.sum(valid_c)
-    counts = b.sub(b.emit("narrow", cum, 0, 0, bins), b.emit("narrow", cum, 0, 1, bins))
+    counts = b.sub(b.emit("narrow", cum, dim=0, start=0, length=bins),
+                   b.emit("narrow", cum, dim=0, start=1, length=bins))
     return {
         "counts": counts,
-        "below": b.sub(n_valid, b.emit("reshape", b.emit("narrow", cum, 0, 0, 1), ())),
-        "above": b.emit("reshape", b.emit("narrow", cum, 0, bins, 1), ()),
+        "below": b.sub(n_valid, b.emit("select", cum, dim=0, index=0)),
+        "above": b.emit("select", cum, dim=0, index=bins),
         "zero": b.sum(b.logical_and(b.eq(x, 0.0), valid_c)),
         "units": n_valid,
         "edges": b.const(edges, "edges"),

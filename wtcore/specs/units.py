@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from ..compiler import Context
 from ..errors import SpecError
 from ..lang import Var
-from ..spec import define_spec
+from ..spec import Context, define_spec
 
 
 @define_spec("params_per_unit")
@@ -27,7 +26,7 @@ def unit_active(ctx: Context, tolerance: float = 0.0) -> Var:
     return b.logical_or(nonzero, b.eq(ctx.params_per_unit(), 0))
 
 
-@define_spec("group_active_units", deps=("unit_active",))
+@define_spec("group_active_units", deps=("unit_active",), outputs="group")
 def group_active_units(ctx: Context, tolerance: float = 0.0) -> Var:
     """Active units per group, `[num_groups]` int64, in `structure.groups` order."""
     b = ctx.b
