@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import traceback
 from collections import Counter
 from collections.abc import Iterator
@@ -263,3 +264,11 @@ def test_literals_of_equal_value_and_different_type_are_different_equations() ->
     assert b.mul(x, 1) is not b.mul(x, 1.0) and b.mul(x, True) is not b.mul(x, 1)
     assert b.add(x, 0.0) is not b.add(x, -0.0)
     assert b.mul(x, 2) is b.mul(x, 2)
+
+
+def test_the_docs_list_every_primitive() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "programs.md").read_text()
+    listed = set(re.findall(r"^\| `(\w+)\(", text, flags=re.M))
+    assert listed == set(wtcore.PRIMITIVES)
