@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 import wtcore
+from wtcore.solver import TargetError, metric_ratio
 from wtfront import trace
-from wtfront.controller import Controller, ControllerConfig, ControllerError, StepReport, TargetError, read_config
+from wtfront.controller import Controller, ControllerConfig, ControllerError, StepReport, read_config
 from wtfront.interop import effective_params
 from wtfront.schedule import Schedule
-from wtfront.solver import metric_ratio
 
 
 class SmallCNN(nn.Module):

@@ -18,8 +18,7 @@ from wtcore.errors import StructureError
 from wtcore.ir import AxisPart, CostAxis, CostOp, Structure, runs_from_list
 from wtcore.specs.masks import isomorphism_key
 from wtcore.testing import params_for, structures, zero_units
-from wtfront.controller import solve_keep
-from wtfront.solver import TargetError, metric_ratio, solve
+from wtcore.solver import TargetError, metric_ratio, solve, solve_keep
 
 SPEC = {"macs": ("active_macs", "ratio"), "params": ("active_params", "ratio"), "bops": ("structured_bops", None)}
 
@@ -273,7 +272,7 @@ def test_side_effect_units_are_solved_with_the_cost_program():
 @pytest.mark.parametrize("scope", ["global", "local"])
 def test_chunked_prefix_scan_gives_the_same_answer(monkeypatch, scope):
     """The prefix costs are evaluated in chunks of bounded memory; tiny chunks change nothing."""
-    import wtfront.solver as solver_module
+    import wtcore.solver as solver_module
     from wtfront import trace
 
     model, x = _toy()

@@ -210,11 +210,8 @@ def _prune(args: argparse.Namespace) -> int:
     from .prune import prune_units
     from .trace import trace
 
-    try:
-        from .controller import solve_keep
-    except ImportError:
-        raise WtError("wt prune needs wtfront.controller.solve_keep (the MAC-target controller), which this "
-                      "installation does not have yet") from None
+    from wtcore.solver import solve_keep
+
     if not 0.0 < args.target_macs <= 1.0:
         raise WtError(f"--target-macs is a fraction of the model's MACs in (0, 1], got {args.target_macs}")
     ref = _load(args)

@@ -29,28 +29,18 @@ import torch.nn as nn
 from wtcore.errors import WtError
 from wtcore.ir import Structure
 from wtcore.masking import keep_from_removed, removed_by_group
+from wtcore.solver import METRICS, TargetError, metric_ratio, solve
 
 from .interop import effective_params
 from .prune import FakePruning, apply_masks, prune_zero_units
 from .schedule import Schedule, ScheduleError
-from .solver import METRICS, Solution, TargetError, metric_ratio, solve, solve_keep
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: JSON configs only
     tomllib = None  # type: ignore[assignment]
 
-__all__ = [
-    "METRICS",
-    "Controller",
-    "ControllerConfig",
-    "ControllerError",
-    "Solution",
-    "StepReport",
-    "TargetError",
-    "solve",
-    "solve_keep",
-]
+__all__ = ["Controller", "ControllerConfig", "ControllerError", "StepReport"]
 
 STATE_FORMAT = "wt.controller/1"
 
