@@ -1,66 +1,28 @@
-"""Attention discovery: heads, grouped-query KV heads and MLP features as canonical units.
+"""Attention discovery: the head layout of every attention module, read from the modules themselves.
 
 Torch-Pruning couples a transformer's q/k/v rows and output-projection columns row by row: it does not know
 that `head_dim` consecutive rows of q, k and v form one head, nor that under grouped-query attention one
-KV head serves `n_rep` query heads. This module reads the layout from the modules themselves (timm
-`Attention` with a fused `qkv`, `nn.MultiheadAttention`, Hugging Face self-attention with separate
-`q_proj/k_proj/v_proj` or `query/key/value`, GPT-2's fused `Conv1D` `c_attn`) and, after Torch-Pruning's
-groups are lowered, replaces every group slice of a head axis by one head-level group per attention module:
-
-- `head`: one unit per query head, with its q/k/v rows and output-projection input columns (multi-head
-  attention). Under grouped-query attention (`num_kv_heads < num_heads`) a `head` unit is a query-head
-  *slot* `r` in `0..n_rep-1`: query head `r` of every KV group (q rows and output columns only), so removing
-  it keeps the same number of query heads per KV head everywhere.
-- `kv_head` (the default under grouped-query attention): one unit per KV head, with its k/v rows and the
-  q rows / output columns of the `n_rep` query heads that share it.
-- `head_dim` (instead of heads, `units=("head_dim", ...)`): one unit per head dimension `d`, coupling q/k row
-  `d` of every head (the q.k dimension), v row `d` of every head and the output projection's input column `d`
-  of every head. It excludes `head`/`kv_head` (an entry would sit in two groups, and a projection's cost axis
-  cannot follow both). Removing dims keeps each module's attention scale at its original value (timm `scale`,
-  HF `scaling`), so outputs are unchanged; rotary attention (entry `d` paired with `d + head_dim/2`) and
-  `nn.MultiheadAttention` (its forward derives the scale from `head_dim`) are refused / not prunable.
-- `mlp_feature`: the other Linear feature groups of a model with attention (MLP hidden features).
-- `hidden`: the residual width (the group of the attention's input columns), coupled across all blocks.
-
-Kinds that are not selected (`trace(units=...)`) stay in the IR but are not prunable, with a reason
-saying how to select them. Head groups are pruned physically by surgery from the IR (`remove_units`), not
-by Torch-Pruning, and module metadata (`num_heads`, ...) is synced by the hooks of `wtfront.integrations`.
+KV head serves `n_rep` query heads. `discover_attention` reads the layout from the modules (timm `Attention`
+with a fused `qkv`, `nn.MultiheadAttention`, Hugging Face self-attention with separate `q_proj/k_proj/v_proj`
+or `query/key/value`, GPT-2's fused `Conv1D` `c_attn`): where each head's rows and columns are, and how many
+query and KV heads there are. `wtfront.tracing.units` makes them the IR's units.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from wtcore.errors import TraceError, WtError
-from wtcore.ir import AxisPart, CostAxis, Slice, Structure, UnitGroup, runs_from_list
+from wtcore.errors import TraceError
 
-__all__ = [
-    "ALL_UNIT_KINDS",
-    "DEFAULT_UNITS",
-    "HEAD_KINDS",
-    "HIDDEN_REASON",
-    "AttentionLayout",
-    "Segment",
-    "apply_attention_costs",
-    "apply_attention_units",
-    "discover_attention",
-    "remove_units",
-]
+from ..modules import canonical_names, is_hf_conv1d
 
-#: Unit kinds that `trace(units=...)` can select.
-ALL_UNIT_KINDS = ("head", "kv_head", "head_dim", "mlp_feature", "hidden")
-#: Default: attention heads (KV heads under grouped-query attention) and MLP features; the residual width
-#: stays in the IR but is not prunable.
-DEFAULT_UNITS = ("head", "kv_head", "mlp_feature")
-#: Group kinds pruned physically by surgery from the IR instead of Torch-Pruning.
-HEAD_KINDS = frozenset({"head", "kv_head", "head_dim"})
+__all__ = ["AttentionLayout", "HeadOverride", "Segment", "discover_attention", "hf_parts"]
 
+#: A head-count override of `discover_attention`: N query heads, (N, N_kv), or None (not attention).
 HeadOverride = int | tuple[int, int] | None
 
 
@@ -125,10 +87,6 @@ class AttentionLayout:
 
 
 # ============================================================================================ discovery
-def _linear_like(m: Any) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
-
-
 def _int_attr(m: nn.Module, *names: str) -> int | None:
     for n in names:
         v = getattr(m, n, None)
@@ -137,7 +95,9 @@ def _int_attr(m: nn.Module, *names: str) -> int | None:
     return None
 
 
-def _hf_parts(m: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | None:
+def hf_parts(m: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | None:
+    """The separate q, k and v projections of a Hugging Face attention module (`q_proj`/`k_proj`/`v_proj` or
+    `query`/`key`/`value`), or None."""
     for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
         mods = [getattr(m, n, None) for n in names]
         if all(isinstance(x, nn.Linear) for x in mods):
@@ -162,13 +122,6 @@ def _hf_out(model: nn.Module, name: str, m: nn.Module, inner: int) -> tuple[str,
         prefix = f"{parent_name}." if parent_name else ""
         return f"{prefix}output.dense", out
     return None
-
-
-def _canonical(model: nn.Module) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        out.setdefault(id(p), n)
-    return out
 
 
 def _pname(canon: Mapping[int, str], t: torch.Tensor | None) -> str | None:
@@ -238,7 +191,7 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
         return AttentionLayout(name, "torch_mha", nh, nkv, hd, tuple(segs), ((_pname(canon, m.in_proj_weight), 1),),
                                blocked)
     c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
-    if _linear_like(c_attn) and _linear_like(c_proj) and type(c_attn).__name__ == "Conv1D":
+    if is_hf_conv1d(c_attn) and (isinstance(c_proj, nn.Linear) or is_hf_conv1d(c_proj)):
         if getattr(m, "is_cross_attention", False):
             return None
         rows = c_attn.weight.shape[1] // 3
@@ -246,7 +199,7 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
         segs = [s for off, r in ((0, "q"), (rows, "k"), (2 * rows, "v")) for s in seg(c_attn.weight, 1, off, r)
                 + seg(c_attn.bias, 0, off, r)] + seg(c_proj.weight, 0, 0, "o")
         return AttentionLayout(name, "gpt2", nh, nkv, hd, tuple(segs), ((_pname(canon, c_attn.weight), 0),))
-    parts = _hf_parts(m)
+    parts = hf_parts(m)
     if parts is None:
         return None
     q, k, v = parts
@@ -293,7 +246,7 @@ def discover_attention(model: nn.Module, heads: Mapping[str, HeadOverride] | Non
         if name not in heads and not _may_be_attention(m):
             continue
         if canon is None:
-            canon = _canonical(model)
+            canon = canonical_names(model)
         lay = _layout(model, name, m, canon, heads.get(name))
         if lay is None:
             if name in heads:
@@ -307,243 +260,3 @@ def discover_attention(model: nn.Module, heads: Mapping[str, HeadOverride] | Non
         out.append(lay)
     return out
 
-
-# ============================================================================================ Conv1D
-def _is_conv1d(m: Any) -> bool:
-    """transformers' `Conv1D` (GPT-2): a linear layer whose weight is stored `[in, out]`."""
-    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor)
-
-
-def ir_surgery_groups(model: nn.Module, structure: Structure, names: Iterable[str]) -> set[str]:
-    """Groups among `names` that physical pruning cuts from the IR instead of through Torch-Pruning: head
-    groups, and groups with a `Conv1D` parameter (Torch-Pruning cannot prune those layers)."""
-    conv_params: set[str] = set()
-    for n, m in model.named_modules():
-        if _is_conv1d(m):
-            prefix = f"{n}." if n else ""
-            conv_params.update(f"{prefix}{a}" for a in ("weight", "bias"))
-    out = set()
-    for gname in names:
-        g = structure.group_map[gname]
-        if g.kind in HEAD_KINDS or any(s.param in conv_params for s in g.slices):
-            out.add(gname)
-    return out
-
-
-def ir_lossy_reason(model: nn.Module, structure: Structure, gname: str) -> str | None:
-    """Why removing units of a group cut from the IR is not the same function as zeroing them (a LayerNorm or
-    GroupNorm normalizes over them), or None."""
-    for s in structure.group_map[gname].slices:
-        owner = structure.param_map[s.param].module
-        try:
-            m = model.get_submodule(owner) if owner else model
-        except AttributeError:
-            continue
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or type(m).__name__.endswith("RMSNorm"):
-            return f"{type(m).__name__} {owner!r} normalizes over its units (zeroing a unit changes the statistics)"
-    return None
-
-
-# ============================================================================================ the IR pass
-def _check_units(units: Iterable[str]) -> tuple[str, ...]:
-    units = tuple(units)
-    bad = [u for u in units if u not in ALL_UNIT_KINDS]
-    if bad:
-        raise TraceError(f"units={units!r}: unknown unit kind(s) {bad}; choose from {ALL_UNIT_KINDS}")
-    if "head_dim" in units and HEAD_KINDS.intersection(units) - {"head_dim"}:
-        raise TraceError(
-            f"units={units!r}: 'head_dim' excludes 'head' and 'kv_head' (a q/k/v row would belong to a head unit and "
-            "a head-dim unit, and a projection's cost axis cannot follow both); trace with units=('head_dim', "
-            "'mlp_feature') to prune head dimensions, or without 'head_dim' to prune heads"
-        )
-    return units
-
-
-HIDDEN_REASON = (
-    "the residual (hidden) width, coupled across all blocks; pass units=(..., 'hidden') to trace() to prune it "
-    "(a LayerNorm or RMSNorm over it makes removal lossy: prune_units(..., strict=False))"
-)
-
-
-def _not_selected(kind: str) -> str:
-    return f"unit kind {kind!r} is not selected; pass units=(..., {kind!r}) to trace() to prune it"
-
-
-def _head_group(lay: AttentionLayout, kind: str, structure: Structure, units: Collection[str]) -> UnitGroup:
-    by_key: dict[tuple[str, int], np.ndarray] = {}
-    for s in lay.segments:
-        length = structure.param_map[s.param].shape[s.axis]
-        idx = by_key.setdefault((s.param, s.axis), np.full(length, -1, dtype=np.int64))
-        count = lay.num_kv_heads if s.role in ("k", "v") else lay.num_heads
-        for h in range(count):
-            a = s.offset + h * lay.head_dim
-            if kind == "head_dim":
-                idx[a: a + lay.head_dim] = np.arange(lay.head_dim)
-            else:
-                idx[a: a + lay.head_dim] = lay.unit_of_head(kind, s.role, h)
-    order = {p.name: i for i, p in enumerate(structure.params)}
-    slices = tuple(Slice(p, axis, runs_from_list(idx)) for (p, axis), idx in
-                   sorted(by_key.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])) if (idx >= 0).any())
-    active = kind in units or (kind == "head" and lay.num_kv_heads == lay.num_heads and "kv_head" in units)
-    reason = lay.blocked or ("" if active else _not_selected(kind))
-    if kind == "head_dim" and lay.family == "torch_mha" and not reason:
-        reason = (f"nn.MultiheadAttention {lay.module!r} derives its attention scale from head_dim: removing head "
-                  "dimensions would change its output; prune heads instead")
-    return UnitGroup(lay.group_name(kind), kind, lay.group_size(kind), slices, prunable=not reason,
-                     root=lay.module, reason=reason)
-
-
-def _refuse_rotary(model: nn.Module, layouts: Sequence[AttentionLayout]) -> None:
-    """Rotary embeddings rotate entry d of each head with entry d + head_dim/2 by frequencies derived from
-    head_dim (`inv_freq`): a head-dim unit would have to be a rotary pair and the frequencies re-derived."""
-    rope = [n for n, m in model.named_modules() if "rotary" in type(m).__name__.lower()]
-    cfg = getattr(model, "config", None)
-    if not rope and not any(getattr(cfg, a, None) is not None for a in ("rope_theta", "rope_parameters")):
-        return
-    lay = next((x for x in layouts if x.family == "hf"), layouts[0])
-    raise TraceError(
-        f"units=('head_dim', ...): attention {lay.module!r} uses rotary position embeddings"
-        f"{f' ({rope[0]!r})' if rope else ''}, which pair entry d of each head with entry d + head_dim/2 and derive "
-        "their frequencies from head_dim; head_dim units are not supported for rotary attention, prune heads "
-        "(units=('kv_head', ...)) instead"
-    )
-
-
-def apply_attention_units(
-    structure: Structure,
-    model: nn.Module,
-    units: Iterable[str] = DEFAULT_UNITS,
-    heads: Mapping[str, HeadOverride] | None = None,
-) -> tuple[Structure, list[AttentionLayout]]:
-    """Replace the row-level groups of every discovered attention's head axes by one head-level group per
-    attention module, and classify the hidden and MLP groups (see the module docstring).
-
-    Returns the new structure (no cost ops yet) and the layouts (for `apply_attention_costs`).
-    """
-    units = _check_units(units)
-    layouts = discover_attention(model, heads)
-    if not layouts:
-        return structure, layouts
-    if "head_dim" in units:
-        _refuse_rotary(model, layouts)
-    head_keys = {(s.param, s.axis) for lay in layouts for s in lay.segments}
-    input_keys = {k for lay in layouts for k in lay.inputs}
-    new_groups: list[UnitGroup] = []
-    placed: dict[int, list[UnitGroup]] = {}
-    pending: list[UnitGroup] = []
-    lay_of_group = {}
-    for lay in layouts:
-        kind = lay.kind(units)
-        hg = _head_group(lay, kind, structure, units)
-        keys = {(s.param, s.axis) for s in lay.segments}
-        lay_of_group[hg.name] = keys
-        pending.append(hg)
-    for g in structure.groups:
-        kept = tuple(s for s in g.slices if (s.param, s.axis) not in head_keys)
-        touched = len(kept) != len(g.slices)
-        if touched:  # insert the head groups whose slices this group held, where it was
-            for hg in list(pending):
-                if any((s.param, s.axis) in lay_of_group[hg.name] for s in g.slices):
-                    placed.setdefault(len(new_groups), []).append(hg)
-                    pending.remove(hg)
-        if not kept:
-            continue
-        g = replace(g, slices=kept) if touched else g
-        if any((s.param, s.axis) in input_keys for s in g.slices):
-            mha = [lay.module for lay in layouts if lay.family == "torch_mha"
-                   and any((sl.param, sl.axis) in set(lay.inputs) for sl in g.slices)]
-            why = "" if "hidden" in units else HIDDEN_REASON
-            if mha and not why:
-                why = (f"nn.MultiheadAttention {mha[0]!r} ties its q/k/v width to embed_dim, which Torch-Pruning "
-                       f"prunes with the hidden width; trace with heads={{{mha[0]!r}: None}} to prune the hidden width")
-            reason = "; ".join(r for r in (g.reason, why) if r)
-            g = replace(g, kind="hidden", prunable=g.prunable and not why, reason=reason)
-        elif g.kind == "feature" and g.prunable:
-            on = "mlp_feature" in units
-            g = replace(g, kind="mlp_feature", prunable=on, reason="" if on else _not_selected("mlp_feature"))
-        new_groups.append(g)
-    out: list[UnitGroup] = []
-    for i, g in enumerate(new_groups):
-        out.extend(placed.get(i, ()))
-        out.append(g)
-    out.extend(placed.get(len(new_groups), ()))
-    out.extend(pending)  # heads whose rows Torch-Pruning left in no group
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-
-    def position(g: UnitGroup) -> int:  # trace's rule: groups in the order of their roots in named_modules()
-        if g.root in order:
-            return order[g.root]
-        return order.get(g.root.rpartition(".")[0], len(order))
-
-    out.sort(key=position)
-    touched_params = {s.param for g in out for s in g.slices}
-    uncoupled = tuple(p for p in structure.uncoupled if p not in touched_params)
-    return replace(structure, groups=tuple(out), ops=(), uncoupled=uncoupled), layouts
-
-
-def apply_attention_costs(structure: Structure, layouts: Sequence[AttentionLayout],
-                          units: Iterable[str] = DEFAULT_UNITS) -> Structure:
-    """Make the `heads` axis (or, for `head_dim` units, the `head_dim` axis) of every attention score/context
-    matmul (`attn_qk`/`attn_av` ops in an attention module's scope) follow that module's head group, so active
-    MACs drop with pruned heads."""
-    units = tuple(units)
-    by_module = {lay.module: lay for lay in layouts}
-    ops = []
-    for op in structure.ops:
-        lay = by_module.get(op.module)
-        if lay is None or op.kind not in ("attn_qk", "attn_av"):
-            ops.append(op)
-            continue
-        kind = lay.kind(units)
-        gname = lay.group_name(kind)
-        axes = []
-        for a in op.axes:
-            if kind == "head_dim" and a.name == "head_dim" and a.size == lay.head_dim and gname in structure.group_map:
-                a = CostAxis("head_dim", a.size, parts=(AxisPart(gname, runs_from_list(list(range(a.size)))),))
-            elif kind != "head_dim" and a.name == "heads" and a.size == lay.num_heads and gname in structure.group_map:
-                a = CostAxis("heads", a.size, parts=(AxisPart(gname, runs_from_list(lay.head_units(kind))),))
-            axes.append(a)
-        ops.append(replace(op, axes=tuple(axes)))
-    return replace(structure, ops=tuple(ops))
-
-
-# ============================================================================================ surgery
-def _owner(model: nn.Module, pname: str) -> tuple[nn.Module, str]:
-    mod_name, _, attr = pname.rpartition(".")
-    return (model.get_submodule(mod_name) if mod_name else model), attr
-
-
-@torch.no_grad()
-def remove_units(model: nn.Module, structure: Structure, removed: Mapping[str, Iterable[int]]) -> None:
-    """Physically remove units of head groups from the IR: every slice keeps the entries whose unit is kept
-    (or -1), by `index_select`; each parameter is replaced by a new Parameter (same dtype, device and
-    `requires_grad`) under every name it is reachable by. Module metadata is synced separately, except the
-    head size of modules that lost head dims (`head_dim`/`attention_head_size`), which the shapes alone cannot
-    tell from a change in head count; their attention scale is left at its original value."""
-    cuts: dict[str, dict[int, torch.Tensor]] = {}
-    for gname, us in removed.items():
-        g = structure.group_map[gname]
-        gone = torch.zeros(g.size + 1, dtype=torch.bool)
-        gone[torch.as_tensor(sorted({int(u) for u in us}), dtype=torch.long)] = True
-        for s in g.slices:
-            if s.groups != 1:
-                raise WtError(f"group {gname!r}: grouped slice of {s.param!r} cannot be cut from the IR")
-            idx = s.index_tensor()
-            drop = gone[torch.where(idx >= 0, idx, torch.full_like(idx, g.size))]
-            prev = cuts.setdefault(s.param, {}).get(s.axis)
-            cuts[s.param][s.axis] = drop if prev is None else prev | drop
-        if g.kind == "head_dim":
-            root = model.get_submodule(g.root) if g.root else model
-            for attr in ("head_dim", "attention_head_size"):
-                if isinstance(getattr(root, attr, None), int):
-                    setattr(root, attr, g.size - int(gone[:-1].sum()))
-    aliases = {p.name: (p.name, *p.aliases) for p in structure.params}
-    for pname, axes in cuts.items():
-        p = model.get_parameter(pname)
-        t = p.detach()
-        for axis, drop in axes.items():
-            t = t.index_select(axis, (~drop).nonzero().flatten().to(t.device))
-        new = nn.Parameter(t.clone(), requires_grad=p.requires_grad)
-        for name in aliases.get(pname, (pname,)):
-            mod, attr = _owner(model, name)
-            mod._parameters[attr] = new

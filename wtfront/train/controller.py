@@ -31,8 +31,9 @@ from wtcore.ir import Structure
 from wtcore.masking import keep_from_removed, removed_by_group
 from wtcore.solver import METRICS, TargetError, metric_ratio, solve
 
-from .interop import effective_params
-from .prune import FakePruning, apply_masks, prune_zero_units
+from ..modules import effective_params
+from ..prune.masks import FakePruning, apply_masks
+from ..prune.physical import prune_zero_units
 from .schedule import Schedule, ScheduleError
 
 try:
@@ -81,7 +82,7 @@ class ControllerConfig:
             raise ControllerError(f"controller: target must be a fraction of the baseline {self.metric} in (0, 1], "
                                   f"got {t!r}")
         if not isinstance(self.schedule, Schedule):
-            raise ControllerError(f"controller: schedule must be a wtfront.schedule.Schedule, got {self.schedule!r}")
+            raise ControllerError(f"controller: schedule must be a wtfront.Schedule, got {self.schedule!r}")
         if abs(self.schedule.final - (1.0 - float(t))) > 1e-12:
             raise ControllerError(f"controller: the schedule's final sparsity {self.schedule.final} is not "
                                   f"1 - target = {1.0 - float(t)}; build it with ControllerConfig.make")
