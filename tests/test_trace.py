@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from toys import Net, X
 
 from wtcore import Structure, TraceError, UnitGroup
 from wtfront import trace
+from wtfront.tracing.budget import Budget
 from wtfront.tracing.graph import normalized_dim
 from wtfront.tracing.lowering import OUTPUT_REASON
 from wtfront.tracing.shuffle import SHUFFLE_REASON
@@ -499,13 +502,30 @@ def test_budget_interrupts_a_slow_forward(swallow: bool) -> None:
     assert_clean_after_budget()
 
 
+class BudgetFromGrouping(Budget):
+    """The trace's own budget, with its clock started when grouping starts: the phases before it (the forward
+    pass, Torch-Pruning's graph build) take what they take on a busy machine, only the grouping is timed."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "phase" and value == "collecting pruning groups":
+            self._stack.enter_context(Budget.guard(self))  # the real guard, armed now
+
+    @contextmanager
+    def guard(self) -> Iterator[Budget]:
+        with ExitStack() as stack:  # unwinds the real guard (disarming its timer) however the block ends
+            self._stack = stack
+            yield self
+
+
 def test_budget_interrupts_a_hung_grouping(monkeypatch: pytest.MonkeyPatch) -> None:
     def forever(*args: Any, **kwargs: Any) -> Any:
         while True:
             pass
 
     monkeypatch.setattr(sys.modules["wtfront.tracing.groups"], "pruning_group", forever)
-    with pytest.raises(TraceError, match="collecting pruning groups"):
+    monkeypatch.setattr(sys.modules["wtfront.tracing.entry"], "Budget", BudgetFromGrouping)
+    with pytest.raises(TraceError, match=r"budget_s=0\.5 s: gave up after [\d.]+ s while collecting pruning groups"):
         trace(Net(), X, budget_s=0.5)
     assert_clean_after_budget()
 
