@@ -17,8 +17,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_main, interleaved_medians
 
-from wtfront import trace
-from wtfront.decay import ChannelDecay
+from wtfront import ChannelDecay, trace
 
 
 def bench_model(name: str, reps: int, compile_: bool) -> None:

@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_main, interleaved_medians, interleaved_times, once
 
 import wtcore
-from wtfront.models import load_model
-from wtfront.trace import trace
+from wtfront import load_model, trace
 
 
 def naive_group_lasso(structure: wtcore.Structure, params: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -46,7 +46,7 @@ def main() -> None:
 
     import transformers
 
-    from wtfront.trace import trace
+    from wtfront import trace
 
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     config = transformers.LlamaConfig(

@@ -32,9 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_main, interleaved_medians, once
 
 import wtcore
-from wtfront.models import load_model
-from wtfront.trace import trace
-from wtfront.tracker import WeightTracker
+from wtfront import WeightTracker, load_model, trace
 
 KINDS = ["structured_bops", "unstructured_sparsity", "nm_sparsity", "group_pruning_summary"]
 TWT_KINDS = ["structured_bops", "unstructured_sparsity", "nvidia_2_4_sparsity", "group_pruning_summary"]

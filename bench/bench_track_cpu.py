@@ -15,10 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from wtfront.benchmark import interleaved_medians
-from wtfront.models import load_model
-from wtfront.trace import trace
-from wtfront.tracker import WeightTracker
+from wtfront import WeightTracker, load_model, trace
+from wtfront.cli.benchmark import interleaved_medians
 
 KINDS = ["structured_bops", "unstructured_sparsity", "nm_sparsity", "group_pruning_summary"]
 

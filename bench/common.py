@@ -1,5 +1,5 @@
 """The shared command line of the benchmarks; the timing core (`interleaved_medians`, `once`) lives in
-`wtfront.benchmark` (also behind `wt bench`) and is re-exported here."""
+`wtfront.cli.benchmark` (also behind `wt bench`) and is re-exported here."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from wtfront.benchmark import interleaved_medians, interleaved_times, once
+from wtfront.cli.benchmark import interleaved_medians, interleaved_times, once
 
 __all__ = ["bench_main", "interleaved_medians", "interleaved_times", "once"]
 

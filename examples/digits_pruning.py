@@ -30,10 +30,7 @@ import torch
 from torch import nn
 
 import wtcore
-from wtfront import trace
-from wtfront.checkpoint import load_pruned, save_pruned
-from wtfront.controller import Controller, ControllerConfig
-from wtfront.interop import effective_params
+from wtfront import Controller, ControllerConfig, effective_params, load_pruned, save_pruned, trace
 
 
 class DigitsCNN(nn.Module):

@@ -1,4 +1,4 @@
-"""`wtfront.analyze` and `wt analyze`: metrics of many checkpoints with one vmapped program, CSV/JSON, plots.
+"""`wtfront.cli.analyze` and `wt analyze`: metrics of many checkpoints with one vmapped program, CSV/JSON, plots.
 
 Checkpoints are made from real models (torchvision ResNet-18, a timm ViT) by zeroing a growing fraction of
 every prunable group's units (`apply_masks`), plus a physically pruned copy saved with `save_pruned`. The
@@ -20,11 +20,10 @@ import torch
 import torchvision
 
 import wtcore
-from wtfront import trace
-from wtfront.analyze import (
+from wtfront import AnalysisError, analyze, apply_masks, prune_zero_units, save_pruned, trace
+from wtfront.cli import main
+from wtfront.cli.analyze import (
     METRICS,
-    AnalysisError,
-    analyze,
     find_checkpoints,
     histogram_edges,
     metric_specs,
@@ -34,9 +33,6 @@ from wtfront.analyze import (
     write_csv,
     write_json,
 )
-from wtfront.checkpoint import save_pruned
-from wtfront.cli import main
-from wtfront.prune import apply_masks, prune_zero_units
 
 X = torch.randn(1, 3, 64, 64)
 FRACTIONS = {"epoch_1": 0.0, "epoch_2": 0.1, "epoch_5": 0.3, "epoch_10": 0.5}

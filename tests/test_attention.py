@@ -26,11 +26,10 @@ from wtcore.errors import TraceError
 from wtcore.ir import Param, Structure
 from wtcore.masking import keep_from_removed
 from wtcore.testing import reference_unit_values
-from wtfront import trace
-from wtfront.attention import AttentionLayout, Segment, _head_group, discover_attention
-from wtfront.checkpoint import load_pruned, save_pruned
-from wtfront.costs import op_macs
-from wtfront.prune import PruneError, apply_masks, prune_units
+from wtfront import PruneError, apply_masks, load_pruned, prune_units, save_pruned, trace
+from wtfront.costs.macs import op_macs
+from wtfront.tracing.attention import AttentionLayout, Segment, discover_attention
+from wtfront.tracing.units import _head_group
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -136,7 +135,7 @@ def _plan(s: Structure, fraction: float = 0.3, seed: int = 0) -> dict[str, list[
 
 # ============================================================================================ hand references
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Attention modules found by hand, per family (independent of wtfront.attention)."""
+    """Attention modules found by hand, per family (independent of wtfront.tracing.attention)."""
     out = []
     for name, m in model.named_modules():
         t = type(m).__name__
@@ -371,7 +370,7 @@ def test_head_overrides() -> None:
 
 
 def test_failed_head_pruning_leaves_the_model_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
-    import wtfront.prune as prune_mod
+    import wtfront.prune.physical as prune_mod
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, depth=2).eval()
@@ -394,7 +393,7 @@ def test_failed_head_pruning_leaves_the_model_bit_identical(monkeypatch: pytest.
 
 
 def test_failed_hf_pruning_restores_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    import wtfront.prune as prune_mod
+    import wtfront.prune.physical as prune_mod
 
     torch.manual_seed(0)
     model = _llama().eval()
@@ -522,7 +521,7 @@ def test_head_dim_uniform_pruning_updates_the_hf_config() -> None:
 
 
 def test_failed_head_dim_pruning_leaves_the_model_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
-    import wtfront.prune as prune_mod
+    import wtfront.prune.physical as prune_mod
 
     torch.manual_seed(0)
     model = HD_CASES["timm:vit_tiny"].build().eval()

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from wtfront import trace
-from wtfront.checkpoint import CheckpointError, load_pruned, manifest, register_manifest_attrs, save_pruned
-from wtfront.prune import prune_units, register_metadata_hook
+from wtfront import CheckpointError, load_pruned, prune_units, register_metadata_hook, save_pruned, trace
+from wtfront.prune.checkpoint import manifest, register_manifest_attrs
 
 
 class Types(nn.Module):

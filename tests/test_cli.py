@@ -17,10 +17,10 @@ import torchvision
 
 import wtcore
 from wtcore.errors import WtError
-from wtfront import trace
-from wtfront.benchmark import floor_ratios, interleaved_medians
+from wtfront import load_model, trace
 from wtfront.cli import build_parser, main, parse_spec
-from wtfront.models import load_model, parse_config_overrides, parse_input_shape
+from wtfront.cli.benchmark import floor_ratios, interleaved_medians
+from wtfront.cli.models import parse_config_overrides, parse_input_shape
 
 HAS_HEADS = "heads" in inspect.signature(trace).parameters
 HAS_UNITS = "units" in inspect.signature(trace).parameters
@@ -210,7 +210,7 @@ def _conv_linear_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def test_prune_cnn_to_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from wtfront.checkpoint import load_pruned
+    from wtfront import load_pruned
 
     x = torch.randn(1, 3, 64, 64)
     code, out, err = run(capsys, "prune", "torchvision:resnet18", "--input", "1,3,64,64", "--target-macs", "0.5",
@@ -230,8 +230,7 @@ def test_prune_cnn_to_target(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_prune_trained_weights_removes_the_zero_units(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A model whose units were zeroed in training: pruning to the MACs they leave removes exactly them, and the
     pruned model computes what the trained one did."""
-    from wtfront.checkpoint import load_pruned
-    from wtfront.prune import apply_masks
+    from wtfront import apply_masks, load_pruned
 
     torch.manual_seed(1)
     x = torch.randn(1, 3, 64, 64)
@@ -256,7 +255,7 @@ def test_prune_trained_weights_removes_the_zero_units(tmp_path: Path, capsys: py
 def test_prune_vit_mlp_features(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import timm
 
-    from wtfront.checkpoint import load_pruned
+    from wtfront import load_pruned
 
     code, _, err = run(capsys, "prune", "timm:vit_tiny_patch16_224", "--config", "img_size=32", "depth=2",
                          "--input", "1,3,32,32", "--target-macs", "0.7", "--method", "random", "--scope", "local",
@@ -314,20 +313,20 @@ def test_wrong_architecture_checkpoint(tmp_path: Path, capsys: pytest.CaptureFix
 
 # ------------------------------------------------------------------------------------------------------- docs
 def test_api_reference_is_current() -> None:
-    from wtfront.apidoc import render
+    from wtfront.cli.apidoc import render
 
     path = Path(__file__).resolve().parent.parent / "docs" / "api.md"
-    assert path.read_text() == render(), "docs/api.md is stale: run python -m wtfront.apidoc > docs/api.md"
+    assert path.read_text() == render(), "docs/api.md is stale: run python -m wtfront.cli.apidoc > docs/api.md"
 
 
 def test_unexpected_errors_are_one_line_too(monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    import wtfront.models
+    import wtfront.cli.models
 
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("something\nunforeseen")
 
-    monkeypatch.setattr(wtfront.models, "load_model", broken)
+    monkeypatch.setattr(wtfront.cli.models, "load_model", broken)
     code, _, err = run(capsys, "inspect", "torchvision:resnet18")
     assert code == 3 and err.strip() == ("wt: error: unexpected ValueError: something unforeseen (set WT_TRACEBACK=1 "
                                          "for the traceback)")

@@ -13,11 +13,9 @@ import torch
 from torch import nn
 
 import wtcore
-from wtfront import trace
-from wtfront.controller import Controller, ControllerConfig, ControllerError, StepReport, TargetError, read_config
-from wtfront.interop import effective_params
-from wtfront.schedule import Schedule
-from wtfront.solver import metric_ratio
+from wtcore.solver import TargetError, metric_ratio
+from wtfront import Controller, ControllerConfig, ControllerError, Schedule, effective_params, trace
+from wtfront.train.controller import StepReport, read_config
 
 
 class SmallCNN(nn.Module):
@@ -268,8 +266,8 @@ def test_epoch_schedule_driven_per_step():
 
 
 def test_failed_physical_prune_keeps_the_masks_enforced(monkeypatch):
-    import wtfront.controller as controller_module
-    from wtfront.prune import PruneError
+    import wtfront.train.controller as controller_module
+    from wtfront import PruneError
 
     model, s = _setup()
     ctrl = Controller(_config(start=0, end=0)).bind(model, s)

@@ -568,7 +568,7 @@ def check_macs_match_fvcore_after_physical_pruning(model: torch.nn.Module, x: to
 
     from wtcore.testing import zero_units
     from wtfront import trace
-    from wtfront.costs import op_macs
+    from wtfront.costs.macs import op_macs
 
     torch.manual_seed(0)
     model = model.eval()
@@ -681,7 +681,7 @@ class SDPA(torch.nn.Module):
 
 
 def test_sdpa_matmul_macs_from_shapes():
-    from wtfront.costs import op_macs
+    from wtfront.costs.macs import op_macs
 
     b, length, s, heads, e, ev = 3, 5, 7, 2, 4, 6
     macs = op_macs(SDPA(), (torch.randn(b, length, 8), torch.randn(b, s, 8)))  # in the root module: no scope
@@ -704,7 +704,7 @@ class MHANet(torch.nn.Module):
 
 def test_multihead_attention_macs_slow_path_and_fast_path_agree_with_shapes():
     from wtfront import trace
-    from wtfront.costs import op_macs
+    from wtfront.costs.macs import op_macs
 
     b, n, e, heads = 2, 5, 8, 2
     x = torch.randn(b, n, 3)
@@ -723,7 +723,7 @@ def test_multihead_attention_macs_slow_path_and_fast_path_agree_with_shapes():
 
 
 def test_matrix_vector_products_are_counted_and_named_after_their_weight():
-    from wtfront.costs import op_macs
+    from wtfront.costs.macs import op_macs
 
     class MV(torch.nn.Module):
         def __init__(self) -> None:
@@ -743,9 +743,7 @@ def test_pruned_params_and_active_params_keep_the_original_baseline_through_phys
     the baselines stay the original model's (resnet18, one block's channels and the residual stream)."""
     tv = pytest.importorskip("torchvision")
     from wtcore.masking import keep_from_removed
-    from wtfront import trace
-    from wtfront.interop import effective_params
-    from wtfront.prune import apply_masks, prune_units
+    from wtfront import apply_masks, effective_params, prune_units, trace
 
     torch.manual_seed(0)
     net = tv.models.resnet18(weights=None).eval()

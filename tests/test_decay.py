@@ -21,9 +21,7 @@ from hypothesis import strategies as st
 import wtcore
 from wtcore.specs.regularizers import decay_coefficients, decay_plan
 from wtcore.testing import reference_element_sums, reference_unit_values, structures
-from wtfront import trace
-from wtfront.decay import ChannelDecay
-from wtfront.tracker import WeightTracker
+from wtfront import ChannelDecay, WeightTracker, trace
 
 
 # ----------------------------------------------------------------------------------------- references

@@ -257,7 +257,7 @@ def test_program_counts_of_one_weight_equal_direct_counts(monkeypatch: pytest.Mo
 # ----------------------------------------------------------------------------- inductor on real models
 def _model_case(name: str) -> tuple[wtcore.Structure, dict[str, torch.Tensor]]:
     tv = pytest.importorskip("torchvision")
-    from wtfront.trace import trace
+    from wtfront import trace
 
     torch.manual_seed(0)
     model = getattr(tv.models, name)(weights=None).eval()

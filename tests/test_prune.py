@@ -16,16 +16,18 @@ from toys import Net, X
 
 import wtcore
 from wtcore.masking import keep_from_removed, param_masks, pruned_shapes
-from wtfront import trace
-from wtfront.checkpoint import load_pruned, save_pruned
-from wtfront.interop import effective_params, export_torch_prune
-from wtfront.prune import (
+from wtfront import (
     PruneError,
     apply_masks,
+    effective_params,
+    export_torch_prune,
+    load_pruned,
     lossy_groups,
     prune_units,
     prune_zero_units,
     register_metadata_hook,
+    save_pruned,
+    trace,
     view_zero_units,
 )
 
@@ -237,7 +239,7 @@ def test_failure_mid_prune_leaves_the_model_bit_identical(monkeypatch: pytest.Mo
     def broken_trace(*args: Any, **kwargs: Any) -> None:
         raise wtcore.TraceError("injected re-trace failure")
 
-    monkeypatch.setattr("wtfront.prune.trace", broken_trace)
+    monkeypatch.setattr("wtfront.prune.physical.trace", broken_trace)
     with pytest.raises(PruneError, match=r"re-tracing.*injected re-trace failure"):
         prune_units(model, s, x, keep)
     assert_identical(model, before)

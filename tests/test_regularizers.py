@@ -22,8 +22,7 @@ from wtcore.testing import (
     reference_unit_values,
     structures_with_ops,
 )
-from wtfront import trace
-from wtfront.tracker import WeightTracker
+from wtfront import WeightTracker, trace
 
 
 # ----------------------------------------------------------------------------------------- references

@@ -7,7 +7,6 @@ traced on CPU with real weights.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -28,10 +27,15 @@ from wtcore.ir import Run, UnitGroup, runs_length, runs_to_list
 from wtcore.ir import Slice as IrSlice
 from wtcore.testing import reference_unit_values, structures, zero_units
 from wtfront import trace
-from wtfront.attention import DEFAULT_UNITS
-from wtfront.tpgroups import WalkDiverged, WalkLimits, all_groups
+from wtfront.tracing.budget import Budget
+from wtfront.tracing.coverage import mark_partial_coverage
+from wtfront.tracing.graph import DependencyGraph
+from wtfront.tracing.groups import WalkDiverged, WalkLimits, all_groups
+from wtfront.tracing.inputs import forward_outputs
+from wtfront.tracing.rotary import ROTARY_REASON
+from wtfront.tracing.state import tracing_state
+from wtfront.tracing.units import DEFAULT_UNITS
 
-T = importlib.import_module("wtfront.trace")
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
@@ -188,7 +192,7 @@ def test_gpt2_conv1d_is_a_linear_layer() -> None:
 
 
 def test_gpt2_mlp_features_prune_physically() -> None:
-    from wtfront.prune import prune_units
+    from wtfront import prune_units
 
     torch.manual_seed(0)
     model = LLMS[3].build().eval()
@@ -249,7 +253,7 @@ def test_meta_llama_matches_cpu(kv: int, attn: str) -> None:
     # without head discovery, Torch-Pruning's row groups through rotate_half are reported, not mis-coupled
     legacy = trace(meta, {"input_ids": torch.zeros(1, SEQ, dtype=torch.long, device="meta")},
                    heads={f"model.layers.{i}.self_attn": None for i in (0, 1)})
-    assert T.ROTARY_REASON in legacy.group_map["model.layers.0.self_attn.q_proj.out"].reason
+    assert ROTARY_REASON in legacy.group_map["model.layers.0.self_attn.q_proj.out"].reason
     assert not legacy.group_map["model.layers.0.self_attn.q_proj.out"].prunable
 
 
@@ -260,7 +264,7 @@ def test_rotate_half_is_not_element_wise() -> None:
 
     model = Rope()
     s = trace(model, torch.randn(1, 4, 8))
-    assert not s.group_map["q.out"].prunable and T.ROTARY_REASON in s.group_map["q.out"].reason
+    assert not s.group_map["q.out"].prunable and ROTARY_REASON in s.group_map["q.out"].reason
     q = torch.randn(3, 8)
     q[:, 2] = 0
     rotated = q + 0.5 * Rope.rot(q)  # what the model computes from q
@@ -272,9 +276,10 @@ def test_walk_limits_stop_a_growing_walk() -> None:
     """An index set past the limit raises WalkDiverged naming the node, instead of walking on."""
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18(weights=None).eval()
-    with T._tracing_state(model):
-        dg = T._DependencyGraph(T.Budget(60))
-        dg.build_dependency(model, example_inputs=(torch.randn(1, 3, 32, 32),), forward_fn=T._forward, verbose=False)
+    with tracing_state(model):
+        dg = DependencyGraph(Budget(60))
+        dg.build_dependency(model, example_inputs=(torch.randn(1, 3, 32, 32),), forward_fn=forward_outputs,
+                            verbose=False)
     roots = (nn.Conv2d, nn.Linear)
     assert len(list(all_groups(dg, [], roots, WalkLimits.for_model(model)))) > 5
     with pytest.raises(WalkDiverged) as e:
@@ -292,13 +297,13 @@ def test_partly_coupled_axis_makes_groups_not_prunable() -> None:
               UnitGroup("c.out", "feature", 4, (IrSlice("c.weight", 1, (Run(4, 0),)),), prunable=False,
                         reason="feeds the model output")]
     shapes = {"a.weight": (4, 3), "b.weight": (4, 3), "c.weight": (2, 4)}
-    out = T._mark_partial_coverage(groups, shapes)
+    out = mark_partial_coverage(groups, shapes)
     assert [g.prunable for g in out] == [True, False, False]
     assert "only 2 of the 4 entries of 'b.weight' axis 0" in out[1].reason
     assert out[2].reason == "feeds the model output"
     # the rest of the axis covered by another group: closed again
     rest = UnitGroup("d.out", "feature", 2, (IrSlice("b.weight", 0, (Run(2, -1, 0), Run(2, 0))),))
-    assert all(g.prunable for g in T._mark_partial_coverage([*groups[:2], rest], shapes))
+    assert all(g.prunable for g in mark_partial_coverage([*groups[:2], rest], shapes))
 
 
 @settings(max_examples=60, deadline=None)
@@ -311,7 +316,7 @@ def test_partial_coverage_marking_matches_elementwise_reference(s: wtcore.Struct
             covered.setdefault((sl.param, sl.axis, sl.groups), set()).update(
                 i for i, u in enumerate(runs_to_list(sl.index)) if u >= 0)
     shapes = {p.name: p.shape for p in s.params}
-    out = T._mark_partial_coverage(list(s.groups), shapes)
+    out = mark_partial_coverage(list(s.groups), shapes)
     for g, h in zip(s.groups, out):
         closed = all(len(covered[sl.param, sl.axis, sl.groups]) == runs_length(sl.index) for sl in g.slices)
         assert (h == g) if closed else (not h.prunable and "not closed" in h.reason and h.slices == g.slices)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.ao.pruning.scheduler.cubic_scheduler import CubicSL
 
-from wtfront.schedule import Schedule, ScheduleError
+from wtfront import Schedule, ScheduleError
 
 sparsities = st.tuples(st.floats(0.0, 0.9), st.floats(0.0, 0.99)).map(lambda p: (min(p), max(p)))
 times = st.tuples(st.integers(0, 20), st.integers(1, 30), st.integers(1, 5)).map(lambda t: (t[0], t[0] + t[1], t[2]))

@@ -16,10 +16,9 @@ from hypothesis import strategies as st
 import wtcore
 from wtcore.errors import StructureError
 from wtcore.ir import AxisPart, CostAxis, CostOp, Structure, runs_from_list
+from wtcore.solver import TargetError, metric_ratio, solve, solve_keep
 from wtcore.specs.masks import isomorphism_key
 from wtcore.testing import params_for, structures, zero_units
-from wtfront.controller import solve_keep
-from wtfront.solver import TargetError, metric_ratio, solve
 
 SPEC = {"macs": ("active_macs", "ratio"), "params": ("active_params", "ratio"), "bops": ("structured_bops", None)}
 
@@ -152,8 +151,7 @@ def _toy() -> tuple[torch.nn.Module, torch.Tensor]:
 
 @pytest.mark.parametrize(("scope", "metric"), [("global", "macs"), ("local", "params"), ("isomorphic", "macs")])
 def test_toy_model_brute_force(scope, metric):
-    from wtfront import trace
-    from wtfront.interop import effective_params
+    from wtfront import effective_params, trace
 
     model, x = _toy()
     s = trace(model, x)
@@ -173,9 +171,7 @@ def test_resnet18_target_met_on_physically_pruned_copy_fvcore():
     torchvision = pytest.importorskip("torchvision")
     from fvcore.nn import FlopCountAnalysis
 
-    from wtfront import trace
-    from wtfront.interop import effective_params
-    from wtfront.prune import apply_masks, prune_zero_units
+    from wtfront import apply_masks, effective_params, prune_zero_units, trace
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
@@ -273,7 +269,7 @@ def test_side_effect_units_are_solved_with_the_cost_program():
 @pytest.mark.parametrize("scope", ["global", "local"])
 def test_chunked_prefix_scan_gives_the_same_answer(monkeypatch, scope):
     """The prefix costs are evaluated in chunks of bounded memory; tiny chunks change nothing."""
-    import wtfront.solver as solver_module
+    import wtcore.solver as solver_module
     from wtfront import trace
 
     model, x = _toy()

@@ -8,7 +8,7 @@ import torch_pruning as tp
 import torchvision
 from torch import nn
 
-from wtfront.tpgroups import all_groups
+from wtfront.tracing.groups import all_groups
 
 ROOTS = (nn.Conv2d, nn.Linear, nn.MultiheadAttention, nn.LayerNorm, nn.Embedding)
 

@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pytest
@@ -17,10 +19,12 @@ from torch import nn
 from toys import Net, X
 
 from wtcore import Structure, TraceError, UnitGroup
-from wtfront.attention import HIDDEN_REASON
-from wtfront.trace import OUTPUT_REASON, SHUFFLE_REASON, trace
-
-T = sys.modules["wtfront.trace"]  # the module (the package re-exports the function under the same name)
+from wtfront import trace
+from wtfront.tracing.budget import Budget
+from wtfront.tracing.graph import normalized_dim
+from wtfront.tracing.lowering import OUTPUT_REASON
+from wtfront.tracing.shuffle import SHUFFLE_REASON
+from wtfront.tracing.units import HIDDEN_REASON
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -207,7 +211,7 @@ def test_multihead_attention_slices() -> None:
     assert m[("attn.out_proj.bias", 0)] == (ident(8), 1)
     assert m[("out.weight", 1)] == (ident(8), 1)
     assert s.uncoupled == ()
-    # by default the q/k/v rows and out_proj columns are heads (wtfront.attention), not the residual stream
+    # by default the q/k/v rows and out_proj columns are heads (wtfront.tracing.units), not the residual stream
     s = trace(MHANet(), torch.randn(2, 5, 3))
     hidden, heads = slice_map(s.group_map["inp.out"]), slice_map(s.group_map["attn.heads"])
     assert s.group_map["inp.out"].kind == "hidden" and s.group_map["attn.heads"].kind == "head"
@@ -332,7 +336,7 @@ def test_negative_cat_dim_is_normalized() -> None:
         node = type("N", (), {"grad_fn": y.grad_fn, "type": None})()
         if "Unbind" in y.grad_fn.name():
             node.type = tp.ops.OPTYPE.UNBIND
-        assert T._normalized_dim(node) == want
+        assert normalized_dim(node) == want
 
 
 def test_inputs_tuple_and_dict() -> None:
@@ -498,13 +502,30 @@ def test_budget_interrupts_a_slow_forward(swallow: bool) -> None:
     assert_clean_after_budget()
 
 
+class BudgetFromGrouping(Budget):
+    """The trace's own budget, with its clock started when grouping starts: the phases before it (the forward
+    pass, Torch-Pruning's graph build) take what they take on a busy machine, only the grouping is timed."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "phase" and value == "collecting pruning groups":
+            self._stack.enter_context(Budget.guard(self))  # the real guard, armed now
+
+    @contextmanager
+    def guard(self) -> Iterator[Budget]:
+        with ExitStack() as stack:  # unwinds the real guard (disarming its timer) however the block ends
+            self._stack = stack
+            yield self
+
+
 def test_budget_interrupts_a_hung_grouping(monkeypatch: pytest.MonkeyPatch) -> None:
     def forever(*args: Any, **kwargs: Any) -> Any:
         while True:
             pass
 
-    monkeypatch.setattr(sys.modules["wtfront.tpgroups"], "pruning_group", forever)
-    with pytest.raises(TraceError, match="collecting pruning groups"):
+    monkeypatch.setattr(sys.modules["wtfront.tracing.groups"], "pruning_group", forever)
+    monkeypatch.setattr(sys.modules["wtfront.tracing.entry"], "Budget", BudgetFromGrouping)
+    with pytest.raises(TraceError, match=r"budget_s=0\.5 s: gave up after [\d.]+ s while collecting pruning groups"):
         trace(Net(), X, budget_s=0.5)
     assert_clean_after_budget()
 

@@ -12,7 +12,8 @@ from torch import nn
 
 import wtcore
 from wtcore.errors import WtError
-from wtfront.tracker import TRACKER_KINDS, WeightTracker
+from wtfront import WeightTracker
+from wtfront.train.tracker import TRACKER_KINDS
 
 tv = pytest.importorskip("torchvision")
 

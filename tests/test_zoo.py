@@ -31,7 +31,7 @@ SPECS = ["unit_sumsq", "unit_l2", "unit_active", "group_active_units", "params_p
 
 
 def build(ref: str) -> tuple[nn.Module, torch.Tensor]:
-    from wtfront.models import load_model
+    from wtfront import load_model
 
     m = load_model(ref)
     return m.model, m.example_inputs

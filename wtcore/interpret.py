@@ -9,15 +9,26 @@ Python source; the tests check that the two agree. The constant folder and the s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
+from .ir import Structure
 from .lang import Eqn, Var
 from .primitives import PRIMITIVES
 
-if TYPE_CHECKING:
-    from .program import Program
+
+class Program(Protocol):
+    """What the interpreter reads of a `wtcore.Program`."""
+
+    structure: Structure
+    eqns: tuple[Eqn, ...]
+    param_names: tuple[str, ...]
+    outputs: tuple[tuple[str, Var], ...]
+
+    def gather(self, params: Mapping[str, torch.Tensor]) -> list[torch.Tensor]: ...
+
+    def consts_on(self, device: torch.device) -> list[torch.Tensor]: ...
 
 __all__ = ["apply_eqn", "interpret", "value_types"]
 

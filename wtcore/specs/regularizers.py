@@ -9,7 +9,7 @@ Group lasso is `sum_u weight_u * term_u` over the units of prunable groups, wher
   divided by their mean over the regularized units, so weights average 1 and `lam` keeps its scale while
   expensive units are pushed harder.
 
-Channel decay (see `wtfront.decay`) adds `reg * gamma_u * w` to the gradient of every element of unit `u`
+Channel decay (see `wtfront.train.decay`) adds `reg * gamma_u * w` to the gradient of every element of unit `u`
 after `backward()`; `decay_gamma` computes gamma as a program and `decay_plan`/`decay_coefficients` turn a
 `[num_units]` gamma into one broadcastable coefficient tensor per parameter with index tensors built once.
 """
@@ -119,7 +119,7 @@ def decay_gamma(ctx: Context, rule: str = "depgraph", alpha: float = 16.0, base:
     the group, `alpha` for the least; a group whose scores are all equal gets 1 (Torch-Pruning gets NaN).
     `rule="uniform"`: 1 (group weight decay)."""
     if rule not in RULES:
-        raise SpecError(f"decay_gamma: rule must be one of {RULES} ('growing' keeps state: use wtfront.decay), "
+        raise SpecError(f"decay_gamma: rule must be one of {RULES} ('growing' keeps state: use wtfront.ChannelDecay), "
                         f"got {rule!r}")
     b = ctx.b
     if rule == "uniform":

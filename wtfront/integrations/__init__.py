@@ -1,11 +1,3 @@
-"""Metadata sync for model families whose modules record head counts and widths next to their weights.
-
-Importing this package registers the hooks (`wtfront.prune.register_metadata_hook`) that physical pruning
-and `load_pruned` run after shapes change; `wtfront.prune` imports it, so no user hook is needed.
-"""
-
-from __future__ import annotations
-
-from . import timm, torch_mha, transformers
-
-__all__ = ["timm", "torch_mha", "transformers"]
+"""Model families whose modules record head counts and widths next to their weights: timm, torch's
+`nn.MultiheadAttention` and Hugging Face transformers. Each module holds plain sync functions (and the forwards
+they install); `wtfront.prune.metadata.BUILTIN_HOOKS` says which module types they run on."""

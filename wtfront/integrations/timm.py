@@ -16,8 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..prune import register_metadata_hook
-
 __all__ = ["scaled_attention_forward", "sync_attention"]
 
 
@@ -50,7 +48,3 @@ def sync_attention(m: nn.Module) -> None:
             m.forward = types.MethodType(scaled_attention_forward, m)
         else:  # the module's own unfused path multiplies by `scale`
             m.fused_attn = False
-
-
-for _name in ("timm.layers.attention.Attention", "timm.models.vision_transformer.Attention"):
-    register_metadata_hook(_name)(sync_attention)

@@ -18,8 +18,6 @@ import torch.nn.functional as F
 
 from wtcore.errors import WtError
 
-from ..prune import register_metadata_hook
-
 __all__ = ["pruned_mha_forward", "sync_mha"]
 
 
@@ -94,7 +92,6 @@ def _merge_masks(attn_mask: Any, key_padding_mask: Any, dtype: torch.dtype, n: i
     return out
 
 
-@register_metadata_hook(nn.MultiheadAttention)
 def sync_mha(m: nn.MultiheadAttention) -> None:
     """`num_heads` from the in-projection rows; the pruned-heads forward where the inner width != embed_dim."""
     w = m.in_proj_weight

@@ -7,7 +7,7 @@ the projections. The model's `config` is shared by all layers, so `sync_config` 
 layer agrees. Whether `from_pretrained` can rebuild the pruned shapes from the config is checked by
 building the model from its config on the `meta` device (`config_mismatches`); `save_pretrained` refuses,
 saying why, when it cannot (uneven heads per layer, or a config that derives the head size from
-`hidden_size / num_attention_heads` such as BERT's, GPT-2's and ViT's) — `wtfront.checkpoint.save_pruned`
+`hidden_size / num_attention_heads` such as BERT's, GPT-2's and ViT's) — `wtfront.save_pruned`
 works for every pruned model.
 """
 
@@ -22,10 +22,10 @@ import torch.nn as nn
 
 from wtcore.errors import WtError
 
-from ..attention import _hf_parts
-from ..prune import register_metadata_hook
+from ..modules import is_hf_conv1d
+from ..tracing.attention import discover_attention, hf_parts
 
-__all__ = ["ConfigMismatch", "config_mismatches", "save_pretrained", "sync_attention", "sync_config"]
+__all__ = ["ConfigMismatch", "config_mismatches", "save_pretrained", "sync_attention", "sync_config", "sync_conv1d"]
 
 
 class ConfigMismatch(WtError):
@@ -38,11 +38,10 @@ def _set(m: Any, attr: str, value: int) -> None:
         setattr(m, attr, value)
 
 
-@register_metadata_hook(nn.Module)
 def sync_attention(m: nn.Module) -> None:
     """Head counts of a Hugging Face attention module from its projections (the head size is set by the IR
     surgery where head dims were removed; `scaling` keeps its original value)."""
-    parts = _hf_parts(m)
+    parts = hf_parts(m)
     if parts is not None:
         q, k, _ = parts
         hd = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
@@ -57,7 +56,7 @@ def sync_attention(m: nn.Module) -> None:
             _set(m, "num_key_value_groups", nh // nkv)
         return
     c_attn = getattr(m, "c_attn", None)
-    if type(c_attn).__name__ == "Conv1D" and isinstance(getattr(m, "head_dim", None), int):
+    if is_hf_conv1d(c_attn) and isinstance(getattr(m, "head_dim", None), int):
         inner = c_attn.weight.shape[1] // 3
         _set(m, "split_size", inner)
         _set(m, "num_heads", inner // m.head_dim)
@@ -76,12 +75,11 @@ def _mlp_width(m: nn.Module) -> int | None:
     if isinstance(dense, nn.Linear):
         return dense.out_features
     c_fc = getattr(m, "c_fc", None)
-    if type(c_fc).__name__ == "Conv1D":
+    if is_hf_conv1d(c_fc):
         return int(c_fc.weight.shape[1])
     return None
 
 
-@register_metadata_hook("transformers.modeling_utils.PreTrainedModel")
 def sync_config(model: nn.Module) -> None:
     """Update the config's widths where every layer agrees (the config is shared by all layers).
 
@@ -99,8 +97,6 @@ def sync_config(model: nn.Module) -> None:
 
 
 def _update_config(model: nn.Module, cfg: Any) -> None:
-    from ..attention import discover_attention
-
     layouts = [lay for lay in discover_attention(model) if lay.family in ("hf", "gpt2")]
     heads = _uniform([lay.num_heads for lay in layouts])
     kv = _uniform([lay.num_kv_heads for lay in layouts])
@@ -154,12 +150,11 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], **
             f"{type(model).__name__}'s config cannot express its pruned shapes ({len(bad)} mismatches, e.g. "
             f"{bad[:2]}): a Hugging Face config holds one head count, head size and MLP width for all layers, and "
             "some configs derive the head size from hidden_size / num_attention_heads. Save it with "
-            "wtfront.checkpoint.save_pruned(model, path) and restore it with load_pruned(fresh_model, path)"
+            "wtfront.save_pruned(model, path) and restore it with wtfront.load_pruned(fresh_model, path)"
         )
     model.save_pretrained(save_directory, **kwargs)
 
 
-@register_metadata_hook("transformers.pytorch_utils.Conv1D")
 def sync_conv1d(m: nn.Module) -> None:
     """`Conv1D` records its widths (`nx`, `nf`) and reshapes its output with `nf`."""
     m.nx, m.nf = (int(d) for d in m.weight.shape)

@@ -39,7 +39,7 @@ from wtcore.errors import WtError
 from wtcore.ir import Structure
 from wtcore.specs.regularizers import ParamDecay, decay_coefficients, decay_plan, plan_to
 
-from .interop import effective_params
+from ..modules import effective_params
 
 __all__ = ["RULES", "ChannelDecay"]
 

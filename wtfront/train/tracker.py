@@ -33,9 +33,10 @@ from wtcore.spec import REGISTRY, Spec
 from wtcore.specs.costs import WEIGHT_KINDS, weight_params
 from wtcore.specs.sparsity import NM_KINDS, histogram_edges
 
-from .costs import BitsSpec, fake_quant_bits, resolve_bits
+from ..costs.bits import BitsSpec, fake_quant_bits, resolve_bits
+from ..modules import effective_getters
+from ..tracing.entry import trace
 from .decay import ChannelDecay
-from .trace import trace
 
 __all__ = ["TRACKER_KINDS", "Regularizer", "Tracker", "WeightTracker"]
 
@@ -195,28 +196,7 @@ class WeightTracker:
     def refresh(self) -> None:
         """Re-read the parameter objects of the model (after replacing a parameter or adding a
         reparametrization); shapes must still match the structure (physically pruned: trace again)."""
-        mods = dict(self.model.named_modules())
-        plain = dict(self.model.named_parameters(remove_duplicate=False))
-        self._getters: list[tuple[str, Callable[[], torch.Tensor]]] = []
-        for p in self.structure.params:
-            n = p.name
-            if n.endswith("_orig"):  # torch.nn.utils.prune: effective weight = orig * mask
-                mod_name, _, attr = n.rpartition(".")
-                mod = mods[mod_name]
-                base = attr.removesuffix("_orig")
-                if hasattr(mod, f"{base}_mask"):
-                    self._getters.append((n, _pruned_getter(mod, base)))
-                    continue
-            if ".parametrizations." in n and n.endswith(".original"):
-                mod_name, _, rest = n.partition(".parametrizations.")
-                mod = mods[mod_name]
-                attr = rest.removesuffix(".original")
-                self._getters.append((n, lambda mod=mod, attr=attr: getattr(mod, attr)))
-                continue
-            t = plain.get(n)
-            if t is None:
-                raise WtError(f"parameter {n!r} of the structure is not a parameter of the model; trace it again")
-            self._getters.append((n, lambda t=t: t))
+        self._getters = list(effective_getters(self.model, [p.name for p in self.structure.params]).items())
 
     def params(self) -> dict[str, torch.Tensor]:
         """The model's effective parameters by canonical name (masks and parametrizations applied)."""
@@ -337,7 +317,7 @@ class WeightTracker:
     def create_channel_decay(self, reg: float = 1e-4, rule: str = "depgraph",
                              include: Iterable[Selector] | Selector | None = None,
                              ignore: Iterable[Selector] | Selector | None = None, **opts: Any) -> ChannelDecay:
-        """Gradient-side channel decay (`wtfront.decay.ChannelDecay`): call `.step()` after `loss.backward()`.
+        """Gradient-side channel decay (`wtfront.ChannelDecay`): call `.step()` after `loss.backward()`.
         opts: `alpha=`, `delta_reg=`, `bias=`."""
         return ChannelDecay(self.model, self.structure, reg=reg, rule=rule,
                             include=self._filter_names(include, "include"),
@@ -453,9 +433,3 @@ class WeightTracker:
             tmpl.format(n) for _, names, tmpl in vectors for n in names)
         return fmt, keys
 
-
-def _pruned_getter(mod: nn.Module, base: str) -> Callable[[], torch.Tensor]:
-    def get() -> torch.Tensor:
-        return getattr(mod, f"{base}_orig") * getattr(mod, f"{base}_mask")
-
-    return get

@@ -6,7 +6,7 @@ parameter and buffer shapes and its integer (and integer-tuple) attributes — `
 `num_features`, `normalized_shape`, `num_heads`, ... — all plain lists, ints and strings. `load_pruned`
 takes a freshly constructed, unpruned model of the same class, gives every tensor whose shape differs a
 new (empty) tensor of the saved shape — keeping weight ties: aliases of one Parameter get one new
-Parameter — sets the attributes that differ, runs the metadata hooks (`wtfront.prune.register_metadata_hook`)
+Parameter — sets the attributes that differ, runs the metadata hooks (`wtfront.prune.metadata`)
 and loads the state_dict strictly. This covers any module type Torch-Pruning can prune, without a per-type
 rule. If anything fails the fresh model is restored and a `CheckpointError` says why.
 """
@@ -21,8 +21,9 @@ import torch.nn as nn
 
 from wtcore.errors import WtError
 
-from .interop import reparametrized_params
-from .prune import _Snapshot, sync_metadata
+from ..modules import reparametrized_params
+from .metadata import sync_metadata
+from .snapshot import Snapshot
 
 __all__ = ["FORMAT", "CheckpointError", "load_pruned", "manifest", "register_manifest_attrs", "save_pruned"]
 
@@ -110,7 +111,7 @@ def load_pruned(model: nn.Module, path: str | os.PathLike[str], map_location: An
     want = f"{type(model).__module__}.{type(model).__qualname__}"
     if man.get("model") != want:
         raise CheckpointError(f"the checkpoint is of a {man.get('model')}, not a {want}; construct that class")
-    snapshot = _Snapshot(model)
+    snapshot = Snapshot(model)
     try:
         _reshape(model, man["modules"])
         sync_metadata(model)

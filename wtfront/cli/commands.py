@@ -1,6 +1,6 @@
 """The `wt` command line: inspect a model, analyze checkpoints, prune to a MAC target, benchmark programs.
 
-Every subcommand takes a model reference (`wtfront.models`) and the same model options (`--input`,
+Every subcommand takes a model reference (`wtfront.cli.models`) and the same model options (`--input`,
 `--config`, `--heads`, `--units`, `--ignore`). Errors are one line on stderr (`wt: error: ...`): exit code 2 for
 a `WtError` or an OS error (a bad reference, a missing or unfitting file), 3 for anything unforeseen
 (`WT_TRACEBACK=1` re-raises it with its traceback).
@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-from wtcore.errors import WtError
 
 __all__ = ["build_parser", "main", "parse_spec"]
 
@@ -50,6 +48,7 @@ examples:
 def parse_spec(text: str) -> Any:
     """`"group_lasso"` or `"active_macs:tolerance=1e-3,ops=None"` → a `wtcore.Spec` (values are Python literals)."""
     import wtcore
+    from wtcore.errors import WtError
 
     name, sep, rest = text.partition(":")
     options: dict[str, Any] = {}
@@ -67,10 +66,12 @@ def parse_spec(text: str) -> Any:
 
 
 def _trace_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """`--ignore`, `--units` and `--heads` for `wtfront.trace.trace`. `--units`/`--heads` go to the trace options of
+    """`--ignore`, `--units` and `--heads` for `wtfront.trace`. `--units`/`--heads` go to the trace options of
     the same names (unit kinds of transformers; head-count overrides by module) when `trace()` has them; without
     them `--heads` notes that attention is traced at channel level and `--units` is an error."""
-    from .trace import trace
+    from wtcore.errors import WtError
+
+    from ..tracing.entry import trace
 
     accepted = inspect.signature(trace).parameters
     kwargs: dict[str, Any] = {}
@@ -95,6 +96,8 @@ def _trace_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _heads_override(item: str) -> tuple[str, int | tuple[int, int]]:
     """`blocks.0.attn=6` → 6 query heads; `model.layers.0.self_attn=8:2` → 8 query heads on 2 KV heads."""
+    from wtcore.errors import WtError
+
     name, eq, value = item.partition("=")
     counts = value.split(":")
     if not eq or not name.strip() or not 1 <= len(counts) <= 2 or not all(c.strip().isdigit() for c in counts):
@@ -112,7 +115,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _trace(args: argparse.Namespace, ref: Any) -> Any:
-    from .trace import trace
+    from ..tracing.entry import trace
 
     return trace(ref.model, ref.example_inputs, **_trace_kwargs(args))
 
@@ -133,8 +136,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
     import wtcore
 
+    from ..modules import effective_params
     from . import report
-    from .interop import effective_params
 
     specs = [parse_spec(s) for s in args.program] if args.program else ["group_lasso", "group_active_units"]
     ref = _load(args)
@@ -166,6 +169,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from wtcore.errors import WtError
 
     from . import report
     from .analyze import analyze, plot_trends, plot_unit_norms, write_csv, write_json
@@ -204,17 +209,15 @@ def _analyze(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     import torch
 
-    from . import report
-    from .checkpoint import save_pruned
-    from .interop import effective_params
-    from .prune import prune_units
-    from .trace import trace
+    from wtcore.errors import WtError
+    from wtcore.solver import solve_keep
 
-    try:
-        from .controller import solve_keep
-    except ImportError:
-        raise WtError("wt prune needs wtfront.controller.solve_keep (the MAC-target controller), which this "
-                      "installation does not have yet") from None
+    from ..modules import effective_params
+    from ..prune.checkpoint import save_pruned
+    from ..prune.physical import prune_units
+    from ..tracing.entry import trace
+    from . import report
+
     if not 0.0 < args.target_macs <= 1.0:
         raise WtError(f"--target-macs is a fraction of the model's MACs in (0, 1], got {args.target_macs}")
     ref = _load(args)
@@ -254,18 +257,18 @@ def _prune(args: argparse.Namespace) -> int:
     macs_before = sum(o.macs for o in structure.ops) or 1
     _text(con, f"MACs {100 * sum(o.macs for o in new.ops) / macs_before:.1f}% of the original (target "
                f"{100 * args.target_macs:.1f}%, 1 MAC = one multiply-add); wrote {out_dir / 'pruned.pt'} "
-               f"(load with wtfront.checkpoint.load_pruned) and {out_dir / 'structure.json'}")
+               f"(load with wtfront.load_pruned) and {out_dir / 'structure.json'}")
     return 0
 
 
 def _lossy(model: Any, structure: Any, inputs: Any, names: list[str]) -> dict[str, str]:
-    """`wtfront.prune.lossy_groups`, asked only about the groups named (the ones that may lose units). Attention
+    """`wtfront.lossy_groups`, asked only about the groups named (the ones that may lose units). Attention
     head groups are left out: `prune_units` removes heads from the IR itself, not through Torch-Pruning's groups,
     and does not check them for lossiness either."""
     from wtcore.ir import Structure
 
-    from .prune import lossy_groups
-    from .report import HEAD_KINDS
+    from ..prune.checks import lossy_groups
+    from ..tracing.units import HEAD_KINDS
 
     wanted = set(names)
     subset = Structure(structure.params, tuple(g for g in structure.groups if g.name in wanted
@@ -274,9 +277,11 @@ def _lossy(model: Any, structure: Any, inputs: Any, names: list[str]) -> dict[st
 
 
 def _load_weights(model: Any, path: str) -> None:
-    from .analyze import _state_dict_of, read_checkpoint
+    from wtcore.errors import WtError
 
-    sd = _state_dict_of(read_checkpoint(path), path)
+    from .analyze import read_checkpoint, state_dict_of
+
+    sd = state_dict_of(read_checkpoint(path), path)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -376,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prune", parents=[common], help="one-shot structured pruning to a MAC target, physical, saved",
         description="Remove the least important units until the model's MACs are at most --target-macs of the "
                     "original (1 MAC = one multiply-add), physically (Torch-Pruning; the output is checked to "
-                    "equal the masked model's), and save a checkpoint that wtfront.checkpoint.load_pruned reads.",
+                    "equal the masked model's), and save a checkpoint that wtfront.load_pruned reads.",
     )
     r.add_argument("--target-macs", type=float, required=True, metavar="FRACTION",
                    help="keep at most this fraction of the MACs, e.g. 0.5")
@@ -416,8 +421,11 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the `wt` command; returns the exit code (0, or 2 with a one-line error on stderr)."""
+    """Run the `wt` command; returns the exit code (0, or 2 with a one-line error on stderr). Parsing (and
+    `--help`) imports no torch: the commands import it when they run."""
     args = build_parser().parse_args(argv)
+    from wtcore.errors import WtError
+
     try:
         return args.func(args)
     except WtError as e:
@@ -433,6 +441,3 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 3
 
-
-if __name__ == "__main__":
-    sys.exit(main())

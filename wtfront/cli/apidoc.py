@@ -1,9 +1,10 @@
-"""Generate the API reference (docs/api.md) from docstrings: `python -m wtfront.apidoc > docs/api.md`.
+"""Generate the API reference (docs/api.md) from docstrings: `python -m wtfront.cli.apidoc > docs/api.md`.
 
-Every public module of `wtcore` and `wtfront` with an `__all__` contributes the names it defines (re-exports are
-documented where they are defined), with signatures and docstrings; the registered calculation specs get a table
-of their options. tests/test_cli.py checks that docs/api.md is what this prints, so the reference cannot drift
-from the code: after changing a docstring or signature, regenerate it.
+Every public module of `wtcore` and `wtfront` with an `__all__` contributes the names it defines, with
+signatures and docstrings (re-exports are documented where they are defined; a package lists its exports with
+their modules); the registered calculation specs get a table of their options. tests/test_cli.py checks that
+docs/api.md is what this prints, so the reference cannot drift from the code: after changing a docstring or
+signature, regenerate it.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def render() -> str:
     out = [
         "# API reference",
         "",
-        "Generated from the docstrings by `python -m wtfront.apidoc > docs/api.md` (a test checks it is current).",
+        "Generated from the docstrings by `python -m wtfront.cli.apidoc > docs/api.md` (a test checks it is current).",
         "The guides are listed in [index.md](index.md); the `wt` command is in [cli.md](cli.md).",
         "",
     ]
@@ -143,11 +144,14 @@ def render() -> str:
         names = [n for n in getattr(mod, "__all__", ()) if getattr(getattr(mod, n, None), "__module__", mod.__name__)
                  == mod.__name__ or not hasattr(getattr(mod, n, None), "__module__")]
         names = [n for n in names if hasattr(mod, n) and not isinstance(getattr(mod, n), ModuleType)]  # own section
-        if not names:
+        exported = [n for n in getattr(mod, "__all__", ()) if hasattr(mod, "__path__") and n not in names]
+        if not names and not exported:
             continue
         out.append(f"## `{mod.__name__}`\n")
         if mod.__doc__:
             out.append(_doc(mod).split("\n\n")[0] + "\n")
+        if exported:  # a package's exports are documented where they are defined
+            out.append(", ".join(f"`{n}` ({getattr(mod, n).__module__})" for n in exported) + "\n")
         for n in names:
             _render_object(mod.__name__, n, getattr(mod, n), out)
     return "\n".join(out).rstrip() + "\n"

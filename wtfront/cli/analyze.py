@@ -30,8 +30,8 @@ import wtcore
 from wtcore.errors import WtError
 from wtcore.ir import Structure
 
-from .checkpoint import FORMAT as PRUNED_FORMAT
-from .checkpoint import load_pruned
+from ..prune.checkpoint import FORMAT as PRUNED_FORMAT
+from ..prune.checkpoint import load_pruned
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -47,6 +47,7 @@ __all__ = [
     "plot_trends",
     "plot_unit_norms",
     "read_checkpoint",
+    "state_dict_of",
     "unit_norm_counts",
     "write_csv",
     "write_json",
@@ -157,7 +158,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
         raise AnalysisError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def _state_dict_of(obj: Any, path: str) -> dict[str, torch.Tensor]:
+def state_dict_of(obj: Any, path: str) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint object: a module's state_dict, a mapping of tensors, or the state_dict found
     under a usual key of a training checkpoint (`state_dict`, `model`, `model_state_dict`, ...)."""
     if isinstance(obj, nn.Module):
@@ -169,7 +170,7 @@ def _state_dict_of(obj: Any, path: str) -> dict[str, torch.Tensor]:
         for key in ("state_dict", "model_state_dict", "model", "module", "net", "ema"):
             inner = obj.get(key)
             if isinstance(inner, (Mapping, nn.Module)):
-                return _state_dict_of(inner, path)
+                return state_dict_of(inner, path)
     raise AnalysisError(f"checkpoint {path!r} holds a {type(obj).__name__} with no parameter tensors; save "
                         "model.state_dict() (or a dict with a 'state_dict' entry)")
 
@@ -314,7 +315,7 @@ def analyze(
                 module = load_pruned(build(), path)
             except WtError as e:
                 raise AnalysisError(f"checkpoint {str(path)!r} does not fit {model_name}: {e}") from None
-        sd = _state_dict_of(obj if module is None else module, str(path))
+        sd = state_dict_of(obj if module is None else module, str(path))
         if module is not None and _shapes_differ(structure, sd):
             arch = _arch_of(archs, module, structure, example_inputs, str(path))
         keys = model_keys if arch.structure is structure else None  # a pruned variant has its own buffers' shapes
@@ -339,7 +340,7 @@ def _shapes_differ(structure: Structure, sd: Mapping[str, torch.Tensor]) -> bool
 
 def _arch_of(archs: dict[str, _Arch], module: nn.Module, baseline: Structure, example_inputs: Any,
              path: str) -> _Arch:
-    from .trace import trace
+    from ..tracing.entry import trace
 
     if example_inputs is None:
         raise AnalysisError(f"{path!r} holds a pruned model; re-tracing it needs example inputs")

@@ -15,8 +15,9 @@ from typing import IO, Any
 from wtcore.errors import WtError
 from wtcore.ir import Structure, UnitGroup
 
+from ..tracing.units import HEAD_KINDS
+
 __all__ = [
-    "HEAD_KINDS",
     "add_row",
     "analysis_table",
     "comparison_table",
@@ -30,10 +31,6 @@ __all__ = [
     "table",
     "values_table",
 ]
-
-#: Unit kinds shown in the heads table (attention heads, grouped-query KV heads, head dimensions).
-HEAD_KINDS = ("head", "kv_head", "head_dim")
-
 
 def _rich() -> Any:
     try:
@@ -221,7 +218,7 @@ def comparison_table(before: Structure, after: Structure, rows: int | None = Non
 def analysis_table(analysis: Any, metrics: Sequence[str] = ("group_lasso", "macs_ratio", "bops_ratio",
                                                              "params_ratio", "sparsity", "active_units",
                                                              "units_below_threshold")) -> Any:
-    """One row per checkpoint of a `wtfront.analyze.Analysis`."""
+    """One row per checkpoint of a `wtfront.cli.analyze.Analysis`."""
     t = table(f"{analysis.model}: {len(analysis.checkpoints)} checkpoints (ratios of the unpruned model; "
                "1 MAC = one multiply-add)", [("checkpoint", "left"), *((m, "right") for m in metrics)])
     for c in analysis.checkpoints:

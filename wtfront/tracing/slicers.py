@@ -17,8 +17,10 @@ import torch.nn as nn
 
 from wtcore.errors import TraceError
 
-__all__ = ["CONV1D_PARAMS", "KNOWN_PARAMS", "Pairs", "RawSlice", "UnloweredModule", "is_depthwise", "is_hf_conv1d",
-           "lower_item"]
+from ..modules import is_hf_conv1d
+
+__all__ = ["CONV1D_PARAMS", "KNOWN_PARAMS", "Pairs", "RawSlice", "UnloweredModule", "is_depthwise", "known_params",
+           "lower_item", "rule_type"]
 
 
 class UnloweredModule(TraceError):
@@ -71,18 +73,8 @@ KNOWN_PARAMS: dict[type[nn.Module], frozenset[str]] = {
 CONV1D_PARAMS = frozenset({"weight", "bias"})
 
 
-def is_hf_conv1d(m: object) -> bool:
-    """Hugging Face's `transformers.pytorch_utils.Conv1D`, recognized without importing transformers: a linear
-    layer computing `x @ weight + bias` with `weight` of shape [in, out] and `nf` out features."""
-    if type(m).__name__ != "Conv1D":
-        return False
-    w = getattr(m, "weight", None)
-    return (isinstance(m, nn.Module) and isinstance(getattr(m, "nf", None), int)
-            and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == m.nf)
-
-
 def _hf_conv1d(m: nn.Module, out: bool, pairs: Pairs) -> list[RawSlice]:
-    """wtfront.trace's Conv1D pruner: out features are weight columns and bias entries, in features weight rows."""
+    """`graph.HFConv1DPruner`: out features are weight columns and bias entries, in features weight rows."""
     if out:
         return _axis_slice(m, "weight", m.weight, 1, pairs) + _axis_slice(m, "bias", getattr(m, "bias", None), 0, pairs)
     return _axis_slice(m, "weight", m.weight, 0, pairs)
@@ -168,7 +160,7 @@ def _mha(m: nn.MultiheadAttention, out: bool, pairs: Pairs) -> list[RawSlice]:
     s += _axis_slice(m, "q_proj_weight", m.q_proj_weight, 0, pairs)
     s += _axis_slice(m, "k_proj_weight", m.k_proj_weight, 0, pairs)
     s += _axis_slice(m, "v_proj_weight", m.v_proj_weight, 0, pairs)
-    # heads pruned (wtfront.attention): the q/k/v rows and out_proj columns are heads, no longer embed_dim wide
+    # heads pruned (wtfront.tracing.units): the q/k/v rows and out_proj columns are heads, no longer embed_dim wide
     heads_pruned = m.in_proj_weight is not None and m.in_proj_weight.shape[0] != 3 * m.embed_dim
     if not heads_pruned:
         s += _axis_slice(m, "in_proj_weight", m.in_proj_weight, 0, pairs, repeat=3)
@@ -220,6 +212,14 @@ def rule_type(m: nn.Module) -> type[nn.Module] | None:
         if isinstance(m, t):
             return t
     return type(m) if is_hf_conv1d(m) else None
+
+
+def known_params(m: nn.Module) -> frozenset[str]:
+    """The direct parameters Torch-Pruning's pruner of `m` cuts (none for an unsupported type)."""
+    t = rule_type(m)
+    if t is None:
+        return frozenset()
+    return KNOWN_PARAMS.get(t, CONV1D_PARAMS if is_hf_conv1d(m) else frozenset())
 
 
 def lower_item(

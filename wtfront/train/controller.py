@@ -29,28 +29,19 @@ import torch.nn as nn
 from wtcore.errors import WtError
 from wtcore.ir import Structure
 from wtcore.masking import keep_from_removed, removed_by_group
+from wtcore.solver import METRICS, TargetError, metric_ratio, solve
 
-from .interop import effective_params
-from .prune import FakePruning, apply_masks, prune_zero_units
+from ..modules import effective_params
+from ..prune.masks import FakePruning, apply_masks
+from ..prune.physical import prune_zero_units
 from .schedule import Schedule, ScheduleError
-from .solver import METRICS, Solution, TargetError, metric_ratio, solve, solve_keep
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: JSON configs only
     tomllib = None  # type: ignore[assignment]
 
-__all__ = [
-    "METRICS",
-    "Controller",
-    "ControllerConfig",
-    "ControllerError",
-    "Solution",
-    "StepReport",
-    "TargetError",
-    "solve",
-    "solve_keep",
-]
+__all__ = ["Controller", "ControllerConfig", "ControllerError", "StepReport"]
 
 STATE_FORMAT = "wt.controller/1"
 
@@ -91,7 +82,7 @@ class ControllerConfig:
             raise ControllerError(f"controller: target must be a fraction of the baseline {self.metric} in (0, 1], "
                                   f"got {t!r}")
         if not isinstance(self.schedule, Schedule):
-            raise ControllerError(f"controller: schedule must be a wtfront.schedule.Schedule, got {self.schedule!r}")
+            raise ControllerError(f"controller: schedule must be a wtfront.Schedule, got {self.schedule!r}")
         if abs(self.schedule.final - (1.0 - float(t))) > 1e-12:
             raise ControllerError(f"controller: the schedule's final sparsity {self.schedule.final} is not "
                                   f"1 - target = {1.0 - float(t)}; build it with ControllerConfig.make")

@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-import wtcore
-from wtcore.errors import SpecError, WtError
-from wtcore.ir import Structure
-from wtcore.masking import param_masks
-from wtcore.specs.costs import axis_table  # the cost specs' own axis tables: the same semantics
-from wtcore.specs.costs import axis_desc, bits_vector, param_axes
-from wtcore.specs.masks import SCOPES, isomorphism_key, name_patterns
+from .compiler import compile as compile_program
+from .errors import SpecError, WtError
+from .ir import Structure
+from .masking import param_masks
+from .spec import Spec
+from .specs.costs import axis_desc, axis_table, bits_vector, param_axes  # the cost specs' own semantics
+from .specs.masks import SCOPES, isomorphism_key, name_patterns
 
 __all__ = ["METRICS", "Solution", "TargetError", "metric_ratio", "solve", "solve_keep"]
 
@@ -100,15 +100,15 @@ def unit_state(structure: Structure, params: Mapping[str, torch.Tensor],
     """(scores float64, dead bool, has-elements bool) per unit, from one program call."""
     specs: list[Any] = ["unit_active", "params_per_unit"]
     key = None
-    if isinstance(importance, (str, wtcore.Spec)) and importance != "random":
-        spec = wtcore.Spec(importance) if isinstance(importance, str) else importance
+    if isinstance(importance, (str, Spec)) and importance != "random":
+        spec = Spec(importance) if isinstance(importance, str) else importance
         key = spec.key
         specs.append(spec)
     elif not isinstance(importance, (str, torch.Tensor)):
-        raise SpecError(f"solve_keep: importance must be a spec name, a wtcore.Spec, 'random' or a [num_units] tensor,"
+        raise SpecError(f"solve_keep: importance must be a spec name, a Spec, 'random' or a [num_units] tensor,"
                         f" got {type(importance).__name__}")
     with torch.no_grad():
-        out = wtcore.compile(structure, specs)(params)
+        out = compile_program(structure, specs)(params)
     n = structure.num_units
     active = out["unit_active"].detach().cpu().numpy().astype(bool)
     has = out["params_per_unit"].detach().cpu().numpy() > 0
@@ -312,7 +312,7 @@ def own_elements(structure: Structure, params: Mapping[str, torch.Tensor]) -> np
     groups = tuple(replace(g, slices=tuple(s for s in g.slices if count[s.param] == 1)) for g in structure.groups)
     sub = replace(structure, groups=groups, ops=())
     with torch.no_grad():
-        mass = wtcore.compile(sub, ["unit_l1"])({k: params[k] for k in sub.param_map})["unit_l1"]
+        mass = compile_program(sub, ["unit_l1"])({k: params[k] for k in sub.param_map})["unit_l1"]
     return mass.detach().cpu().numpy() > 0
 
 
@@ -330,7 +330,7 @@ def _program_ratio(structure: Structure, params: Mapping[str, torch.Tensor], met
 
 # ============================================================================================ API
 def solve(structure: Structure, params: Mapping[str, torch.Tensor], *, target: float, metric: str = "macs",
-          importance: str | torch.Tensor | wtcore.Spec = "unit_l2", scope: str = "global",
+          importance: str | torch.Tensor | Spec = "unit_l2", scope: str = "global",
           max_fraction: float | None = None, round_to: int | None = None, seed: int = 0,
           groups: str | Sequence[str] | None = None, weight_bits: Any = 32, act_bits: Any = 32) -> Solution:
     """Like `solve_keep`, returning the keep-mask with the cost it reaches (a `Solution`)."""
@@ -433,10 +433,10 @@ def metric_ratio(structure: Structure, params: Mapping[str, torch.Tensor], metri
     """The cost of `params` (inactive units removed) / its baseline, through the cost specs' programs."""
     if metric not in METRICS:
         raise SpecError(f"metric must be one of {METRICS}, got {metric!r}")
-    spec = {"macs": wtcore.Spec("active_macs"), "params": wtcore.Spec("active_params"),
-            "bops": wtcore.Spec("structured_bops", weight_bits=weight_bits, act_bits=act_bits)}[metric]
+    spec = {"macs": Spec("active_macs"), "params": Spec("active_params"),
+            "bops": Spec("structured_bops", weight_bits=weight_bits, act_bits=act_bits)}[metric]
     with torch.no_grad():
-        out = wtcore.compile(structure, [spec])(params)
+        out = compile_program(structure, [spec])(params)
     if metric == "macs":
         return float(out["active_macs/ratio"])
     if metric == "params":

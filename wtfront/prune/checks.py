@@ -1,0 +1,159 @@
+"""What physical pruning refuses before it touches the model: stale structures, cuts of grouped convolutions
+Torch-Pruning gets silently wrong, and groups where removing units is not the same function as zeroing them
+(`lossy_groups`); and the Torch-Pruning graph and groups those checks and the pruning itself use."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from wtcore.errors import WtError
+from wtcore.ir import Structure, UnitGroup
+
+from ..tracing.budget import Budget, BudgetExceeded
+from ..tracing.graph import DependencyGraph
+from ..tracing.inputs import forward_outputs, normalize_inputs
+from ..tracing.state import tracing_state
+from .surgery import ir_lossy_reason, ir_surgery_groups
+
+__all__ = ["PruneError", "check_fresh", "check_grouped_convs", "dependency_graph", "lossy_groups", "tp_group",
+           "tp_lossy_reason"]
+
+
+class PruneError(WtError):
+    """Physical pruning refused or failed; the model is unchanged (restored bit-identical)."""
+
+
+def dependency_graph(model: nn.Module, inputs: Any, budget: Budget) -> DependencyGraph:
+    """Torch-Pruning's graph of `model` as `trace` builds it (wt's fixes, the model's state restored), to
+    prune through."""
+    with tracing_state(model):
+        dg = DependencyGraph(budget)
+        dg.build_dependency(model, example_inputs=inputs, forward_fn=forward_outputs, verbose=False)
+    return dg
+
+
+def _root(model: nn.Module, g: UnitGroup) -> Any:
+    try:
+        return model.get_submodule(g.root)
+    except AttributeError:
+        try:
+            return model.get_parameter(g.root)
+        except AttributeError:
+            raise PruneError(f"group {g.name!r}: its root {g.root!r} is not in the model; re-trace it") from None
+
+
+def tp_group(dg: DependencyGraph, model: nn.Module, g: UnitGroup, idxs: list[int]) -> Any:
+    """Torch-Pruning's pruning group that removes units `idxs` of `g` (its root's out-channels)."""
+    root = _root(model, g)
+    pruner = dg.get_pruner_of_module(root)
+    if pruner is None:
+        raise PruneError(f"group {g.name!r}: Torch-Pruning has no pruning function for its root {g.root!r}")
+    return dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
+
+
+_LOSSY_TYPES: tuple[tuple[type, str], ...] = (
+    (nn.LayerNorm, "LayerNorm {name!r} normalizes over its units (zeroing a unit changes the mean and variance "
+                   "of the others; removing it does not)"),
+    (nn.GroupNorm, "GroupNorm {name!r} normalizes over groups of its units"),
+    (nn.MultiheadAttention, "MultiheadAttention {name!r}: its scaling follows head_dim, which pruning its "
+                            "embedding dimension changes"),
+)
+
+
+def tp_lossy_reason(group: Any, names: Mapping[int, str]) -> str | None:
+    """Why removing the channels of a Torch-Pruning group is not the same function as zeroing them (a norm
+    over them, attention scaling), or None."""
+    for item in group:
+        mod = item.dep.target.module
+        for t, msg in _LOSSY_TYPES:
+            if isinstance(mod, t):
+                return msg.format(name=names.get(id(mod), type(mod).__name__))
+        if isinstance(mod, nn.Module) and type(mod).__name__.endswith("RMSNorm"):  # nn.RMSNorm, LlamaRMSNorm, ...
+            return (f"{type(mod).__name__} {names.get(id(mod), '?')!r} normalizes over its units (zeroing a unit "
+                    "changes the root mean square of the others; removing it does not)")
+    return None
+
+
+def lossy_groups(
+    model: nn.Module, structure: Structure, example_inputs: Any, budget_s: float = 120.0
+) -> dict[str, str]:
+    """Prunable groups where removing units is *not* the same function as zeroing them (a norm over the
+    units, attention scaling), with the reason. Pruning them needs `strict=False`."""
+    budget = Budget(budget_s)
+    names = {id(m): n for n, m in model.named_modules()}
+    try:
+        with budget.guard():
+            dg = dependency_graph(model, normalize_inputs(example_inputs), budget)
+            out = {}
+            ir = ir_surgery_groups(model, structure, [g.name for g in structure.groups if g.prunable])
+            for g in structure.groups:
+                if g.prunable:
+                    if g.name in ir:
+                        reason = ir_lossy_reason(model, structure, g.name)
+                    else:
+                        reason = (tp_lossy_reason(tp_group(dg, model, g, [0]), names)
+                                  or ir_lossy_reason(model, structure, g.name))
+                    if reason:
+                        out[g.name] = reason
+            return out
+    except BudgetExceeded:
+        raise PruneError(f"building the dependency graph did not finish within budget_s={budget_s:g} s") from None
+
+
+def check_grouped_convs(model: nn.Module, structure: Structure, removed: Mapping[str, list[int]]) -> None:
+    """Refuse cuts of grouped (non-depthwise) convolutions that Torch-Pruning would get silently wrong."""
+    for gname, units in removed.items():
+        g = structure.group_map[gname]
+        gone = set(units)
+        for s in g.slices:
+            p = structure.param_map[s.param]
+            try:
+                m = model.get_submodule(p.module) if p.module else model
+            except AttributeError:
+                continue
+            if not isinstance(m, nn.modules.conv._ConvNd) or m.groups == 1:
+                continue
+            if m.groups == m.out_channels and not m.transposed:
+                continue  # depthwise: Torch-Pruning removes channel and group together
+            idx = torch.tensor(s.index_list())
+            hit = torch.tensor([int(u) in gone for u in idx.tolist()], dtype=torch.bool) & (idx >= 0)
+            if not bool(hit.any()):
+                continue
+            where = f"group {gname!r} removes channels of grouped convolution {p.module!r} (groups={m.groups})"
+            if m.transposed:
+                raise PruneError(f"{where}: Torch-Pruning cannot prune grouped transposed convolutions; pass the "
+                                 f"module in ignore= when tracing")
+            per_group = hit.view(m.groups, -1)
+            if s.groups > 1 and s.param.endswith("weight") and s.axis == 1:
+                if not bool((per_group == per_group[0]).all()):
+                    raise PruneError(
+                        f"{where}: its input slice must lose the same positions in every group (Torch-Pruning keeps "
+                        f"group 0's positions for all groups, which would silently mix channels). Remove whole "
+                        f"position sets ({{g * {per_group.shape[1]} + j for every group g}}) or ignore the module"
+                    )
+            else:
+                counts = per_group.sum(1)
+                if not bool((counts == counts[0]).all()):
+                    raise PruneError(
+                        f"{where}: its output channels must lose the same number of channels in every group "
+                        f"(now {counts.tolist()}); otherwise rows move to other groups silently"
+                    )
+
+
+def check_fresh(model: nn.Module, structure: Structure) -> None:
+    """Refuse a structure whose parameters the model no longer has with the same shapes (pruned since)."""
+    for p in structure.params:
+        try:
+            t = model.get_parameter(p.name)
+        except AttributeError:
+            raise PruneError(f"parameter {p.name!r} of the structure is not in the model; re-trace it") from None
+        if tuple(t.shape) != p.shape:
+            raise PruneError(
+                f"parameter {p.name!r} has shape {tuple(t.shape)} but the structure says {p.shape}: the structure is "
+                "stale (the model was pruned since it was traced); use the structure prune_units returned"
+            )
+

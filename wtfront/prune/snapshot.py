@@ -1,0 +1,38 @@
+"""The transaction of physical pruning and checkpoint loading: a model restorable bit-identical."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Snapshot"]
+
+
+class Snapshot:
+    """Everything physical pruning may change, restorable so that the model is bit-identical afterwards: the
+    module tree's attribute dicts (attributes, hooks), the very Parameter/buffer/submodule objects, and a CPU
+    copy of every tensor's data, written back only if the tensor was modified in place (its version moved)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = []
+        self.tensors: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        for m in model.modules():
+            attrs = {k: v for k, v in m.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
+            self.modules.append((m, attrs, dict(m._parameters), dict(m._buffers), dict(m._modules)))
+            for t in (*m._parameters.values(), *m._buffers.values()):
+                if t is not None and id(t) not in self.tensors:
+                    self.tensors[id(t)] = (t, t._version, t.detach().to("cpu", copy=True))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for m, attrs, params, buffers, modules in self.modules:
+            for k in [k for k in m.__dict__ if k not in attrs and k not in ("_parameters", "_buffers", "_modules")]:
+                del m.__dict__[k]
+            m.__dict__.update(attrs)
+            for d, saved in ((m._parameters, params), (m._buffers, buffers), (m._modules, modules)):
+                d.clear()
+                d.update(saved)
+        for t, version, data in self.tensors.values():
+            if t._version != version:
+                t.data.copy_(data.to(t.device))
+

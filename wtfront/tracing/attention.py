@@ -1,0 +1,262 @@
+"""Attention discovery: the head layout of every attention module, read from the modules themselves.
+
+Torch-Pruning couples a transformer's q/k/v rows and output-projection columns row by row: it does not know
+that `head_dim` consecutive rows of q, k and v form one head, nor that under grouped-query attention one
+KV head serves `n_rep` query heads. `discover_attention` reads the layout from the modules (timm `Attention`
+with a fused `qkv`, `nn.MultiheadAttention`, Hugging Face self-attention with separate `q_proj/k_proj/v_proj`
+or `query/key/value`, GPT-2's fused `Conv1D` `c_attn`): where each head's rows and columns are, and how many
+query and KV heads there are. `wtfront.tracing.units` makes them the IR's units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from wtcore.errors import TraceError
+
+from ..modules import canonical_names, is_hf_conv1d
+
+__all__ = ["AttentionLayout", "HeadOverride", "Segment", "discover_attention", "hf_parts"]
+
+#: A head-count override of `discover_attention`: N query heads, (N, N_kv), or None (not attention).
+HeadOverride = int | tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`count * head_dim` consecutive positions of `param` along `axis`, from `offset`: head `i` of `role`
+    (q, k, v, or o for the output projection's input) owns positions `offset + i*head_dim ...`."""
+
+    param: str
+    axis: int
+    offset: int
+    role: str
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """The head structure of one attention module (qualified name `module`)."""
+
+    module: str
+    family: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    segments: tuple[Segment, ...]
+    inputs: tuple[tuple[str, int], ...]  # (param, axis) of the attention's input width (the residual stream)
+    blocked: str = ""  # why its heads cannot be pruned (stays in the IR, not prunable)
+
+    @property
+    def n_rep(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def kind(self, units: Collection[str]) -> str:
+        """The head-level unit kind used for this module given the selected kinds."""
+        if "head_dim" in units:
+            return "head_dim"
+        if self.num_kv_heads == self.num_heads:
+            return "head"
+        return "kv_head" if "kv_head" in units or "head" not in units else "head"
+
+    def unit_of_head(self, kind: str, role: str, h: int) -> int:
+        if kind == "head_dim":
+            raise ValueError("head_dim units are per position within a head, not per head")
+        if self.num_kv_heads == self.num_heads:
+            return h
+        if kind == "kv_head":
+            return h if role in ("k", "v") else h // self.n_rep
+        return -1 if role in ("k", "v") else h % self.n_rep  # GQA query-head slot
+
+    def group_size(self, kind: str) -> int:
+        if kind == "head_dim":
+            return self.head_dim
+        if self.num_kv_heads == self.num_heads:
+            return self.num_heads
+        return self.num_kv_heads if kind == "kv_head" else self.n_rep
+
+    def group_name(self, kind: str) -> str:
+        return f"{self.module}.{ {'kv_head': 'kv_heads', 'head_dim': 'head_dims'}.get(kind, 'heads')}"
+
+    def head_units(self, kind: str) -> list[int]:
+        """The unit of each query head (the `heads` axis of the attention matmuls)."""
+        return [self.unit_of_head(kind, "q", h) for h in range(self.num_heads)]
+
+
+# ============================================================================================ discovery
+def _int_attr(m: nn.Module, *names: str) -> int | None:
+    for n in names:
+        v = getattr(m, n, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def hf_parts(m: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | None:
+    """The separate q, k and v projections of a Hugging Face attention module (`q_proj`/`k_proj`/`v_proj` or
+    `query`/`key`/`value`), or None."""
+    for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
+        mods = [getattr(m, n, None) for n in names]
+        if all(isinstance(x, nn.Linear) for x in mods):
+            return mods[0], mods[1], mods[2]
+    return None
+
+
+def _hf_out(model: nn.Module, name: str, m: nn.Module, inner: int) -> tuple[str, nn.Linear] | None:
+    """The output projection of a separate-q/k/v attention: `o_proj`/`out_proj`/`dense` on the module, or
+    (BERT) the sibling `output.dense` of the parent `BertAttention`."""
+    for n in ("o_proj", "out_proj", "dense"):
+        o = getattr(m, n, None)
+        if isinstance(o, nn.Linear) and o.in_features == inner:
+            return f"{name}.{n}" if name else n, o
+    parent_name = name.rpartition(".")[0]
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        return None
+    out = getattr(getattr(parent, "output", None), "dense", None)
+    if isinstance(out, nn.Linear) and out.in_features == inner:
+        prefix = f"{parent_name}." if parent_name else ""
+        return f"{prefix}output.dense", out
+    return None
+
+
+def _pname(canon: Mapping[int, str], t: torch.Tensor | None) -> str | None:
+    return canon.get(id(t)) if t is not None else None
+
+
+def _heads_from(name: str, rows: int, head_dim: int | None, override: HeadOverride, default_heads: int | None,
+                kv_rows: int | None = None) -> tuple[int, int, int]:
+    """(num_heads, num_kv_heads, head_dim) of a module with `rows` q rows (and `kv_rows` k rows)."""
+    kv_rows = rows if kv_rows is None else kv_rows
+    if override is not None:
+        nh, nkv = (override, None) if isinstance(override, int) else override
+        if nh <= 0 or rows % nh:
+            raise TraceError(f"heads={{{name!r}: {override!r}}}: {rows} query rows are not a multiple of {nh} heads")
+        hd = rows // nh
+        nkv = kv_rows // hd if nkv is None else nkv
+    else:
+        if head_dim is None:
+            if default_heads is None:
+                raise TraceError(f"cannot tell the head size of attention {name!r}; pass heads={{{name!r}: N}}")
+            head_dim = rows // default_heads
+        hd, nh, nkv = head_dim, rows // head_dim, kv_rows // head_dim
+    if nh * hd != rows or nkv * hd != kv_rows or nkv <= 0 or nh % nkv:
+        raise TraceError(
+            f"attention {name!r}: {rows} query rows and {kv_rows} key rows do not split into heads of {hd} with a "
+            f"whole number of query heads per KV head; pass heads={{{name!r}: (num_heads, num_kv_heads)}}"
+        )
+    return nh, nkv, hd
+
+
+#: a child module every recognized attention layout has (fused timm `qkv`, GPT-2 `c_attn`, HF `q_proj`/`query`)
+_ATTENTION_CHILDREN = frozenset({"qkv", "c_attn", "q_proj", "query"})
+
+
+def _may_be_attention(m: nn.Module) -> bool:
+    """Cheap test that `_layout` can recognize `m`: its projections are registered submodules, so a module
+    without one of those children (every conv, norm and leaf of a CNN) is skipped without attribute probes."""
+    return isinstance(m, nn.MultiheadAttention) or not _ATTENTION_CHILDREN.isdisjoint(m._modules)
+
+
+def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
+            override: HeadOverride) -> AttentionLayout | None:
+    def seg(t: torch.Tensor | None, axis: int, offset: int, role: str) -> list[Segment]:
+        p = _pname(canon, t)
+        return [Segment(p, axis, offset, role)] if p is not None else []
+
+    qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
+    if isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and _int_attr(m, "head_dim") is not None:
+        nh, nkv, hd = _heads_from(name, qkv.out_features // 3, _int_attr(m, "head_dim"), override, None)
+        a = nh * hd
+        if qkv.out_features != 3 * a or proj.in_features != a or nkv != nh:
+            return None
+        segs = [s for off, r in ((0, "q"), (a, "k"), (2 * a, "v")) for s in seg(qkv.weight, 0, off, r)
+                + seg(qkv.bias, 0, off, r)] + seg(proj.weight, 1, 0, "o")
+        blocked = ""
+        if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity) or getattr(m, "gate", None) is not None:
+            blocked = f"attention {name!r} normalizes or gates over all heads (scale_norm, gated): not modelled"
+        return AttentionLayout(name, "timm", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),), blocked)
+    if isinstance(m, nn.MultiheadAttention):
+        if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+            return None
+        e = m.in_proj_weight.shape[0] // 3  # embed_dim, or fewer rows once heads are pruned
+        nh, nkv, hd = _heads_from(name, e, m.head_dim if override is None else None, override, m.num_heads)
+        segs = [s for off, r in ((0, "q"), (e, "k"), (2 * e, "v")) for s in seg(m.in_proj_weight, 0, off, r)
+                + seg(m.in_proj_bias, 0, off, r)] + seg(m.out_proj.weight, 1, 0, "o")
+        blocked = f"MultiheadAttention {name!r} has bias_k/bias_v" if m.bias_k is not None else ""
+        return AttentionLayout(name, "torch_mha", nh, nkv, hd, tuple(segs), ((_pname(canon, m.in_proj_weight), 1),),
+                               blocked)
+    c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
+    if is_hf_conv1d(c_attn) and (isinstance(c_proj, nn.Linear) or is_hf_conv1d(c_proj)):
+        if getattr(m, "is_cross_attention", False):
+            return None
+        rows = c_attn.weight.shape[1] // 3
+        nh, nkv, hd = _heads_from(name, rows, _int_attr(m, "head_dim"), override, _int_attr(m, "num_heads"))
+        segs = [s for off, r in ((0, "q"), (rows, "k"), (2 * rows, "v")) for s in seg(c_attn.weight, 1, off, r)
+                + seg(c_attn.bias, 0, off, r)] + seg(c_proj.weight, 0, 0, "o")
+        return AttentionLayout(name, "gpt2", nh, nkv, hd, tuple(segs), ((_pname(canon, c_attn.weight), 0),))
+    parts = hf_parts(m)
+    if parts is None:
+        return None
+    q, k, v = parts
+    hd = _int_attr(m, "head_dim", "attention_head_size")
+    cfg = getattr(m, "config", None)
+    default = _int_attr(m, "num_heads", "num_attention_heads") or (
+        _int_attr(cfg, "num_attention_heads") if cfg is not None else None)
+    nh, nkv, hd = _heads_from(name, q.out_features, hd, override, default, k.out_features)
+    if v.out_features != k.out_features:
+        return None
+    out = _hf_out(model, name, m, q.out_features)
+    if out is None:
+        return None
+    _, o = out
+    segs = [s for t, r in ((q, "q"), (k, "k"), (v, "v")) for s in seg(t.weight, 0, 0, r) + seg(t.bias, 0, 0, r)]
+    segs += seg(o.weight, 1, 0, "o")
+    blocked = ""
+    extra = [n for n, p in m.named_parameters() if _pname(canon, p) not in {s.param for s in segs}
+             and not any(n.startswith(f"{x}.") for x in ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key",
+                                                         "value", "out_proj", "dense"))]
+    if extra:  # e.g. Qwen3's per-head-dim q_norm/k_norm are fine for heads, anything else is unknown
+        if not all(n.split(".")[0] in ("q_norm", "k_norm") for n in extra):
+            blocked = f"attention {name!r} has parameters {extra[:3]} that wt does not map to heads"
+    return AttentionLayout(name, "hf", nh, nkv, hd, tuple(segs), ((_pname(canon, q.weight), 1),), blocked)
+
+
+def discover_attention(model: nn.Module, heads: Mapping[str, HeadOverride] | None = None) -> list[AttentionLayout]:
+    """Every attention module of `model` whose heads wt recognizes, in `named_modules()` order.
+
+    `heads` overrides, by qualified module name: `N` (N query heads, head size = rows / N), `(N, N_kv)`
+    (grouped-query attention), or None (leave the module to Torch-Pruning's row-level groups).
+    """
+    heads = dict(heads or {})
+    out: list[AttentionLayout] = []
+    taken: set[str] = set()
+    named = dict(model.named_modules())
+    unknown = [n for n in heads if n not in named]
+    if unknown:
+        raise TraceError(f"heads= names module(s) {unknown[:3]} that are not in the model (qualified module names)")
+    canon: dict[int, str] | None = None  # built on the first candidate: most CNNs have none
+    for name, m in named.items():
+        if name in heads and heads[name] is None:
+            continue
+        if name not in heads and not _may_be_attention(m):
+            continue
+        if canon is None:
+            canon = canonical_names(model)
+        lay = _layout(model, name, m, canon, heads.get(name))
+        if lay is None:
+            if name in heads:
+                raise TraceError(f"heads= names {name!r} ({type(m).__name__}), but wt does not recognize its q/k/v "
+                                 "layout (fused qkv, nn.MultiheadAttention, q_proj/k_proj/v_proj, query/key/value)")
+            continue
+        keys = {(s.param, s.axis) for s in lay.segments}
+        if keys & taken:  # e.g. an outer wrapper seeing the same projections: the innermost module wins
+            continue
+        taken |= keys
+        out.append(lay)
+    return out
+

@@ -1,0 +1,313 @@
+"""Torch-Pruning's groups lowered to `UnitGroup`s: a unit per root channel, and per parameter axis a `Slice`
+whose `index[i]` is the unit of entry `i`, under the model's canonical parameter names."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch_pruning.dependency.node import Node
+
+from wtcore.errors import TraceError
+from wtcore.ir import Param, Slice, Structure, UnitGroup, runs_from_list
+
+from .coverage import mark_partial_coverage, unrooted_reason
+from .graph import DependencyGraph
+from .groups import NO_ROOT
+from .nodes import TP_DUMMY, nearest_named
+from .rotary import ROTARY_REASON
+from .shuffle import SHUFFLE_REASON
+from .slicers import RawSlice, UnloweredModule, known_params, lower_item, rule_type
+
+__all__ = ["OUTPUT_REASON", "Lowering"]
+
+OUTPUT_REASON = "feeds the model output"
+
+
+@dataclass
+class _Acc:
+    """Index entries of one (param, axis) in one group, merged over every item that touches it."""
+
+    length: int
+    groups: int
+    group_axis: int
+    index: np.ndarray
+
+
+class Lowering:
+    """Turns TP groups into UnitGroups; holds the canonical parameter naming of the model."""
+
+    def __init__(
+        self, model: nn.Module, dg: DependencyGraph, ignored: Sequence[nn.Module], root_types: tuple[type, ...]
+    ) -> None:
+        self.model = model
+        self.root_types = root_types
+        self.dg = dg
+        self.ignored = {id(m) for m in ignored}
+        self.module_names: dict[int, str] = {}
+        self.module_order: dict[int, int] = {}
+        self.modules_by_name: dict[str, nn.Module] = {}
+        for i, (name, m) in enumerate(model.named_modules()):
+            self.module_names.setdefault(id(m), name)
+            self.module_order.setdefault(id(m), i)
+            self.modules_by_name[name] = m
+        # canonical names by tensor identity: the first name wins, later names are aliases
+        self.canonical: dict[int, str] = {}
+        self.by_name: dict[str, str] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+        aliases: dict[str, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            canon = self.canonical.setdefault(id(p), name)
+            self.by_name[name] = canon
+            if canon == name:
+                self.tensors[name] = p
+                aliases[name] = []
+            elif name not in aliases[canon]:
+                aliases[canon].append(name)
+        self.aliases = aliases
+        self.param_order = {n: i for i, n in enumerate(self.tensors)}
+        self.outputs = self._output_reaching_nodes()
+        self.lowered_modules: dict[int, nn.Module] = {}
+        self.names_by_id = {**self.module_names, **self.canonical}
+
+    # -- names -----------------------------------------------------------------------------------
+    def module_name(self, m: Any) -> str:
+        if isinstance(m, torch.Tensor):
+            return self.canonical.get(id(m), "<unwrapped parameter>")
+        name = self.module_names.get(id(m))
+        return name if name is not None else str(m)
+
+    def param_name(self, s: RawSlice, item_name: str) -> str:
+        """Canonical name of the parameter a raw slice refers to (through aliases, nn.utils.prune's `_orig`
+        and parametrize's `.original`)."""
+        if s.owner is None:
+            canon = self.canonical.get(id(s.tensor))
+            if canon is None:
+                raise TraceError(f"Torch-Pruning coupled a tensor of shape {tuple(s.tensor.shape)} that is not a "
+                                 "parameter of the model")
+            return canon
+        qual = f"{item_name}.{s.attr}" if item_name else s.attr
+        prefix, _, leaf = qual.rpartition(".")
+        dot = f"{prefix}." if prefix else ""
+        for candidate in (qual, f"{qual}_orig", f"{dot}parametrizations.{leaf}.original"):
+            canon = self.by_name.get(candidate)
+            if canon is not None:
+                if tuple(self.tensors[canon].shape) != tuple(s.tensor.shape):
+                    break
+                return canon
+        raise UnloweredModule(
+            f"parameter {qual!r} of {item_name!r} could not be matched to a parameter of the model with the same "
+            "shape (a parametrization that changes its shape?); pass the module in ignore="
+        )
+
+    def is_ignored(self, target: Any) -> bool:
+        """An ignored module, or an unwrapped parameter owned by one."""
+        if isinstance(target, torch.Tensor):
+            owner = self.canonical.get(id(target), "").rpartition(".")[0]
+            try:
+                return id(self.model.get_submodule(owner)) in self.ignored
+            except AttributeError:
+                return False
+        return id(target) in self.ignored
+
+    # -- outputs ---------------------------------------------------------------------------------
+    def _output_reaching_nodes(self) -> set[Node]:
+        """Nodes whose output reaches a model output through parameter-free ops only (TP's graph is built
+        backwards from the outputs, so the nodes without outputs are exactly the model outputs)."""
+        reach: set[Node] = set()
+        stack = [n for n in self.dg.module2node.values() if not n.outputs and n not in self.dg.barriers]
+        while stack:
+            n = stack.pop()
+            if n in reach:
+                continue
+            reach.add(n)
+            if isinstance(n.module, TP_DUMMY):
+                stack.extend(n.inputs)
+        return reach
+
+    # -- groups ----------------------------------------------------------------------------------
+    def run(self, tp_groups: Sequence[Any], model_name: str) -> Structure:
+        entries = [self.lower_group(g) for g in tp_groups]
+        entries.sort(key=lambda e: e[0])
+        groups: list[UnitGroup] = []
+        used: set[str] = set()
+        for _, ug in entries:
+            name, k = ug.name, 2
+            while name in used:
+                name, k = f"{ug.name}#{k}", k + 1
+            used.add(name)
+            if name != ug.name:
+                ug = UnitGroup(name, ug.kind, ug.size, ug.slices, ug.prunable, ug.root, ug.baseline_size, ug.reason)
+            groups.append(ug)
+        self.check_unknown_params()
+        groups = mark_partial_coverage(groups, {n: tuple(t.shape) for n, t in self.tensors.items()})
+        touched = {s.param for g in groups for s in g.slices}
+        params = tuple(self.make_param(n) for n in self.tensors)
+        uncoupled = tuple(sorted(n for n in self.tensors if n not in touched))
+        return Structure(params, tuple(groups), (), model_name, uncoupled)
+
+    def make_param(self, name: str) -> Param:
+        t = self.tensors[name]
+        owner = name.rpartition(".")[0]
+        mod = self.modules_by_name.get(owner) or self.model.get_submodule(owner)
+        return Param(
+            name=name,
+            shape=tuple(int(d) for d in t.shape),
+            dtype=str(t.dtype).removeprefix("torch."),
+            module=owner,
+            module_type=type(mod).__name__,
+            aliases=tuple(self.aliases[name]),
+        )
+
+    def lower_group(self, group: Any) -> tuple[int, UnitGroup]:
+        """One TP group as a UnitGroup, with its root's position in `named_modules()` (the sort key)."""
+        dg = self.dg
+        root, relabel = self.choose_root(group)
+        root_name = self.module_name(root)
+        size = len(group[0].idxs)
+        accs: dict[tuple[str, int], _Acc] = {}
+        feeds_output = shuffled = rotary = False
+        unrooted: list[str] = []
+        for node in getattr(group, "cut_at", ()):  # couplings a mapping dropped: name the modules next to them
+            unrooted.extend(n for n in nearest_named(node, self.names_by_id) if n not in unrooted)
+        for item in group:
+            node: Node = item.dep.target
+            target = node.module
+            out = dg.is_out_channel_pruning_fn(item.dep.handler)
+            if node in self.outputs and (out or isinstance(target, TP_DUMMY)):
+                feeds_output = True
+            shuffled = shuffled or node in dg.barriers
+            rotary = rotary or node in dg.rotary
+            if isinstance(target, TP_DUMMY):
+                continue
+            name = self.module_name(target)
+            units = item.root_idxs
+            local = item.idxs
+            if units.size and units.min() == NO_ROOT:  # e.g. repeat_kv of grouped-query attention: keep
+                lost = units == NO_ROOT  # what maps, mark the group (NO_ROOT is below every unit)
+                if name not in unrooted:
+                    unrooted.append(name)
+                local, units = local[~lost], units[~lost]
+                if not units.size:
+                    continue
+            pairs = (local, relabel[units])
+            try:
+                raws = lower_item(target, name, out=out, pairs=pairs, pruning_dim=node.pruning_dim)
+                keyed = [(self.param_name(s, name), s) for s in raws]
+            except UnloweredModule:
+                if self.is_ignored(target):
+                    continue
+                raise
+            if isinstance(target, nn.Module):
+                self.lowered_modules[id(target)] = target
+            for pname, s in keyed:
+                self.merge(accs, pname, s, root_name)
+        slices = [
+            Slice(p, axis, runs_from_list(a.index), a.groups, a.group_axis)
+            for (p, axis), a in sorted(accs.items(), key=lambda kv: (self.param_order[kv[0][0]], kv[0][1]))
+        ]
+        order = self.module_order.get(id(root), len(self.module_order))
+        return order, UnitGroup(
+            name=f"{root_name}.out" if root_name else "out",
+            kind="channel" if isinstance(root, nn.modules.conv._ConvNd) else "feature",
+            size=size,
+            slices=tuple(slices),
+            prunable=not (feeds_output or shuffled or unrooted or rotary),
+            root=root_name,
+            reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (SHUFFLE_REASON, shuffled),
+                                             (ROTARY_REASON, rotary), (unrooted_reason(unrooted), unrooted)) if on),
+        )
+
+    def choose_root(self, group: Any) -> tuple[Any, np.ndarray]:
+        """Root the group at its earliest module (in `named_modules` order) whose out-channels are pruned
+        one-to-one with the units and whose type is a root type, and relabel units as that module's channels.
+
+        TP roots a group at the first layer it meets walking back from the outputs (a ViT's hidden dimension
+        at the last MLP); naming it after the layer that creates the dimension (the patch embedding) reads
+        better and does not depend on TP's traversal order. Returns (root, relabel) with relabel[tp_unit].
+        """
+        tp_root = group[0].dep.target.module
+        size = len(group[0].idxs)
+        best: tuple[int, Any, np.ndarray] | None = None
+        for item in group:
+            m = item.dep.target.module
+            if (
+                not isinstance(m, self.root_types)
+                or id(m) in self.ignored
+                or not self.dg.is_out_channel_pruning_fn(item.dep.handler)
+                or len(item.idxs) != size
+            ):
+                continue
+            local, unit = item.idxs, item.root_idxs
+            # one-to-one: every unit once, every local channel in range and once
+            if not size or unit.min() < 0 or local.min() < 0 or local.max() >= size:
+                continue
+            if np.bincount(unit, minlength=size).max() > 1 or np.bincount(local, minlength=size).max() > 1:
+                continue
+            order = self.module_order.get(id(m), len(self.module_order))
+            if best is None or order < best[0]:
+                relabel = np.empty(size, dtype=np.int64)
+                relabel[unit] = local
+                best = (order, m, relabel)
+        if best is None:
+            return tp_root, np.arange(size, dtype=np.int64)
+        return best[1], best[2]
+
+    @staticmethod
+    def merge(accs: dict[tuple[str, int], _Acc], pname: str, s: RawSlice, root_name: str) -> None:
+        key = (pname, s.axis)
+        acc = accs.get(key)
+        pos = s.positions
+        if acc is None:
+            acc = accs[key] = _Acc(s.length, s.groups, s.group_axis, np.full(s.length, -1, dtype=np.int64))
+            if pos.size < 2 or (pos[1:] > pos[:-1]).all():  # first item on this axis, no position twice
+                acc.index[pos] = s.units
+                return
+        elif (acc.length, acc.groups, acc.group_axis) != (s.length, s.groups, s.group_axis):
+            raise TraceError(
+                f"group of {root_name!r}: {pname!r} axis {s.axis} is reached twice with different layouts "
+                f"({acc.length}/{acc.groups} vs {s.length}/{s.groups} entries/groups)"
+            )
+        have = acc.index[pos]
+        clash = (have != -1) & (have != s.units)
+        if not clash.any():
+            if pos.size < 2 or (pos[1:] > pos[:-1]).all():  # increasing (the usual order): no position twice
+                acc.index[pos] = s.units
+                return
+            # the same position listed twice within one item with two units is a clash too
+            order = np.argsort(s.positions, kind="stable")
+            pos, units = s.positions[order], s.units[order]
+            dup = (pos[1:] == pos[:-1]) & (units[1:] != units[:-1])
+            if dup.any():
+                k = int(np.flatnonzero(dup)[0])
+                clash_pos, have_u, new_u = int(pos[k]), int(units[k]), int(units[k + 1])
+            else:
+                acc.index[s.positions] = s.units
+                return
+        else:
+            k = int(np.flatnonzero(clash)[0])
+            clash_pos, have_u, new_u = int(s.positions[k]), int(have[k]), int(s.units[k])
+        raise TraceError(
+            f"group of {root_name!r}: entry {clash_pos} of {pname!r} axis {s.axis} is coupled to two different "
+            f"units ({have_u} and {new_u}); this structure is not supported, pass the module in ignore="
+        )
+
+    def check_unknown_params(self) -> None:
+        """A module in a group with parameters its TP pruner never touches would be broken by pruning."""
+        for m in self.lowered_modules.values():
+            if id(m) in self.ignored:
+                continue
+            t = rule_type(m)
+            known = known_params(m)
+            extra = [n for n, p in m._parameters.items() if p is not None and n.removesuffix("_orig") not in known]
+            if extra:
+                name = self.module_name(m)
+                raise UnloweredModule(
+                    f"module {name!r} ({type(m).__name__}) is coupled to a pruning group but has parameters "
+                    f"{extra} that Torch-Pruning's {t.__name__ if t else ''} pruner does not prune; pass it in "
+                    f"ignore= (e.g. ignore=[{name!r}])"
+                )
