@@ -13,7 +13,7 @@ from torch import nn
 import wtcore
 from wtcore.errors import WtError
 from wtfront import WeightTracker
-from wtfront.train.tracker import TRACKER_KINDS
+from wtfront.train.tracker import tracker_kinds
 
 tv = pytest.importorskip("torchvision")
 
@@ -34,22 +34,28 @@ def fresh(traced, **kw) -> tuple[nn.Module, WeightTracker]:
 
 def test_all_trackers_keys_are_flat_stable_and_documented(traced):
     _, t = fresh(traced)
-    handles = t.create_tracker(list(TRACKER_KINDS))
-    assert [h.kind for h in handles] == list(TRACKER_KINDS)
+    kinds = tracker_kinds()
+    assert {"active_macs", "structured_bops", "unstructured_bops", "compression", "unstructured_sparsity",
+            "nm_sparsity", "group_pruning_summary", "unit_l2_histogram", "active_params", "group_lasso",
+            "group_active_units"} <= set(kinds)
+    assert not {"unit_l2", "ln_structured", "nm"} & set(kinds)  # per-unit vectors and masks are not logged
+    handles = t.create_tracker(kinds)
+    assert [h.kind for h in handles] == kinds
     m1 = t.track()
     assert list(m1) == list(t.track())  # stable order
     assert all(isinstance(v, float) for v in m1.values())
     for key in ("active_macs/total", "active_macs/ratio", "structured_bops/total", "structured_bops/compression",
                 "unstructured_bops/compression", "compression", "unstructured_sparsity/total",
-                "nm_sparsity/2:4/strict_fraction", "nm_sparsity/2:4/eligible_fraction",
-                "nm_sparsity/2:4/tail_elements", "group_pruning/pruned_units", "group_pruning/pruned_params",
-                "group_pruning/groups/layer3.0.conv1.out/pruned_units",
-                "group_pruning/groups/layer3.0.conv1.out/pruned_params", "unit_l2_histogram/below",
+                "nm_sparsity/strict_fraction", "nm_sparsity/eligible_fraction",
+                "nm_sparsity/tail_elements", "group_pruning_summary/pruned_units",
+                "group_pruning_summary/pruned_params",
+                "group_pruning_summary/groups/layer3.0.conv1.out/pruned_units",
+                "group_pruning_summary/groups/layer3.0.conv1.out/pruned_params", "unit_l2_histogram/below",
                 "unit_l2_histogram/ge_1e-06", "active_params/ratio"):
         assert key in m1, key
     assert set(m1) == {k for h in handles for k in h.keys}
     # dense random weights: nothing pruned, nothing compressed
-    assert m1["structured_bops/compression"] == 0.0 and m1["group_pruning/pruned_units"] == 0.0
+    assert m1["structured_bops/compression"] == 0.0 and m1["group_pruning_summary/pruned_units"] == 0.0
     assert m1["active_macs/total"] == sum(o.macs for o in t.structure.ops)
 
 
@@ -92,8 +98,8 @@ def test_values_follow_fake_pruning_and_match_the_program(traced):
         model.layer3[0].bn1.bias[:10] = 0
         model.layer3[0].conv2.weight[:, :10] = 0
     m = t.track()
-    assert m["group_pruning/groups/layer3.0.conv1.out/pruned_units"] == 10
-    assert m["group_pruning/pruned_units"] == 10
+    assert m["group_pruning_summary/groups/layer3.0.conv1.out/pruned_units"] == 10
+    assert m["group_pruning_summary/pruned_units"] == 10
     op = {o.name: o for o in structure.ops}["layer3.0.conv1"]
     assert m["structured_bops/ops/layer3.0.conv1"] == op.macs * (g.size - 10) / g.size * 32 * 32
     assert m["unstructured_sparsity/params/layer3.0.conv1.weight"] == pytest.approx(10 / g.size)
@@ -108,10 +114,15 @@ def test_create_tracker_returns_a_handle_that_tracks_alone(traced):
     only = both[0].track()
     assert set(only) == set(both[0].keys) and all(k.startswith("structured_bops/") for k in only)
     nm = t.create_tracker("nvidia_2_4_sparsity")  # torch-weighttracker's name for 2:4
-    assert "nm_sparsity/2:4/strict_fraction" in nm.track()
+    assert "nvidia_2_4_sparsity/strict_fraction" in nm.track()
     eight = t.create_tracker("nm_sparsity", n=4, m=8)
-    assert "nm_sparsity/4:8/eligible_fraction" in eight.keys
-    assert set(t.track()) == set(both[0].keys) | set(both[1].keys) | set(nm.keys) | set(eight.keys)
+    assert "nm_sparsity/eligible_fraction" in eight.keys
+    with pytest.raises(WtError, match="pass name="):
+        t.create_tracker("nm_sparsity", n=1, m=4)
+    one_four = t.create_tracker("nm_sparsity", n=1, m=4, name="nm_1_4")
+    assert "nm_1_4/strict_fraction" in one_four.keys
+    assert set(t.track()) == set(both[0].keys) | set(both[1].keys) | set(nm.keys) | set(eight.keys) | \
+        set(one_four.keys)
 
 
 def test_include_ignore_by_instance_type_and_glob(traced):

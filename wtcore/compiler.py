@@ -87,6 +87,7 @@ def lower(structure: Structure, specs: Sequence[str | Spec] | str | Spec, includ
             g.outputs.extend((f"{r.key}/{k}", v) for k, v in value.items())
         else:
             raise SpecError(f"spec {r.name!r} returned {type(value).__name__}; a spec returns a Var or a dict of Vars")
+    g.item_names = {key: ctx.item_names[v] for key, v in g.outputs if v in ctx.item_names}
     if verify:
         _passes.verify(g, lowered=False)
     for run in passes:
@@ -129,7 +130,7 @@ def compile(
     gc.disable()
     try:
         g = lower(structure, requests, inc, ign)
-        program = Program(structure, generate(g), g.eqns, g.outputs, g.labels, backend=backend)
+        program = Program(structure, generate(g), g.eqns, g.outputs, g.labels, g.item_names, backend=backend)
     finally:
         if gc_was_enabled:
             gc.enable()

@@ -76,6 +76,8 @@ class Graph:
     consts: dict[Var, torch.Tensor] = field(default_factory=dict)
     labels: dict[Var, str] = field(default_factory=dict)
     outputs: list[tuple[str, Var]] = field(default_factory=list)
+    #: the names of the entries of vector outputs (ops, parameters, groups, bins), by output key
+    item_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
     next_id: int = 0
     #: the IR the program is compiled over, and the slices the compile filters keep (per group)
     structure: Structure | None = None

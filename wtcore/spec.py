@@ -13,7 +13,7 @@ first-class citizen:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +158,14 @@ class Context:
     _memo: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = field(default_factory=dict)
     include: tuple[str, ...] | None = None  # the compile filters, for specs that select ops or parameters
     ignore: tuple[str, ...] = ()
+    #: names of the entries of vector values (ops, parameters, groups, bins), set by `name_items`
+    item_names: dict[Var, tuple[str, ...]] = field(default_factory=dict)
+
+    def name_items(self, value: Var, names: Sequence[str]) -> Var:
+        """Name the entries of a vector a spec returns (the ops, parameters, groups or bins it has one value
+        for), so trackers and reports can label them (`Program.item_names`). Returns `value`."""
+        self.item_names[value] = tuple(names)
+        return value
 
     def selects(self, *names: str) -> bool:
         """Whether the compile filters keep something named `names` (a parameter and/or module name)."""

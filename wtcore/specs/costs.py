@@ -241,7 +241,7 @@ def active_macs(ctx: Context, tolerance: float = 0.0, ops: tuple[str, ...] | Non
     idx = op_indices(ctx, ops)
     b = ctx.b
     sel = [ctx.structure.ops[i] for i in idx]
-    per_op = _active_macs_per_op(ctx, idx, tolerance)
+    per_op = ctx.name_items(_active_macs_per_op(ctx, idx, tolerance), [o.name for o in sel])
     total = b.sum(per_op)
     baseline = float(sum(o.baseline_macs for o in sel))
     return {
@@ -262,13 +262,15 @@ def _bops(ctx: Context, per_op: Var, idx: list[int], weight_bits: Any, act_bits:
     bops = b.mul(per_op, b.const(torch.from_numpy(w * a), "op_bits"))
     total = b.sum(bops)
     baseline = float(base_op.sum())
+    per_op_compression = b.sub(1.0, b.div(bops, b.const(torch.from_numpy(np.maximum(base_op, 1.0)),
+                                                        "op_baseline_bops")))
+    names = [s.ops[i].name for i in idx]
     return {
-        "per_op": bops,
+        "per_op": ctx.name_items(bops, names),
         "total": total,
         "baseline": b.const(torch.tensor(baseline, dtype=torch.float64), "baseline_bops"),
         "compression": b.sub(1.0, _safe_div(ctx, total, baseline)),
-        "per_op_compression": b.sub(1.0, b.div(bops, b.const(torch.from_numpy(np.maximum(base_op, 1.0)),
-                                                             "op_baseline_bops"))),
+        "per_op_compression": ctx.name_items(per_op_compression, names),
     }
 
 
@@ -360,7 +362,7 @@ def active_params(ctx: Context, tolerance: float = 0.0, params: tuple[str, ...] 
     total = b.sum(per)
     baseline = float(sum(s.param_map[n].baseline_numel for n in names))
     return {
-        "per_param": per,
+        "per_param": ctx.name_items(per, names),
         "total": total,
         "numel": b.const(torch.tensor(float(sum(numel)), dtype=torch.float64), "numel"),
         "baseline": b.const(torch.tensor(baseline, dtype=torch.float64), "baseline_params"),

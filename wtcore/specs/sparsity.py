@@ -65,9 +65,10 @@ def unstructured_sparsity(ctx: Context, tolerance: float = 0.0, params: tuple[st
     zeros = b.sub(numel_c, nnz)
     total_numel = float(sum(numel))
     zsum = b.sum(zeros)
+    per_param = b.div(zeros, b.const(torch.tensor([max(n, 1) for n in numel], dtype=torch.float64),
+                                     "param_numel_safe"))
     return {
-        "per_param": b.div(zeros, b.const(torch.tensor([max(n, 1) for n in numel], dtype=torch.float64),
-                                          "param_numel_safe")),
+        "per_param": ctx.name_items(per_param, names),
         "total": b.div(zsum, total_numel if total_numel > 0 else 1.0),
         "zeros": zsum,
         "numel": b.const(_f64(total_numel), "numel"),
@@ -151,9 +152,9 @@ def nm_sparsity(ctx: Context, n: int = 2, m: int = 4, tolerance: float = 0.0,
         "layers": b.const(_f64(len(names)), "nm_layers"),
         "strict_layers": b.sum(b.to_float64(strict_layer)),
         "eligible_layers": b.sum(b.to_float64(elig_layer)),
-        "per_param_strict_fraction": b.div(strict_v, safe),
-        "per_param_eligible_fraction": b.div(elig_v, safe),
-        "per_param_tail_elements": b.const(torch.from_numpy(tails_np), "nm_tails"),
+        "per_param_strict_fraction": ctx.name_items(b.div(strict_v, safe), names),
+        "per_param_eligible_fraction": ctx.name_items(b.div(elig_v, safe), names),
+        "per_param_tail_elements": ctx.name_items(b.const(torch.from_numpy(tails_np), "nm_tails"), names),
     }
 
 
@@ -185,8 +186,9 @@ def group_pruning_summary(ctx: Context, tolerance: float = 0.0, groups: tuple[st
     s = ctx.structure
     b = ctx.b
     idx = _group_indices(ctx, groups)
+    names = [s.groups[i].name for i in idx]
     if s.num_units == 0:
-        zeros = b.const(torch.zeros(len(idx), dtype=torch.float64), "zeros")
+        zeros = ctx.name_items(b.const(torch.zeros(len(idx), dtype=torch.float64), "zeros"), names)
         return {"pruned_units": b.sum(zeros), "pruned_params": b.sum(zeros), "units": b.sum(zeros),
                 "per_group_pruned_units": zeros, "per_group_pruned_params": zeros}
     inactive = inactive_f64(ctx, tolerance)
@@ -205,8 +207,8 @@ def group_pruning_summary(ctx: Context, tolerance: float = 0.0, groups: tuple[st
         "pruned_units": b.sum(units),
         "pruned_params": b.sum(params),
         "units": b.const(_f64(sum(s.groups[i].baseline_size for i in idx)), "baseline_units"),
-        "per_group_pruned_units": units,
-        "per_group_pruned_params": params,
+        "per_group_pruned_units": ctx.name_items(units, names),
+        "per_group_pruned_params": ctx.name_items(params, names),
     }
 
 
@@ -269,7 +271,7 @@ def unit_l2_histogram(ctx: Context, bins: int = 16, lo: float = 1e-6, hi: float 
     counts = b.sub(b.emit("narrow", cum, dim=0, start=0, length=bins),
                    b.emit("narrow", cum, dim=0, start=1, length=bins))
     return {
-        "counts": counts,
+        "counts": ctx.name_items(counts, [f"ge_{e:.3g}" for e in edges[:-1].tolist()]),
         "below": b.sub(n_valid, b.emit("select", cum, dim=0, index=0)),
         "above": b.emit("select", cum, dim=0, index=bins),
         "zero": b.sum(b.logical_and(b.eq(x, 0.0), valid_c)),

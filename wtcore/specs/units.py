@@ -30,4 +30,5 @@ def unit_active(ctx: Context, tolerance: float = 0.0) -> Var:
 def group_active_units(ctx: Context, tolerance: float = 0.0) -> Var:
     """Active units per group, `[num_groups]` int64, in `structure.groups` order."""
     b = ctx.b
-    return b.segment_sum_sorted(b.to_long(ctx.dep("unit_active", tolerance=tolerance)), ctx.group_ends())
+    active = b.segment_sum_sorted(b.to_long(ctx.dep("unit_active", tolerance=tolerance)), ctx.group_ends())
+    return ctx.name_items(active, [g.name for g in ctx.structure.groups])

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,61 +30,38 @@ import wtcore
 from wtcore.errors import WtError
 from wtcore.ir import Structure
 from wtcore.spec import REGISTRY, Spec
-from wtcore.specs.costs import WEIGHT_KINDS, weight_params
-from wtcore.specs.sparsity import NM_KINDS, histogram_edges
 
 from ..costs.bits import BitsSpec, fake_quant_bits, resolve_bits
 from ..modules import effective_getters
 from ..tracing.entry import trace
 from .decay import ChannelDecay
 
-__all__ = ["TRACKER_KINDS", "Regularizer", "Tracker", "WeightTracker"]
+__all__ = ["Regularizer", "Tracker", "WeightTracker", "tracker_kinds"]
 
 Selector = nn.Module | type | str
 
 
 # ----------------------------------------------------------------------------------------- kinds
-@dataclass(frozen=True)
-class _Kind:
-    """How a tracker kind maps to a spec: its options, what include/ignore select, and its keys."""
-
-    spec: str
-    prefix: str
-    selects: str  # "ops" | "params" | "nm_params" | "groups" | "none"
-    spec_options: tuple[str, ...]
-    scalars: tuple[str, ...]  # spec output -> key f"{prefix}/{name}"
-    doc: str
-    defaults: tuple[tuple[str, Any], ...] = ()
-
-
-_BOPS_OPTS = ("weight_bits", "act_bits", "tolerance")
-TRACKER_KINDS: dict[str, _Kind] = {
-    "active_macs": _Kind("active_macs", "active_macs", "ops", ("tolerance",),
-                         ("total", "dense", "baseline", "ratio"), "active MACs (1 MAC = one multiply-add)"),
-    "structured_bops": _Kind("structured_bops", "structured_bops", "ops", _BOPS_OPTS,
-                             ("total", "baseline", "compression"), "active MACs x act bits x weight bits"),
-    "unstructured_bops": _Kind("unstructured_bops", "unstructured_bops", "ops", _BOPS_OPTS,
-                               ("total", "baseline", "compression"), "BOPs of multiply-adds with a nonzero weight"),
-    "compression": _Kind("compression", "compression", "ops", _BOPS_OPTS, ("",),
-                         "1 - structured BOPs / dense 32x32-bit BOPs"),
-    "unstructured_sparsity": _Kind("unstructured_sparsity", "unstructured_sparsity", "params", ("tolerance",),
-                                   ("total", "zeros", "numel"), "fraction of exactly-zero weights"),
-    "nm_sparsity": _Kind("nm_sparsity", "nm_sparsity", "nm_params", ("n", "m", "tolerance"),
-                         ("strict_fraction", "eligible_fraction", "blocks", "strict_blocks", "eligible_blocks",
-                          "tail_elements", "layers", "strict_layers", "eligible_layers"),
-                         "N:M blocks along the input axis of linear/conv weights", (("n", 2), ("m", 4))),
-    "group_pruning_summary": _Kind("group_pruning_summary", "group_pruning", "groups", ("tolerance",),
-                                   ("pruned_units", "pruned_params", "units"), "pruned units and parameters"),
-    "unit_l2_histogram": _Kind("unit_l2_histogram", "unit_l2_histogram", "none",
-                               ("bins", "lo", "hi", "log", "groups"), ("below", "above", "zero", "units"),
-                               "histogram of unit L2 norms over fixed bins"),
-    "active_params": _Kind("active_params", "active_params", "params", ("tolerance",),
-                           ("total", "numel", "baseline", "ratio"), "parameter elements physical pruning would keep"),
-}
+#: torch-weighttracker names accepted for the same trackers (name -> spec, options)
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"nvidia_2_4_sparsity": ("nm_sparsity", {"n": 2, "m": 4})}
+#: the spec option that include/ignore fill, and the output axis whose entries it selects
+SELECTORS = (("ops", "op"), ("params", "param"), ("groups", "group"))
+#: where the entries of a vector output go in a key: `{prefix}/ops/{op name}/...`
+FOLDERS = {"op": "ops", "param": "params", "group": "groups"}
 #: scalar regularizer specs (`create_regularizer` accepts any scalar spec; these are the built-in ones)
 REGULARIZERS = ("group_lasso", "mac_group_lasso", "bop_group_lasso", "reweighted_group_lasso")
-#: torch-weighttracker names accepted for the same trackers
-_ALIASES = {"nvidia_2_4_sparsity": ("nm_sparsity", {"n": 2, "m": 4})}
+
+
+def _loggable(outputs: str | Mapping[str, str]) -> bool:
+    """A spec a tracker can log: every output a number, or a vector over ops, parameters, groups or bins."""
+    if isinstance(outputs, str):
+        return outputs in ("scalar", "op", "param", "group")
+    return "*" not in outputs and all(a in ("scalar", "op", "param", "group", "bin", "edge") for a in outputs.values())
+
+
+def tracker_kinds() -> list[str]:
+    """The registered specs `create_tracker` accepts (user specs included), in registration order."""
+    return [name for name, d in REGISTRY.items() if _loggable(d.outputs_for({}))]
 
 
 def _kind_name(kind: Any) -> str:
@@ -222,29 +199,31 @@ class WeightTracker:
             return [self.create_tracker(k, include, ignore, name=name, per_op=per_op, per_param=per_param,
                                         per_group=per_group, **opts) for k in kinds]
         kname = _kind_name(kinds)
-        extra: dict[str, Any] = {}
-        if kname in _ALIASES:
-            kname, extra = _ALIASES[kname]
-        k = TRACKER_KINDS.get(kname)
-        if k is None:
-            raise WtError(f"unknown tracker {kname!r}; known trackers: {', '.join([*TRACKER_KINDS, *_ALIASES])}")
-        unknown = [o for o in opts if o not in k.spec_options]
+        spec_name, extra = ALIASES.get(kname, (kname, {}))
+        d = REGISTRY.get(spec_name)
+        if d is None or not _loggable(d.outputs_for(extra)):
+            raise WtError(f"unknown tracker {kname!r}; known trackers: {', '.join([*tracker_kinds(), *ALIASES])}")
+        selector = next(((opt, axis) for opt, axis in SELECTORS if opt in d.options), None)
+        allowed = [o for o in d.options if selector is None or o != selector[0]]
+        unknown = [o for o in opts if o not in allowed]
         if unknown:
-            raise WtError(f"tracker {kname!r} has no option(s) {unknown}; its options are: {', '.join(k.spec_options)}")
-        options = {**dict(k.defaults), **extra, **opts}
-        options = self._resolve_bits(kname, options)
-        prefix = name or k.prefix
-        if kname == "nm_sparsity" and name is None:
-            prefix = f"{k.prefix}/{options['n']}:{options['m']}"
-        selected = self._select(kname, k, include, ignore)
-        if selected is not None:
-            options[{"nm_params": "params"}.get(k.selects, k.selects)] = selected
-        spec = Spec(k.spec, key=f"t{len(self._trackers)}:{prefix}", **options)
+            raise WtError(f"tracker {kname!r} has no option(s) {unknown}; its options are: {', '.join(allowed)}")
+        options = self._resolve_bits(d.options, {**extra, **opts})
+        prefix = name or kname
+        if include is not None or ignore is not None:
+            if selector is None:
+                raise WtError(f"tracker {kname!r} takes no include/ignore")
+            pool = wtcore.compile(self.structure, [Spec(spec_name, **options)])
+            items = next(pool.item_names[key] for key, _, axis in _outputs(pool, spec_name, d.outputs_for(options))
+                         if axis == selector[1])
+            options[selector[0]] = self._select(kname, selector[1], items, include, ignore)
+        spec = Spec(spec_name, key=f"t{len(self._trackers)}:{prefix}", **options)
         try:
-            wtcore.compile(self.structure, [spec], backend=None)  # validates options now, fills the cache
+            prog = wtcore.compile(self.structure, [spec], backend=None)  # validates options now, fills the cache
         except wtcore.WtError as e:
             raise WtError(f"tracker {kname!r}: {e}") from e
-        fmt, keys = self._formatter(kname, k, prefix, spec, per_op, per_param, per_group, selected, options)
+        per = {"op": per_op, "param": per_param, "group": per_group}
+        fmt, keys = _formatter(prefix, spec.key, prog, d.outputs_for(options), per)
         clash = set(keys) & {key for t in self._trackers for key in t.keys}
         if clash:
             raise WtError(f"tracker {kname!r} would produce keys that another tracker already produces "
@@ -340,9 +319,9 @@ class WeightTracker:
         return str(self.structure)
 
     # ------------------------------------------------------------------------------ internals
-    def _resolve_bits(self, kname: str, options: dict[str, Any]) -> dict[str, Any]:
+    def _resolve_bits(self, spec_options: Sequence[str], options: dict[str, Any]) -> dict[str, Any]:
         for opt, what in (("weight_bits", "weight bits"), ("act_bits", "activation bits")):
-            if opt not in TRACKER_KINDS[kname].spec_options:
+            if opt not in spec_options:
                 continue
             spec: BitsSpec = options.get(opt)
             fq = None
@@ -353,83 +332,63 @@ class WeightTracker:
             options[opt] = resolve_bits(self.structure, self.model, spec, what=what, fake_quant=fq)
         return options
 
-    def _select(self, kname: str, k: _Kind, include: Any, ignore: Any) -> tuple[str, ...] | None:
-        if include is None and ignore is None:
-            return None
+    def _select(self, kname: str, axis: str, items: Sequence[str], include: Any, ignore: Any) -> tuple[str, ...]:
+        """The ops / parameters / groups (`axis`) of the tracker's own items that include/ignore keep."""
         s = self.structure
         inc = _module_names(self.model, include, "include")
         ign = _module_names(self.model, ignore, "ignore") or set()
         inc_g, ign_g = _globs(include), _globs(ignore)
         if inc is not None and not inc and not inc_g:
             raise WtError(f"include={include!r} matches no module of the model")
+        ops = {o.name: o for o in s.ops}
 
-        def keep(names: Sequence[str]) -> bool:
-            if inc is not None and not _hit(names, inc, inc_g):
+        def names(item: str) -> list[str]:  # the item's names, its module's last
+            if axis == "op":
+                return [item, ops[item].param, ops[item].module]
+            if axis == "param":
+                return [item, s.param_map[item].module]
+            return [item, s.group_map[item].root]
+
+        def keep(item: str) -> bool:
+            if inc is not None and not _hit(names(item), inc, inc_g):
                 return False
-            return not _hit(names, ign, ign_g)
+            return not _hit(names(item), ign, ign_g)
 
-        if k.selects == "ops":
-            out = tuple(o.name for o in s.ops if keep([o.name, o.param, o.module]))
-            what = "costed op"
-        elif k.selects in ("params", "nm_params"):
-            pool = (weight_params(s, NM_KINDS) if k.selects == "nm_params" else
-                    weight_params(s, WEIGHT_KINDS) if kname == "unstructured_sparsity" else [p.name for p in s.params])
-            out = tuple(n for n in pool if keep([n, s.param_map[n].module]))
-            what = "weight" if kname != "active_params" else "parameter"
-        elif k.selects == "groups":
-            out = tuple(g.name for g in s.groups if keep([g.name, g.root]))
-            what = "unit group"
-        else:
-            raise WtError(f"tracker {kname!r} takes no include/ignore")
+        out = tuple(i for i in items if keep(i))
         if not out:
+            what = {"op": "costed op", "param": "parameter", "group": "unit group"}[axis]
             raise WtError(f"include={include!r} / ignore={ignore!r} leave no {what} for tracker {kname!r}")
         return out
 
-    def _formatter(self, kname: str, k: _Kind, prefix: str, spec: Spec, per_op: bool, per_param: bool,
-                   per_group: bool, selected: tuple[str, ...] | None, options: Mapping[str, Any]
-                   ) -> tuple[Callable[[Mapping[str, list[float]]], dict[str, float]], tuple[str, ...]]:
-        s = self.structure
-        out_key = spec.key
-        if kname == "compression":
-            def fmt_c(v: Mapping[str, list[float]]) -> dict[str, float]:
-                return {prefix: v[out_key][0]}
 
-            return fmt_c, (prefix,)
-        scalars = [(f"{prefix}/{n}", f"{out_key}/{n}") for n in k.scalars]
-        vectors: list[tuple[str, list[str], str]] = []  # (program output, item names, key template)
-        if k.selects == "ops" and per_op:
-            names = list(selected) if selected is not None else [o.name for o in s.ops]
-            vectors.append((f"{out_key}/per_op", names, f"{prefix}/ops/{{}}"))
-            if kname.endswith("_bops"):
-                vectors.append((f"{out_key}/per_op_compression", names, f"{prefix}/ops/{{}}/compression"))
-        if k.selects in ("params", "nm_params") and per_param:
-            if selected is not None:
-                names = list(selected)
-            elif kname == "active_params":
-                names = [p.name for p in s.params]
-            else:
-                names = weight_params(s, NM_KINDS if k.selects == "nm_params" else WEIGHT_KINDS)
-            if kname == "nm_sparsity":
-                for out in ("strict_fraction", "eligible_fraction", "tail_elements"):
-                    vectors.append((f"{out_key}/per_param_{out}", names, f"{prefix}/params/{{}}/{out}"))
-            else:
-                vectors.append((f"{out_key}/per_param", names, f"{prefix}/params/{{}}"))
-        if k.selects == "groups" and per_group:
-            names = list(selected) if selected is not None else [g.name for g in s.groups]
-            vectors.append((f"{out_key}/per_group_pruned_units", names, f"{prefix}/groups/{{}}/pruned_units"))
-            vectors.append((f"{out_key}/per_group_pruned_params", names, f"{prefix}/groups/{{}}/pruned_params"))
-        if kname == "unit_l2_histogram":
-            edges = histogram_edges(options.get("bins", 16), options.get("lo", 1e-6), options.get("hi", 1e2),
-                                    options.get("log", True)).tolist()
-            vectors.append((f"{out_key}/counts", [f"{e:.3g}" for e in edges[:-1]], f"{prefix}/ge_{{}}"))
+def _outputs(prog: wtcore.Program, spec_key: str, outputs: str | Mapping[str, str]) -> Iterator[tuple[str, str, str]]:
+    """(program output key, output name, declared axis) of every output of a one-spec program."""
+    for key in prog.output_keys:
+        name = key[len(spec_key) + 1:] if key != spec_key else ""
+        yield key, name, outputs if isinstance(outputs, str) else outputs[name]
 
-        def fmt(v: Mapping[str, list[float]]) -> dict[str, float]:
-            res = {key: v[src][0] for key, src in scalars}
-            for src, names, tmpl in vectors:
-                res.update({tmpl.format(n): x for n, x in zip(names, v[src])})
-            return res
 
-        keys = tuple(key for key, _ in scalars) + tuple(
-            tmpl.format(n) for _, names, tmpl in vectors for n in names)
-        return fmt, keys
+Formatter = Callable[[Mapping[str, list[float]]], dict[str, float]]
 
+
+def _formatter(prefix: str, spec_key: str, prog: wtcore.Program, outputs: str | Mapping[str, str],
+               per: Mapping[str, bool]) -> tuple[Formatter, tuple[str, ...]]:
+    """How a tracker turns its program's outputs into flat keys, from what the spec declares: a number gives
+    `{prefix}/{output}` (`{prefix}` for a spec returning one number), a vector over ops / parameters / groups
+    one key per entry, `{prefix}/ops/{op}/{rest of the output name after per_op}` (when `per_op` etc. is on),
+    histogram bins `{prefix}/{bin}`; bin edges are not logged."""
+    picks: list[tuple[str, str, int]] = []  # (flat key, program output, entry)
+    for key, name, axis in _outputs(prog, spec_key, outputs):
+        if axis == "scalar":
+            picks.append((f"{prefix}/{name}" if name else prefix, key, 0))
+        elif axis == "bin":
+            picks += [(f"{prefix}/{item}", key, i) for i, item in enumerate(prog.item_names[key])]
+        elif axis in FOLDERS and per[axis]:
+            rest = name.removeprefix(f"per_{axis}").lstrip("_")
+            picks += [(f"{prefix}/{FOLDERS[axis]}/{item}" + (f"/{rest}" if rest else ""), key, i)
+                      for i, item in enumerate(prog.item_names[key])]
+
+    def fmt(values: Mapping[str, list[float]]) -> dict[str, float]:
+        return {flat: values[src][i] for flat, src, i in picks}
+
+    return fmt, tuple(flat for flat, _, _ in picks)
