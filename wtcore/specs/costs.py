@@ -158,7 +158,7 @@ def axis_table(structure: Structure, axes: Sequence[AxisDesc], what: Sequence[st
 
 def active_units(ctx: Context, tolerance: float) -> Var:
     """`unit_active`: active unless every coupled element has |w| <= tolerance (a unit with no coupled element
-    after filters is active). Its per-unit nonzero counts come from the packed byte indicator that the zero
+    after filters is active). Its per-weight activity comes from the `nonzero_stats` counts that the zero
     counts and N:M blocks of the sparsity specs read too (`wtcore.nonzero`)."""
     return ctx.dep("unit_active", tolerance=tolerance)
 
@@ -297,7 +297,7 @@ def compression(ctx: Context, weight_bits: Any = 32, act_bits: Any = 32, toleran
 
 
 def nonzero_count(ctx: Context, name: str, tolerance: float) -> Var:
-    """Number of elements with |w| > tolerance, an int64 scalar, from the packed indicator shared with unit
+    """Number of elements with |w| > tolerance, an int64 scalar, from the `nonzero_stats` counts shared with unit
     activity and N:M (`wtcore.nonzero.total_count`)."""
     return total_count(ctx.b, ctx.b.param(name), len(ctx.structure.param_map[name].shape), tolerance)
 
