@@ -163,8 +163,9 @@ def _first_mask(c: int, k: int, m: int) -> np.ndarray:
 
 
 class _Plan:
-    """The ctypes arrays for one list of (shape, dtype), built once and reused: a call only writes the data
-    pointers."""
+    """The ctypes arrays for one list of (shape, dtype), built once and shared by every call, from any thread:
+    they are never written after construction (a call fills the data pointers of its own copy of `weights`,
+    since the kernel runs with the GIL released while other threads call)."""
 
     def __init__(self, shapes: Sequence[tuple[tuple[int, ...], torch.dtype]], tolerance: float, m: int) -> None:
         self.weights = (_Weight * len(shapes))()
@@ -233,11 +234,12 @@ def nonzero_stats(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: in
         return nonzero_stats_torch(ws, tolerance, m, keep)  # (nothing is above an infinite tolerance)
     ws = [w if w.is_contiguous() else w.contiguous() for w in ws]
     plan = _plan(tuple((tuple(w.shape), w.dtype) for w in ws), tolerance, m)
-    for slot, w in zip(plan.weights, ws):
+    weights = (_Weight * len(ws)).from_buffer_copy(plan.weights)  # this call's own: see `_Plan`
+    for slot, w in zip(weights, ws):
         slot.data = w.data_ptr()
     rows = torch.empty(3, plan.rows, dtype=torch.int64)
     cols = torch.empty(plan.cols, dtype=torch.uint8)
-    rc = lib.wt_nonzero_stats(ctypes.addressof(plan.weights), len(ws), ctypes.addressof(plan.tasks),
+    rc = lib.wt_nonzero_stats(ctypes.addressof(weights), len(ws), ctypes.addressof(plan.tasks),
                               len(plan.tasks), plan.rows, m, keep, rows.data_ptr(), cols.data_ptr(),
                               torch.get_num_threads())
     if rc != 0:
