@@ -6,13 +6,19 @@ References are independent of what is tested: sequential calls for concurrent on
 
 from __future__ import annotations
 
+import copy
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 import wtcore
-from wtfront import WeightTracker
+from wtcore.checks import require_finite
+from wtcore.errors import WtError
+from wtcore.solver import solve_keep
+from wtcore.testing import reference_unit_values
+from wtfront import WeightTracker, analyze, prune_zero_units, view_zero_units
 from wtfront.train.tracker import tracker_kinds
 
 tv = pytest.importorskip("torchvision")
@@ -70,3 +76,65 @@ def test_concurrent_calls_equal_sequential_calls_with_every_tracker_spec(resnet,
     assert not errors, errors
     wrong = [(i, r) for (i, r), v in got.items() if not torch.equal(v, want[i])]
     assert not wrong, f"{len(wrong)} of 80 concurrent results differ from sequential calls"
+
+
+# --------------------------------------------------------------------------------------------- NaN weights
+def _with_nan_filter(model) -> dict[str, torch.Tensor]:
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params["layer1.0.conv1.weight"][3, 5, 1, 1] = float("nan")
+    return params
+
+
+def test_a_nan_weight_shows_up_as_nan_in_every_norm_based_output(resnet):
+    """One NaN entry in layer1.0.conv1: every unit it is coupled to (its filter, and its input channel in the
+    stem's group) reads NaN in L1/L2/Linf norms, and so does group lasso; no norm reads 0 for it."""
+    model, _, structure = resnet
+    params = _with_nan_filter(model)
+    ref = reference_unit_values(structure, params)
+    nan_units = np.isnan(ref["sumsq"])
+    assert nan_units.sum() == 2  # a filter and an input channel (the reference's own count)
+    prog = wtcore.compile(structure, ["unit_l2", "unit_l1", "unit_linf", "group_lasso", "mac_group_lasso",
+                                      "magnitude_importance"])
+    out = prog(params)
+    for key in ("unit_l2", "unit_l1", "unit_linf"):
+        assert np.array_equal(torch.isnan(out[key]).numpy(), nan_units), key
+        finite = ~nan_units
+        assert np.allclose(out["unit_l2"].double().numpy()[finite], np.sqrt(ref["sumsq"][finite]), rtol=1e-5)
+    for key in ("group_lasso", "mac_group_lasso"):
+        assert torch.isnan(out[key]), key
+    assert torch.isnan(out["magnitude_importance"]).numpy()[nan_units].all()
+    # the gradient of group lasso stays 0 (not NaN) at a zero unit
+    zeroed = dict(params, **{"layer1.0.conv1.weight": torch.zeros_like(params["layer1.0.conv1.weight"])})
+    w = {k: v.clone().requires_grad_(k == "layer1.0.conv1.weight") for k, v in zeroed.items()}
+    wtcore.compile(structure, ["group_lasso"])(w)["group_lasso"].backward()
+    assert torch.isfinite(w["layer1.0.conv1.weight"].grad).all()
+
+
+def test_decisions_refuse_nan_weights_naming_the_parameter(resnet):
+    model, x, structure = resnet
+    params = _with_nan_filter(model)
+    with pytest.raises(WtError, match=r"layer1\.0\.conv1\.weight"):
+        require_finite(params, "prune")
+    with pytest.raises(WtError, match="NaN"):
+        solve_keep(structure, params, target=0.5, metric="macs")
+    m = copy.deepcopy(model)
+    m.load_state_dict(params, strict=False)
+    with pytest.raises(WtError, match=r"layer1\.0\.conv1\.weight"):
+        view_zero_units(m, structure)
+    with pytest.raises(WtError, match=r"layer1\.0\.conv1\.weight"):
+        prune_zero_units(m, structure, x)
+    assert all(torch.equal(p, params[n]) | torch.isnan(p).any() for n, p in m.named_parameters())
+
+
+def test_analyze_reports_nan_units_instead_of_ready_to_prune(resnet, tmp_path):
+    model, _, structure = resnet
+    params = _with_nan_filter(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state.update(params)
+    torch.save(state, tmp_path / "epoch_1.pt")
+    torch.save(model.state_dict(), tmp_path / "epoch_2.pt")
+    result = analyze(structure, [tmp_path], threshold=1e-3)
+    bad, good = result.checkpoints
+    assert bad.scalars["nonfinite_units"] == 2 and good.scalars["nonfinite_units"] == 0
+    assert bad.scalars["units_below_threshold"] == good.scalars["units_below_threshold"] == 0
+    assert np.isnan(bad.scalars["group_lasso"]) and np.isfinite(good.scalars["group_lasso"])

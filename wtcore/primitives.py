@@ -119,9 +119,10 @@ def sqrt(x: Tensor) -> Tensor:
 @_primitive
 def safe_sqrt(x: Tensor) -> Tensor:
     """Square root whose gradient is 0 (not inf/NaN) where `x` is 0: a unit norm stays differentiable at a
-    pruned unit."""
-    pos = x > 0
-    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+    pruned unit. Anything else goes through `sqrt`, so a NaN (a NaN weight) stays NaN: a norm never reads 0
+    because a weight is NaN."""
+    zero = x == 0
+    return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
 
 
 @_primitive

@@ -68,6 +68,7 @@ METRICS: dict[str, str] = {
     "active_units": "units of prunable groups with a coupled element |w| > tolerance",
     "units": "units of prunable groups in the unpruned model",
     "units_below_threshold": "units of prunable groups whose L2 norm is <= threshold (ready to prune)",
+    "nonfinite_units": "units of prunable groups with a NaN/inf coupled weight (never counted ready to prune)",
 }
 
 
@@ -255,6 +256,7 @@ def _metrics(structure: Structure, baseline: Structure, out: Mapping[str, torch.
         "active_units": float(sum(a for a, g in zip(group_active, structure.groups) if g.prunable)),
         "units": float(sum(g.baseline_size for g in structure.groups if g.prunable)),
         "units_below_threshold": float(int((l2 <= threshold).sum()) + removed_units),
+        "nonfinite_units": float(int((~torch.isfinite(l2)).sum())),
     }
     return scalars, {g.name: int(a) for g, a in zip(structure.groups, group_active)}, l2
 

@@ -202,6 +202,10 @@ def _analyze(args: argparse.Namespace) -> int:
         written += ["unit_norms.png", "trends.png"]
     con = _console()
     con.print(report.analysis_table(result))
+    for c in result.checkpoints:
+        if c.scalars["nonfinite_units"]:
+            print(f"wt: warning: checkpoint {c.path!r} has {int(c.scalars['nonfinite_units'])} units with NaN/inf "
+                  "weights (not ready to prune; their norms and group_lasso read NaN)", file=sys.stderr)
     _text(con, f"wrote {', '.join(str(out_dir / w) for w in written)}")
     return 0
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 import wtcore
+from wtcore.checks import require_finite
 from wtcore.errors import WtError
 from wtcore.ir import Structure
 from wtcore.masking import as_unit_vector, keep_from_removed, param_masks, removed_by_group
@@ -152,6 +153,8 @@ def view_zero_units(model: nn.Module, structure: Structure, tolerance: float = 0
     such units are left out."""
     prog = wtcore.compile(structure, [wtcore.Spec("unit_active", tolerance=float(tolerance))])
     with torch.no_grad():
-        active = prog(effective_params(model, structure))["unit_active"].cpu()
+        params = effective_params(model, structure)
+        require_finite(params, "view_zero_units")  # a NaN unit is neither zero nor active
+        active = prog(params)["unit_active"].cpu()
     return removed_by_group(structure, active)
 
