@@ -12,13 +12,14 @@ import threading
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import wtcore
 from wtcore.checks import require_finite
 from wtcore.errors import WtError
 from wtcore.solver import solve_keep
 from wtcore.testing import reference_unit_values
-from wtfront import WeightTracker, analyze, prune_zero_units, view_zero_units
+from wtfront import WeightTracker, analyze, apply_masks, prune_units, prune_zero_units, trace, view_zero_units
 from wtfront.train.tracker import tracker_kinds
 
 tv = pytest.importorskip("torchvision")
@@ -138,3 +139,66 @@ def test_analyze_reports_nan_units_instead_of_ready_to_prune(resnet, tmp_path):
     assert bad.scalars["nonfinite_units"] == 2 and good.scalars["nonfinite_units"] == 0
     assert bad.scalars["units_below_threshold"] == good.scalars["units_below_threshold"] == 0
     assert np.isnan(bad.scalars["group_lasso"]) and np.isfinite(good.scalars["group_lasso"])
+
+
+# ---------------------------------------------------------------------------------------- ties across groups
+class TiedLM(nn.Module):
+    """`emb` and `head` share one weight, with a Linear between them: the embedding's columns and the head's
+    inputs are two Torch-Pruning groups (the embedding width, `proj`'s outputs) over one tensor axis."""
+
+    def __init__(self, vocab: int = 16, dim: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.proj(self.emb(x))))
+
+
+def _axes_in_two_groups(structure: wtcore.Structure) -> list[tuple[str, int]]:
+    seen: dict[tuple[str, int], str] = {}
+    twice = []
+    for g in structure.groups:
+        for s in g.slices:
+            if seen.setdefault((s.param, s.axis), g.name) != g.name:
+                twice.append((s.param, s.axis))
+    return twice
+
+
+def test_a_tied_weight_in_two_groups_is_one_group_that_prunes_consistently():
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    x = torch.randint(0, 16, (2, 5))
+    structure = trace(model, x)
+    assert not _axes_in_two_groups(structure)
+    g = next(g for g in structure.groups if any(s.param == "emb.weight" and s.axis == 1 for s in g.slices))
+    assert g.prunable and {("proj.weight", 0), ("proj.weight", 1), ("proj.bias", 0)} <= {
+        (s.param, s.axis) for s in g.slices}
+    params = dict(model.named_parameters())
+    ref = reference_unit_values(structure, params)  # each element once per distinct unit
+    got = wtcore.compile(structure, ["unit_sumsq"])(params)["unit_sumsq"]
+    assert np.allclose(got.detach().double().numpy(), ref["sumsq"], rtol=1e-6)
+    # fake pruning a unit of the merged group and physically removing it compute the same function
+    faked = copy.deepcopy(model)
+    apply_masks(faked, structure, {g.name: [1, 5]})
+    new = prune_units(model, structure, x, {g.name: [1, 5]})
+    assert model.head.weight is model.emb.weight and model.emb.weight.shape == (16, 6)
+    assert torch.allclose(model(x), faked(x), atol=1e-6)
+    assert not _axes_in_two_groups(new)
+
+
+def test_bert_mlm_traces_with_no_tensor_axis_in_two_groups():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=48, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(cfg).eval()
+    structure = trace(model, torch.randint(0, 64, (1, 8)))
+    assert not _axes_in_two_groups(structure)
+    params = dict(model.named_parameters())
+    ref = reference_unit_values(structure, params)
+    got = wtcore.compile(structure, ["unit_sumsq"])(params)["unit_sumsq"]
+    assert np.allclose(got.detach().double().numpy(), ref["sumsq"], rtol=1e-5)
+    assert not any(g.name == "cls.predictions.transform.dense.out" for g in structure.groups)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -19,8 +20,8 @@ from ..tracing.inputs import forward_outputs, normalize_inputs
 from ..tracing.state import tracing_state
 from .surgery import ir_lossy_reason, ir_surgery_groups
 
-__all__ = ["PruneError", "check_fresh", "check_grouped_convs", "dependency_graph", "lossy_groups", "tp_group",
-           "tp_lossy_reason"]
+__all__ = ["PruneError", "check_fresh", "check_grouped_convs", "dependency_graph", "lossy_groups", "tied_tp_groups",
+           "tp_group", "tp_lossy_reason"]
 
 
 class PruneError(WtError):
@@ -53,6 +54,33 @@ def tp_group(dg: DependencyGraph, model: nn.Module, g: UnitGroup, idxs: list[int
     if pruner is None:
         raise PruneError(f"group {g.name!r}: Torch-Pruning has no pruning function for its root {g.root!r}")
     return dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
+
+
+def tied_tp_groups(dg: DependencyGraph, model: nn.Module, g: UnitGroup, idxs: list[int], first: Any) -> list[Any]:
+    """Torch-Pruning's groups for the out-channels of `g` that `first` (its root's group) does not reach: a
+    group merged over a tied weight (`tracing.ties`) spans several of Torch-Pruning's groups. Computed after
+    `first` was pruned, in the pruned graph."""
+    reached = {id(item.dep.target.module) for item in first if dg.is_out_channel_pruning_fn(item.dep.handler)}
+    unit_set = np.asarray(sorted(idxs), dtype=np.int64)
+    out = []
+    for s in g.slices:
+        owner, _, leaf = s.param.rpartition(".")
+        if leaf != "weight" or s.axis != 0 or s.groups != 1:
+            continue
+        try:
+            m = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        if id(m) in reached or not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None:
+            continue
+        local = np.flatnonzero(np.isin(s.unit_ids(), unit_set)).tolist()
+        group = dg.get_pruning_group(m, pruner.prune_out_channels, local)
+        reached |= {id(item.dep.target.module) for item in group if dg.is_out_channel_pruning_fn(item.dep.handler)}
+        out.append(group)
+    return out
 
 
 _LOSSY_TYPES: tuple[tuple[type, str], ...] = (

@@ -41,7 +41,8 @@ from ..modules import reparametrized_params
 from ..tracing.budget import Budget, BudgetExceeded
 from ..tracing.entry import trace
 from ..tracing.inputs import iter_tensors, normalize_inputs
-from .checks import PruneError, check_fresh, check_grouped_convs, dependency_graph, tp_group, tp_lossy_reason
+from .checks import (PruneError, check_fresh, check_grouped_convs, dependency_graph, tied_tp_groups, tp_group,
+                     tp_lossy_reason)
 from .masks import as_keep, view_zero_units
 from .metadata import sync_metadata
 from .snapshot import Snapshot
@@ -194,7 +195,10 @@ def prune_units(
                 if gname in heads:
                     continue
                 phase = f"pruning group {gname!r} with Torch-Pruning"
-                tp_group(dg, model, structure.group_map[gname], us).prune()
+                first = tp_group(dg, model, structure.group_map[gname], us)
+                first.prune()
+                for extra in tied_tp_groups(dg, model, structure.group_map[gname], us, first):
+                    extra.prune()
             if heads:
                 phase = f"removing attention heads of {sorted(heads)[:3]} from the IR"
                 remove_units(model, structure, heads)
