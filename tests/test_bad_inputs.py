@@ -66,7 +66,7 @@ def test_concurrent_calls_equal_sequential_calls_with_every_tracker_spec(resnet,
             start.wait()
             for r in range(20):
                 got[i, r] = prog.flat(dicts[i])
-        except BaseException as e:  # noqa: BLE001  (reported by the main thread)
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]

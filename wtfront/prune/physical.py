@@ -41,8 +41,15 @@ from ..modules import reparametrized_params
 from ..tracing.budget import Budget, BudgetExceeded
 from ..tracing.entry import trace
 from ..tracing.inputs import iter_tensors, normalize_inputs
-from .checks import (PruneError, check_fresh, check_grouped_convs, dependency_graph, tied_tp_groups, tp_group,
-                     tp_lossy_reason)
+from .checks import (
+    PruneError,
+    check_fresh,
+    check_grouped_convs,
+    dependency_graph,
+    tied_tp_groups,
+    tp_group,
+    tp_lossy_reason,
+)
 from .masks import as_keep, view_zero_units
 from .metadata import sync_metadata
 from .snapshot import Snapshot

@@ -30,11 +30,11 @@ from .budget import Budget, BudgetExceeded
 from .filters import DEFAULT_ROOT_TYPES, IgnoreSpec, resolve_ignored
 from .graph import DependencyGraph, fused_linears, release_graph
 from .groups import WalkDiverged, WalkLimits, all_groups
-from .ties import merge_tied_groups
 from .inputs import check_devices, forward_outputs, normalize_inputs
 from .lowering import Lowering
 from .nodes import nearest_named
 from .state import gc_paused, tracing_state
+from .ties import merge_tied_groups
 from .units import DEFAULT_UNITS, apply_attention_costs, apply_attention_units
 
 __all__ = ["trace"]
