@@ -158,12 +158,17 @@ class TiedLM(nn.Module):
 
 
 def _axes_in_two_groups(structure: wtcore.Structure) -> list[tuple[str, int]]:
-    seen: dict[tuple[str, int], str] = {}
+    """(param, axis) pairs with an entry that two groups both give a unit (disjoint parts, as of a
+    concatenation, are fine)."""
+    seen: dict[tuple[str, int], np.ndarray] = {}
     twice = []
     for g in structure.groups:
         for s in g.slices:
-            if seen.setdefault((s.param, s.axis), g.name) != g.name:
+            on = s.unit_ids() >= 0
+            have = seen.get((s.param, s.axis))
+            if have is not None and (have & on).any():
                 twice.append((s.param, s.axis))
+            seen[s.param, s.axis] = on if have is None else have | on
     return twice
 
 

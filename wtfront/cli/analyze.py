@@ -30,6 +30,7 @@ import wtcore
 from wtcore.errors import WtError
 from wtcore.ir import Structure
 
+from ..files import FileError, atomic_write, verify_archive
 from ..prune.checkpoint import FORMAT as PRUNED_FORMAT
 from ..prune.checkpoint import load_pruned
 
@@ -139,6 +140,10 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
     """The object in a checkpoint file: a state_dict-like mapping, a `save_pruned` dict, or (with
     `trust_pickle`) a whole pickled `nn.Module`. Safetensors files give their tensors."""
     path = os.fspath(path)
+    try:
+        verify_archive(path)
+    except FileError as e:
+        raise AnalysisError(str(e)) from None
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -355,7 +360,7 @@ def _arch_of(archs: dict[str, _Arch], module: nn.Module, baseline: Structure, ex
 # ------------------------------------------------------------------------------------------------- writing
 def write_csv(analysis: Analysis, path: str | os.PathLike[str]) -> None:
     """One row per checkpoint: name, path, then the scalar metrics of `METRICS`."""
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["checkpoint", "path", *METRICS])
         for c in analysis.checkpoints:
@@ -376,7 +381,7 @@ def write_json(analysis: Analysis, path: str | os.PathLike[str]) -> None:
             for c in analysis.checkpoints
         ],
     }
-    with open(path, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(doc, f, indent=1)
 
 
@@ -462,7 +467,8 @@ def plot_unit_norms(analysis: Analysis, path: str | os.PathLike[str], *, bins: i
     fig.supylabel("units", fontsize=9)
     fig.suptitle(f"{analysis.model}: per-unit L2 norms by checkpoint", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=90, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return PlotData(os.fspath(path), xs, ys)
 
@@ -502,6 +508,7 @@ def plot_trends(analysis: Analysis, path: str | os.PathLike[str]) -> PlotData:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=90, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return PlotData(os.fspath(path), xs, ys)

@@ -136,6 +136,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     import wtcore
 
+    from ..files import atomic_write
     from ..modules import effective_params
     from . import report
 
@@ -145,7 +146,8 @@ def _inspect(args: argparse.Namespace) -> int:
     structure = _trace(args, ref)
     t_trace = time.perf_counter() - t0
     if args.json:
-        Path(args.json).write_text(structure.to_json(indent=1))
+        with atomic_write(args.json, "w") as f:
+            f.write(structure.to_json(indent=1))
     con = _console()
     _text(con, report.summary_line(structure))
     con.print(report.groups_table(structure, args.rows))
@@ -216,6 +218,7 @@ def _prune(args: argparse.Namespace) -> int:
     from wtcore.errors import WtError
     from wtcore.solver import solve_keep
 
+    from ..files import atomic_write, refuse_overwrite
     from ..modules import effective_params
     from ..prune.checkpoint import save_pruned
     from ..prune.physical import prune_units
@@ -224,6 +227,8 @@ def _prune(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.target_macs <= 1.0:
         raise WtError(f"--target-macs is a fraction of the model's MACs in (0, 1], got {args.target_macs}")
+    for name in ("pruned.pt", "structure.json"):  # before the (slow) work, not after it
+        refuse_overwrite(Path(args.out) / name, args.force)
     ref = _load(args)
     if args.weights:
         _load_weights(ref.model, args.weights)
@@ -255,7 +260,8 @@ def _prune(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_pruned(ref.model, out_dir / "pruned.pt")
-    (out_dir / "structure.json").write_text(new.to_json(indent=1))
+    with atomic_write(out_dir / "structure.json", "w") as f:
+        f.write(new.to_json(indent=1))
     con = _console()
     con.print(report.comparison_table(structure, new, args.rows))
     macs_before = sum(o.macs for o in structure.ops) or 1
@@ -405,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also prune groups whose units a norm mixes (e.g. a transformer's LayerNorm'ed hidden width), "
                         "where removing a unit is not the same as zeroing it: the output changes, unverified")
     r.add_argument("--out", required=True, metavar="DIR", help="folder for pruned.pt and structure.json")
+    r.add_argument("--force", action="store_true", help="overwrite pruned.pt and structure.json if --out has them")
     r.set_defaults(func=_prune)
 
     b = sub.add_parser(

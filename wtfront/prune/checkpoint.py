@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from wtcore.errors import WtError
 
+from ..files import FileError, atomic_write, verify_archive
 from ..modules import reparametrized_params
 from .metadata import sync_metadata
 from .snapshot import Snapshot
@@ -87,7 +88,8 @@ def manifest(model: nn.Module) -> dict[str, Any]:
 
 def save_pruned(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Write `{"format", "manifest", "state_dict"}` with `torch.save`; read it back with `load_pruned` (or with
-    `torch.load(path, weights_only=True)["state_dict"]` for the weights alone)."""
+    `torch.load(path, weights_only=True)["state_dict"]` for the weights alone). The write is atomic
+    (`wtfront.files.atomic_write`): a failure or an interrupt leaves a previous file at `path` intact."""
     reparam = reparametrized_params(model)
     if reparam:
         raise CheckpointError(
@@ -95,18 +97,32 @@ def save_pruned(model: nn.Module, path: str | os.PathLike[str]) -> None:
             "keys do not exist in a freshly constructed model. Make them plain first (torch.nn.utils.prune.remove / "
             "parametrize.remove_parametrizations(..., leave_parametrized=True)), or fake-prune with wt instead"
         )
-    torch.save({"format": FORMAT, "manifest": manifest(model), "state_dict": model.state_dict()}, path)
+    ckpt = {"format": FORMAT, "manifest": manifest(model), "state_dict": model.state_dict()}
+    try:
+        with atomic_write(path) as f:
+            torch.save(ckpt, f)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {os.fspath(path)!r}: {e}; any previous file there is intact") from e
 
 
 def load_pruned(model: nn.Module, path: str | os.PathLike[str], map_location: Any = None) -> nn.Module:
     """Restore a pruned checkpoint into `model`, a freshly constructed unpruned model of the same class, in
-    place (also returned): reshape what the manifest says, sync metadata, `load_state_dict(strict=True)`."""
+    place (also returned): reshape what the manifest says, sync metadata, `load_state_dict(strict=True)`.
+    The archive's CRC-32s are checked first: a corrupted file is refused, not loaded as wrong weights."""
+    try:
+        verify_archive(path, "pruned checkpoint")
+    except FileError as e:
+        raise CheckpointError(str(e)) from None
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read {os.fspath(path)!r} as a wt pruned checkpoint: {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{os.fspath(path)!r} is not a wt pruned checkpoint (format {FORMAT!r} expected)")
+    if not isinstance(ckpt.get("manifest"), dict) or not isinstance(ckpt.get("state_dict"), dict):
+        missing = [k for k in ("manifest", "state_dict") if not isinstance(ckpt.get(k), dict)]
+        raise CheckpointError(f"{os.fspath(path)!r} has no {' or '.join(repr(k) for k in missing)} entry; it was not "
+                              "written by save_pruned (or was edited); re-save the pruned model with save_pruned")
     man, state = ckpt["manifest"], ckpt["state_dict"]
     want = f"{type(model).__module__}.{type(model).__qualname__}"
     if man.get("model") != want:

@@ -59,8 +59,12 @@ def _refuse(g: UnitGroup, why: str) -> UnitGroup:
 
 
 def merge_tied_groups(structure: Structure) -> Structure:
-    """`structure` with every pair of groups that share a (parameter, axis) merged (or marked not prunable)."""
+    """`structure` with every pair of groups that share entries of a tied (aliased) parameter's axis merged (or
+    marked not prunable). Groups meeting on disjoint entries of an axis (a concatenation) stay apart."""
     order = {p.name: i for i, p in enumerate(structure.params)}
+    tied = {p.name for p in structure.params if p.aliases}
+    if not tied:
+        return structure
     groups = list(structure.groups)
     merged_one = True
     while merged_one:  # a merge changes the owners of axes: scan again until no group shares an axis
@@ -68,11 +72,15 @@ def merge_tied_groups(structure: Structure) -> Structure:
         owner: dict[tuple[str, int], int] = {}
         for gi, g in enumerate(groups):
             for s in g.slices:
+                if s.param not in tied:
+                    continue
                 first = owner.setdefault((s.param, s.axis), gi)
                 if first == gi:
                     continue
                 base = groups[first]
                 a = next(x for x in base.slices if (x.param, x.axis) == (s.param, s.axis))
+                if not ((a.unit_ids() >= 0) & (s.unit_ids() >= 0)).any():  # disjoint entries (a concatenation)
+                    continue
                 perm = _mapping(a, s, base.size, g.size)
                 merged = _merge_into(base, g, perm, order) if perm is not None else None
                 if merged is not None:
