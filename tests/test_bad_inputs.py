@@ -7,7 +7,10 @@ References are independent of what is tested: sequential calls for concurrent on
 from __future__ import annotations
 
 import copy
+import struct
 import threading
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +22,20 @@ from wtcore.checks import require_finite
 from wtcore.errors import WtError
 from wtcore.solver import solve_keep
 from wtcore.testing import reference_unit_values
-from wtfront import WeightTracker, analyze, apply_masks, prune_units, prune_zero_units, trace, view_zero_units
+from wtfront import (
+    CheckpointError,
+    WeightTracker,
+    analyze,
+    apply_masks,
+    load_pruned,
+    prune_units,
+    prune_zero_units,
+    save_pruned,
+    trace,
+    view_zero_units,
+)
+from wtfront.cli import main
+from wtfront.prune.checkpoint import FORMAT
 from wtfront.train.tracker import tracker_kinds
 
 tv = pytest.importorskip("torchvision")
@@ -207,3 +223,95 @@ def test_bert_mlm_traces_with_no_tensor_axis_in_two_groups():
     got = wtcore.compile(structure, ["unit_sumsq"])(params)["unit_sumsq"]
     assert np.allclose(got.detach().double().numpy(), ref["sumsq"], rtol=1e-5)
     assert not any(g.name == "cls.predictions.transform.dense.out" for g in structure.groups)
+
+
+# ------------------------------------------------------------------------------------- saves and loads
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class _Fault(Exception):
+    pass
+
+
+@pytest.mark.parametrize("fault", [OSError(28, "No space left on device"), KeyboardInterrupt(), _Fault()],
+                         ids=["disk-full", "ctrl-c", "bug"])
+def test_a_failed_or_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypatch, fault):
+    torch.manual_seed(0)
+    path = tmp_path / "pruned.pt"
+    save_pruned(_Net(), path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **kw):  # half of the bytes reach the disk, then the write fails
+        real_save(obj, f, *a, **kw)
+        f.truncate(f.tell() // 2)
+        raise fault
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises((CheckpointError, type(fault))):
+        save_pruned(_Net(), path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned.pt"]  # no temporary file left behind
+    load_pruned(_Net(), path)
+
+
+def _flip(path: Path, member_suffix: str, n: int = 64) -> None:
+    """Flip `n` bytes in the middle of the data of the first zip member whose name ends with the suffix."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member_suffix))
+    raw = bytearray(path.read_bytes())
+    # the member's data follows its 30-byte local header, file name and extra field
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26: info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2 - n // 2
+    for i in range(start, start + n):
+        raw[i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupted_checkpoints_are_refused_not_loaded_as_wrong_weights(tmp_path, resnet):
+    torch.manual_seed(0)
+    path = tmp_path / "pruned.pt"
+    net = _Net()
+    net.conv.weight.data = torch.randn(8, 3, 32, 32)  # a big tensor (data/0 in the archive)
+    save_pruned(net, path)
+    with zipfile.ZipFile(path) as z:
+        biggest = max(z.infolist(), key=lambda i: i.file_size).filename
+    _flip(path, biggest)
+    fresh = _Net()
+    with pytest.raises(CheckpointError, match="CRC"):
+        load_pruned(fresh, path)
+    assert fresh.conv.weight.shape == (8, 3, 3, 3)  # the model is left as constructed
+    # wt analyze reads checkpoints through the same check
+    model, _, structure = resnet
+    torch.save(model.state_dict(), tmp_path / "epoch_1.pt")
+    with zipfile.ZipFile(tmp_path / "epoch_1.pt") as z:
+        biggest = max(z.infolist(), key=lambda i: i.file_size).filename
+    _flip(tmp_path / "epoch_1.pt", biggest)
+    with pytest.raises(WtError, match="CRC"):
+        analyze(structure, [tmp_path / "epoch_1.pt"])
+    # truncated or foreign files: a named error, never a traceback from deep inside torch
+    good = tmp_path / "good.pt"
+    save_pruned(_Net(), good)
+    (tmp_path / "half.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint at all")
+    torch.save({"state_dict": _Net().state_dict(), "format": FORMAT}, tmp_path / "no_manifest.pt")
+    for name in ("half.pt", "foreign.pt", "no_manifest.pt"):
+        with pytest.raises(CheckpointError, match=name):
+            load_pruned(_Net(), tmp_path / name)
+
+
+def test_wt_prune_refuses_to_overwrite_without_force(tmp_path, capsys):
+    (tmp_path / "pruned.pt").write_bytes(b"an earlier result")
+    code = main(["prune", "torchvision:resnet18", "--input", "1,3,32,32", "--target-macs", "0.5",
+                 "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--force" in err and "pruned.pt" in err
+    assert (tmp_path / "pruned.pt").read_bytes() == b"an earlier result"
