@@ -7,8 +7,10 @@ References are independent of what is tested: sequential calls for concurrent on
 from __future__ import annotations
 
 import copy
+import signal
 import struct
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -36,6 +38,8 @@ from wtfront import (
 )
 from wtfront.cli import main
 from wtfront.prune.checkpoint import FORMAT
+from wtfront.tracing import budget as budget_module
+from wtfront.tracing.budget import Budget
 from wtfront.train.tracker import tracker_kinds
 
 tv = pytest.importorskip("torchvision")
@@ -315,3 +319,37 @@ def test_wt_prune_refuses_to_overwrite_without_force(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--force" in err and "pruned.pt" in err
     assert (tmp_path / "pruned.pt").read_bytes() == b"an earlier result"
+
+
+# ----------------------------------------------------------------------------------------------- interrupts
+def _interrupt_once_after(module, name: str, monkeypatch) -> None:
+    """`module.name` runs, then raises KeyboardInterrupt (once): a Ctrl-C right after that call."""
+    real = getattr(module, name)
+    fired = []
+
+    def wrapped(*a, **kw):
+        out = real(*a, **kw)
+        if not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+@pytest.mark.parametrize("path", ["sigalrm", "watcher"])
+def test_ctrl_c_while_a_budget_arms_leaves_no_timer_behind(monkeypatch, path):
+    if path == "sigalrm":
+        assert budget_module._can_use_sigalrm()
+        _interrupt_once_after(signal, "setitimer", monkeypatch)
+    else:
+        monkeypatch.setattr(budget_module, "_can_use_sigalrm", lambda: False)
+        _interrupt_once_after(threading.Thread, "start", monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        with Budget(0.05, repeat_s=0.05).guard():
+            time.sleep(1)
+    monkeypatch.undo()
+    time.sleep(0.3)  # a leaked timer would raise BudgetExceeded here, and again every 0.05 s
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
+    assert not [t for t in threading.enumerate() if t.name == "wt-budget"]

@@ -18,7 +18,7 @@ import ctypes
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -70,20 +70,20 @@ class Budget:
                 self.fired = True
                 raise BudgetExceeded
 
-        previous = signal.signal(signal.SIGALRM, handler)
-        signal.setitimer(signal.ITIMER_REAL, self.seconds, self.repeat_s)
-        try:
+        previous = signal.getsignal(signal.SIGALRM)
+
+        def disarm() -> None:
+            signal.setitimer(signal.ITIMER_REAL, 0.0, 0.0)
+            armed[0] = False
+            signal.signal(signal.SIGALRM, previous)
+
+        try:  # armed inside the try: an interrupt while arming still disarms
+            with _sigint_deferred():
+                signal.signal(signal.SIGALRM, handler)
+                signal.setitimer(signal.ITIMER_REAL, self.seconds, self.repeat_s)
             yield
         finally:
-            # The alarm may go off while we clean up: retry until the timer is off and the handler disarmed.
-            while True:
-                try:
-                    signal.setitimer(signal.ITIMER_REAL, 0.0, 0.0)
-                    armed[0] = False
-                    signal.signal(signal.SIGALRM, previous)
-                    break
-                except BudgetExceeded:
-                    continue
+            _until_done(disarm)
 
     # -- any thread: asynchronous exception from a watcher thread ----------------------------------
     @contextmanager
@@ -104,23 +104,51 @@ class Budget:
                     _set_async_exc(target, BudgetExceeded)
                 wait = self.repeat_s
 
+        def stop() -> None:  # and no exception left pending for this thread
+            with lock:
+                done.set()
+                if injected[0]:
+                    _set_async_exc(target, None)
+
         watcher = threading.Thread(target=watch, name="wt-budget", daemon=True)
-        watcher.start()
-        try:
+        try:  # started inside the try: an interrupt while starting still stops it
+            with _sigint_deferred():
+                watcher.start()
             yield
         finally:
-            # An injected exception may be delivered while we clean up: retry until the watcher is stopped
-            # and no exception is pending for this thread.
-            while True:
-                try:
-                    with lock:
-                        done.set()
-                        if injected[0]:
-                            _set_async_exc(target, None)
-                    break
-                except BudgetExceeded:
-                    continue
-            watcher.join()
+            _until_done(stop)
+            if watcher.ident is not None:
+                _until_done(watcher.join)
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back while a timer is armed, so that it arrives after, when cleanup is certain
+    (main thread, POSIX; elsewhere Ctrl-C is not delivered to this thread anyway)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _until_done(step: Callable[[], None]) -> None:
+    """Run a cleanup step to completion: the budget's own exception (the alarm may go off meanwhile) retries
+    it, and a Ctrl-C arriving meanwhile is re-raised once the step has finished, never left half done."""
+    interrupted: KeyboardInterrupt | None = None
+    while True:
+        try:
+            step()
+            break
+        except BudgetExceeded:
+            continue
+        except KeyboardInterrupt as e:
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
 
 
 def _can_use_sigalrm() -> bool:
