@@ -7,6 +7,8 @@ References are independent of what is tested: sequential calls for concurrent on
 from __future__ import annotations
 
 import copy
+import math
+import pickle
 import signal
 import struct
 import threading
@@ -17,11 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import wtcore
 from wtcore.checks import require_finite
 from wtcore.errors import WtError
+from wtcore.native import nonzero_stats, nonzero_stats_torch
 from wtcore.solver import solve_keep
 from wtcore.testing import reference_unit_values
 from wtfront import (
@@ -38,6 +43,7 @@ from wtfront import (
 )
 from wtfront.cli import main
 from wtfront.prune.checkpoint import FORMAT
+from wtfront.prune.snapshot import Snapshot
 from wtfront.tracing import budget as budget_module
 from wtfront.tracing.budget import Budget
 from wtfront.train.tracker import tracker_kinds
@@ -353,3 +359,97 @@ def test_ctrl_c_while_a_budget_arms_leaves_no_timer_behind(monkeypatch, path):
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     assert signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
     assert not [t for t in threading.enumerate() if t.name == "wt-budget"]
+
+
+# ------------------------------------------------------------------------------------------ smaller ones
+def test_programs_pickle_and_refuse_what_is_not_a_parameter_mapping(resnet):
+    model, _, structure = resnet
+    prog = wtcore.compile(structure, ["group_lasso", "nm_sparsity", "unit_l2"])
+    again = pickle.loads(pickle.dumps(prog))
+    params = dict(model.named_parameters())
+    want, got = prog(params), again(params)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    for bad in (None, [1, 2], torch.zeros(3)):
+        with pytest.raises(WtError, match="mapping"):
+            prog(bad)
+
+
+@st.composite
+def _weights(draw):
+    o, c = draw(st.integers(0, 6)), draw(st.integers(0, 9))
+    k = draw(st.sampled_from([(), (0,), (1,), (3,), (2, 2)]))
+    dtype = draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    w = (torch.randn((o, c, *k), generator=g) * draw(st.sampled_from([1e-3, 1.0, 1e5]))).to(dtype)
+    w[torch.rand(w.shape, generator=g) < 0.4] = 0
+    if w.numel() and draw(st.booleans()):
+        special = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+        w.view(-1)[draw(st.integers(0, w.numel() - 1))] = special
+    return w
+
+
+@settings(max_examples=60, deadline=None)
+@given(ws=st.lists(_weights(), min_size=1, max_size=3),
+       tol=st.sampled_from([0.0, 1e-3, 0.5, 7e4, 1e5, 1e300, math.inf]), m=st.integers(1, 5), data=st.data())
+def test_native_and_torch_counts_agree_on_odd_weights(ws, tol, m, data):
+    """0-size weights, NaN/inf entries, tolerances beyond a dtype's range: both implementations agree, and
+    where an element is nonzero is `|x| > tol` computed exactly (in float64)."""
+    keep = data.draw(st.integers(0, m))
+    rows, cols = nonzero_stats(ws, tol, m, keep)
+    rows_t, cols_t = nonzero_stats_torch(ws, tol, m, keep)
+    assert torch.equal(rows, rows_t) and torch.equal(cols, cols_t)
+    exact = [(w.double().abs() > tol) if tol else (w != 0) for w in ws]
+    assert rows[0].tolist() == [int(e[r].sum()) for e in exact for r in range(e.shape[0])]
+
+
+def test_block_counts_refuse_keep_outside_0_to_m():
+    w = torch.randn(4, 8)
+    for m, keep in ((4, 5), (4, -1), (0, 0)):
+        for fn in (nonzero_stats, nonzero_stats_torch):
+            with pytest.raises(WtError, match="keep"):
+                fn([w], 0.0, m, keep)
+
+
+def test_snapshot_restores_tensors_given_other_data():
+    torch.manual_seed(0)
+    net = _Net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    snap = Snapshot(net)
+    net.conv.weight.data = torch.zeros(2, 3, 3, 3)  # no version bump: a different tensor under the same Parameter
+    net.fc.bias.data = net.fc.bias.data.double()
+    net.fc.weight.data.mul_(2)
+    snap.restore()
+    after = net.state_dict()
+    assert all(after[k].dtype == v.dtype and after[k].shape == v.shape and torch.equal(after[k], v)
+               for k, v in before.items())
+
+
+@pytest.mark.parametrize("argv", [
+    ["analyze", "torchvision:resnet18", "x.pt", "--threshold", "nan"],
+    ["analyze", "torchvision:resnet18", "x.pt", "--tolerance", "-1"],
+    ["inspect", "torchvision:resnet18", "--rows", "-5"],
+    ["bench", "torchvision:resnet18", "--reps", "0"],
+    ["prune", "torchvision:resnet18", "--target-macs", "inf", "--out", "o"],
+])
+def test_cli_refuses_bad_numbers_before_any_work(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "expected" in capsys.readouterr().err
+
+
+def test_ctrl_c_and_what_it_breaks_read_as_an_interrupt(monkeypatch, capsys):
+    """A Ctrl-C, or an import error raised while handling one (a module whose import Ctrl-C cut short), is
+    reported as an interrupt (exit 130), not as the error it caused."""
+    import wtfront.cli.commands as commands
+
+    def interrupted_import(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("triton is not installed correctly") from None
+
+    for fn in (interrupted_import, lambda args: (_ for _ in ()).throw(KeyboardInterrupt())):
+        monkeypatch.setattr(commands, "_inspect", fn)
+        assert main(["inspect", "torchvision:resnet18"]) == 130
+        err = capsys.readouterr().err
+        assert "interrupted" in err and "triton" not in err

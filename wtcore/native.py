@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import SpecError
+
 __all__ = ["available", "nonzero_bytes", "nonzero_bytes_op", "nonzero_stats", "nonzero_stats_op", "nonzero_stats_torch",
            "threshold_bits"]
 
@@ -147,6 +149,8 @@ def threshold_bits(dtype: torch.dtype, tolerance: float) -> tuple[int, int]:
     if tolerance == 0.0:
         return 1, mag
     inf = torch.tensor(float("inf"), dtype=dtype).view(itype).item()
+    if torch.finfo(dtype).max < tolerance < math.inf:  # only inf is above it (as in `nonzero_bytes`)
+        return inf, inf
     guess = torch.tensor(tolerance, dtype=torch.float64).clamp(max=torch.finfo(dtype).max).to(dtype)
     g = guess.view(itype).item() & mag
     cand = torch.arange(max(g - 2, 0), min(g + 3, inf + 1), dtype=torch.int64)
@@ -199,22 +203,29 @@ def _plan(shapes: tuple[tuple[tuple[int, ...], torch.dtype], ...], tolerance: fl
 def nonzero_stats_torch(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """`nonzero_stats` with torch ops (any device): the fallback, and what the kernel is tested against."""
+    _check_block(m, keep)
     rows, cols = [], []
     for w in ws:
         o, c, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
         e = nonzero_bytes(w, tolerance).reshape(o, c, k)
-        nnz = e.reshape(o, -1).sum(1, dtype=torch.int64)
+        nnz = e.reshape(o, c * k).sum(1, dtype=torch.int64)
         nb = c // m
         if nb:
-            blk = e[:, : nb * m].reshape(o, nb, m, k).sum(2, dtype=torch.int32).reshape(o, -1)
+            blk = e[:, : nb * m].reshape(o, nb, m, k).sum(2, dtype=torch.int32).reshape(o, nb * k)
             eq, le = (blk == keep).sum(1, dtype=torch.int64), (blk <= keep).sum(1, dtype=torch.int64)
         else:
             eq = le = torch.zeros(o, dtype=torch.int64, device=w.device)
         rows.append(torch.stack([nnz, eq, le]))
-        cols.append(e.amax((0, 2)))
+        cols.append(e.amax((0, 2)) if e.numel() else torch.zeros(c, dtype=torch.uint8, device=w.device))
     dev = ws[0].device if ws else None
     return (torch.cat(rows, 1) if rows else torch.zeros(3, 0, dtype=torch.int64, device=dev),
             torch.cat(cols) if cols else torch.zeros(0, dtype=torch.uint8, device=dev))
+
+
+def _check_block(m: int, keep: int) -> None:
+    if m < 1 or not 0 <= keep <= m:
+        raise SpecError(f"nonzero_stats: blocks of m={m} entries with keep={keep} nonzeros; need m >= 1 and "
+                        "0 <= keep <= m")
 
 
 def _native_ok(w: torch.Tensor, m: int) -> bool:
@@ -229,6 +240,7 @@ def nonzero_stats(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: in
     (per output row: nonzeros, blocks of `m` consecutive inputs with exactly `keep` nonzeros, with at most
     `keep`; blocks per kernel position, `c % m` tail inputs in none) and `cols` uint8 `[sum c]` (1 where an
     input has a nonzero in some row and kernel position). Nonzero means `|w| > tolerance` (`w != 0` at 0)."""
+    _check_block(m, keep)
     lib = _library()
     if lib is None or not ws or math.isinf(tolerance) or not all(_native_ok(w, m) for w in ws):
         return nonzero_stats_torch(ws, tolerance, m, keep)  # (nothing is above an infinite tolerance)
@@ -250,7 +262,12 @@ def nonzero_stats(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: in
 def nonzero_bytes(x: torch.Tensor, tolerance: float) -> torch.Tensor:
     """uint8 1 where `|x| > tolerance`, else 0. At tolerance 0 it is a cast to bool (`x != 0`, NaN counts as
     nonzero), which ATen runs several times faster than the comparison on CPU; bool -> uint8 is a view."""
-    hit = x.bool() if tolerance == 0.0 else x.abs() > tolerance
+    if tolerance == 0.0:
+        hit = x.bool()
+    elif x.is_floating_point() and torch.finfo(x.dtype).max < tolerance < math.inf:
+        hit = x.isinf()  # torch rounds such a tolerance to inf for this dtype and would count nothing
+    else:
+        hit = x.abs() > tolerance
     return hit.view(torch.uint8)
 
 

@@ -37,6 +37,7 @@ class Program:
         self.item_names = dict(item_names)
         self.backend = backend
         self._labels = dict(labels)
+        self._generated = generated
         self._consts = {torch.device("cpu"): [c.to("cpu") for c in generated.consts]}
         self.fn: Callable[..., tuple[torch.Tensor, ...]] = load(generated, structure.fingerprint)
         self._run = torch.compile(self.fn, backend=backend, fullgraph=True) if backend else self.fn
@@ -46,9 +47,19 @@ class Program:
         pmap = structure.param_map
         self._expected = tuple((n, pmap[n].shape, pmap[n].aliases, pmap[n].module) for n in self.param_names)
 
+    # ------------------------------------------------------------------ pickling
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as what it was compiled from (structure, generated code, equations): unpickling re-creates
+        the function, so a program ships to data-loader workers or Ray/Dask tasks."""
+        return (Program, (self.structure, self._generated, self.eqns, self.outputs, self._labels, self.item_names,
+                          self.backend))
+
     # ------------------------------------------------------------------ calling
     def gather(self, params: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """The program's inputs, in order, validated against the structure (names, shapes, dtypes)."""
+        if not isinstance(params, Mapping):
+            raise ParamsError(f"a program takes a mapping from parameter names to tensors (e.g. "
+                              f"dict(model.named_parameters())), got {type(params).__name__}")
         out = []
         for name, shape, aliases, module in self._expected:
             t = params.get(name)

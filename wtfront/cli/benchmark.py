@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import wtcore
+from wtcore.errors import WtError
 from wtcore.ir import Structure
 
 __all__ = ["FloorRatios", "floor_ratios", "interleaved_medians", "interleaved_times", "once"]
@@ -72,6 +73,9 @@ def floor_ratios(structure: Structure, params: Mapping[str, torch.Tensor], *, sp
                  reps: int = 15, warmup: int = 3) -> FloorRatios:
     """Time the compiled `spec` program (default: group lasso) forward and forward+backward against the floor,
     interleaved, on `params` (e.g. `dict(model.named_parameters())`; tensors that require grad)."""
+    if reps < 1 or warmup < 0:
+        raise WtError(f"floor_ratios needs reps >= 1 and warmup >= 0 (a median of no timings is undefined), got "
+                      f"reps={reps}, warmup={warmup}")
     program = wtcore.compile(structure, [spec])
     key = program.output_keys[0]
     tensors = program.gather(params)

@@ -13,9 +13,11 @@ import ast
 import fnmatch
 import glob
 import inspect
+import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -339,8 +341,40 @@ def _model_options() -> argparse.ArgumentParser:
                         "(default: the trace's own choice)")
     g.add_argument("--ignore", nargs="+", metavar="NAME",
                    help="module names or fnmatch globs to leave out of the trace, e.g. 'head' 'blocks.*.attn'")
-    p.add_argument("--rows", type=int, default=40, metavar="N", help="rows per table (0: all; default 40)")
+    p.add_argument("--rows", type=_int_at_least(0), default=40, metavar="N", help="rows per table (0: all; default 40)")
     return p
+
+
+# ------------------------------------------------------------------------------------------ argument types
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _nonnegative_float(text: str) -> float:
+    v = _finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return v
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,11 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint files or folders: state_dict files, dicts holding one ('state_dict', 'model'), "
                         "save_pruned checkpoints, or whole pickled models (with --trust-pickle)")
     a.add_argument("--out", default="wt-analysis", metavar="DIR", help="output folder (default: wt-analysis)")
-    a.add_argument("--chunk", type=int, default=8, metavar="N",
+    a.add_argument("--chunk", type=_int_at_least(1), default=8, metavar="N",
                    help="checkpoints per vmapped evaluation; bounds memory to N copies of the weights (default 8)")
-    a.add_argument("--tolerance", type=float, default=0.0,
+    a.add_argument("--tolerance", type=_nonnegative_float, default=0.0,
                    help="|w| at or below it counts as zero for active units, MACs and sparsity (default 0)")
-    a.add_argument("--threshold", type=float, default=1e-3,
+    a.add_argument("--threshold", type=_nonnegative_float, default=1e-3,
                    help="a unit whose L2 norm is at or below it counts as ready to prune (default 1e-3)")
     a.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that are pickled objects (torch.save(model)); only for trusted files")
@@ -393,15 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "original (1 MAC = one multiply-add), physically (Torch-Pruning; the output is checked to "
                     "equal the masked model's), and save a checkpoint that wtfront.load_pruned reads.",
     )
-    r.add_argument("--target-macs", type=float, required=True, metavar="FRACTION",
+    r.add_argument("--target-macs", type=_finite_float, required=True, metavar="FRACTION",
                    help="keep at most this fraction of the MACs, e.g. 0.5")
     r.add_argument("--method", choices=("l2", "random"), default="l2",
                    help="unit importance: L2 norm of its coupled weights, or random (default l2)")
     r.add_argument("--scope", choices=("global", "local"), default="global",
                    help="rank units across all groups, or prune every group by the same fraction (default global)")
-    r.add_argument("--max-fraction", type=float, default=None, metavar="F",
+    r.add_argument("--max-fraction", type=_finite_float, default=None, metavar="F",
                    help="remove at most this fraction of any group's units")
-    r.add_argument("--round-to", type=int, default=None, metavar="N", help="keep unit counts multiples of N")
+    r.add_argument("--round-to", type=_int_at_least(1), default=None, metavar="N",
+                   help="keep unit counts multiples of N")
     r.add_argument("--seed", type=int, default=0, help="seed of --method random (default 0)")
     r.add_argument("--groups", nargs="+", metavar="PATTERN",
                    help="only these unit groups may lose units (fnmatch patterns over group names, as wt inspect "
@@ -420,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "forward and forward+backward, against the floor sum(p.pow(2).sum() for p in params), as "
                     "medians over interleaved repetitions in one process. Ratios, not absolute times, compare.",
     )
-    b.add_argument("--reps", type=int, default=15, help="interleaved repetitions (default 15)")
+    b.add_argument("--reps", type=_int_at_least(1), default=15, help="interleaved repetitions (default 15)")
     b.add_argument("--spec", default="group_lasso", help="the spec to time (default group_lasso)")
     b.set_defaults(func=_bench)
     return p
@@ -431,22 +466,43 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+def _interrupted(e: BaseException | None) -> bool:
+    """Whether `e` is a Ctrl-C, or was raised while handling one (the chain of causes and contexts)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the `wt` command; returns the exit code (0, or 2 with a one-line error on stderr). Parsing (and
     `--help`) imports no torch: the commands import it when they run."""
     args = build_parser().parse_args(argv)
-    from wtcore.errors import WtError
+    try:
+        from wtcore.errors import WtError  # imports torch: the slow part of start-up
+    except BaseException as e:
+        if not _interrupted(e):
+            raise
+        print("wt: interrupted (Ctrl-C) while starting up; nothing was written", file=sys.stderr)
+        return 130
 
     try:
         return args.func(args)
     except WtError as e:
         print(f"wt: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (OSError, KeyboardInterrupt) as e:
-        print(f"wt: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a bug or an unforeseen model: still one line, the traceback on request
-        if os.environ.get("WT_TRACEBACK"):
+    except BaseException as e:
+        if _interrupted(e):  # also an import that failed because Ctrl-C cut a module's import short
+            print("wt: interrupted (Ctrl-C); files already written are complete, none is half-written",
+                  file=sys.stderr)
+            return 130
+        if isinstance(e, OSError):
+            print(f"wt: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+            return 2
+        if not isinstance(e, Exception) or os.environ.get("WT_TRACEBACK"):
             raise
         print(f"wt: error: unexpected {type(e).__name__}: {_one_line(e)} (set WT_TRACEBACK=1 for the traceback)",
               file=sys.stderr)

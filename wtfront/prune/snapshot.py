@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -11,17 +13,18 @@ __all__ = ["Snapshot"]
 class Snapshot:
     """Everything physical pruning may change, restorable so that the model is bit-identical afterwards: the
     module tree's attribute dicts (attributes, hooks), the very Parameter/buffer/submodule objects, and a CPU
-    copy of every tensor's data, written back only if the tensor was modified in place (its version moved)."""
+    copy of every tensor's data, all written back on restore (in place, or as new data where the tensor was
+    given other data with `p.data = x`): writes through `.data` move no version counter, so none is trusted."""
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = []
-        self.tensors: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self.tensors: dict[int, tuple[torch.Tensor, tuple[Any, ...], torch.Tensor]] = {}
         for m in model.modules():
             attrs = {k: v for k, v in m.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
             self.modules.append((m, attrs, dict(m._parameters), dict(m._buffers), dict(m._modules)))
             for t in (*m._parameters.values(), *m._buffers.values()):
                 if t is not None and id(t) not in self.tensors:
-                    self.tensors[id(t)] = (t, t._version, t.detach().to("cpu", copy=True))
+                    self.tensors[id(t)] = (t, _layout(t), t.detach().to("cpu", copy=True))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -32,7 +35,15 @@ class Snapshot:
             for d, saved in ((m._parameters, params), (m._buffers, buffers), (m._modules, modules)):
                 d.clear()
                 d.update(saved)
-        for t, version, data in self.tensors.values():
-            if t._version != version:
-                t.data.copy_(data.to(t.device))
+        for t, layout, data in self.tensors.values():
+            device = layout[-1]
+            if _layout(t) == layout:  # every value written back: writes through `.data` move no version
+                t.data.copy_(data.to(device))
+            else:  # given other data (`p.data = x`): its own values, layout and device back
+                t.data = torch.empty_strided(layout[1], layout[2], dtype=layout[3], device=device).copy_(data)
+
+
+def _layout(t: torch.Tensor) -> tuple[Any, ...]:
+    """What changes when a tensor is given other data (`p.data = x`, which moves no version)."""
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
 
