@@ -333,7 +333,9 @@ def test_tied_weights_stay_tied_through_pruning_and_checkpoints(tmp_path: Any) -
     assert torch.equal(out(fresh, ids), out(net, ids))
 
 
-def test_a_prune_that_would_untie_weights_is_refused() -> None:
+def test_a_tie_across_two_groups_prunes_as_one_group() -> None:
+    """The tie makes emb's width and fc's outputs one group (`tracing.ties`): pruning it keeps the tie."""
+
     class Untie(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -348,10 +350,11 @@ def test_a_prune_that_would_untie_weights_is_refused() -> None:
     torch.manual_seed(0)
     net, ids = Untie(), torch.tensor([[1, 2, 3]])
     s = trace(net, ids)
-    before = state(net)
-    with pytest.raises(PruneError):
-        prune_units(net, s, ids, {"fc.out": [1]})
-    assert_identical(net, before)
+    assert "fc.out" not in s.group_map and {"fc.weight", "fc.bias"} <= set(s.group_map["emb.out"].params)
+    keep = keep_from_removed(s, {"emb.out": [1]})
+    y_fake, y_phys, _ = fake_then_physical(net, s, ids, keep)
+    assert rel(y_phys, y_fake) < 1e-5
+    assert net.lm_head.weight is net.emb.weight and tuple(net.emb.weight.shape) == (10, 5)
 
 
 def test_stale_programs_and_structures_after_pruning() -> None:
