@@ -453,3 +453,14 @@ def test_ctrl_c_and_what_it_breaks_read_as_an_interrupt(monkeypatch, capsys):
         assert main(["inspect", "torchvision:resnet18"]) == 130
         err = capsys.readouterr().err
         assert "interrupted" in err and "triton" not in err
+
+
+def test_a_tie_broken_after_the_trace_is_not_read_from_the_canonical_name_only():
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    structure = trace(model, torch.randint(0, 16, (2, 5)))
+    prog = wtcore.compile(structure, ["unit_l2"])
+    prog(model.state_dict())  # both names of the tie, one tensor: fine
+    model.head.weight = nn.Parameter(model.emb.weight.detach().clone() * 2)  # untied
+    with pytest.raises(wtcore.StaleProgramError, match=r"'head\.weight'.*re-trace"):
+        prog(dict(model.named_parameters()))

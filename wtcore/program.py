@@ -76,6 +76,13 @@ class Program:
                 )
             if not isinstance(t, torch.Tensor):
                 raise ParamsError(f"parameter {name!r} is a {type(t).__name__}, not a tensor")
+            for a in aliases:  # a tie broken after the trace: the alias is a tensor of its own now
+                u = params.get(a)
+                if u is not None and u is not t and not _same_data(u, t):
+                    raise StaleProgramError(
+                        f"parameter {a!r} was tied to {name!r} when the model was traced but is a different tensor "
+                        f"now; the program would read {name!r} only: re-trace and recompile"
+                    )
             if tuple(t.shape) != shape:
                 raise StaleProgramError(
                     f"parameter {name!r} has shape {tuple(t.shape)} but this program was compiled for {shape}; "
@@ -156,6 +163,14 @@ class Program:
         for e in self.eqns:
             prims[e.prim] = prims.get(e.prim, 0) + 1
         return prims
+
+
+def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are views of the same data (a state_dict detaches every entry of a tie)."""
+    try:
+        return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
+    except RuntimeError:  # a tensor without storage (vmap/grad wrappers, fakes): nothing to compare
+        return True
 
 
 _SHORT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float64: "f64",
