@@ -119,7 +119,12 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("WT_NATIVE", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        path = _build()
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a damaged cached build (an interrupted copy, a disk error): build it again, once
+            path.unlink(missing_ok=True)
+            lib = ctypes.CDLL(str(_build()))
     except Exception as e:  # any failure: the torch implementation gives the same numbers
         warnings.warn(f"wt: the native nonzero_stats kernel is unavailable ({e}); programs count nonzeros "
                       "with torch ops instead (same results, slower on CPU). Set WT_NATIVE=0 to silence this.",
