@@ -7,6 +7,7 @@ References are independent of what is tested: sequential calls for concurrent on
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import pickle
 import signal
@@ -482,3 +483,50 @@ def test_a_corrupt_cached_kernel_is_rebuilt(tmp_path, monkeypatch):
         assert (tmp_path / name).read_bytes()[:4] == b"\x7fELF" and (tmp_path / name).stat().st_size > 1000
     finally:
         native._library.cache_clear()
+
+
+# ------------------------------------------------------------------------------- programs on bad mappings
+_MUTATIONS = ("missing", "extra", "shape", "int", "not_tensor", "meta", "half", "alias")
+
+
+@settings(max_examples=16, deadline=None, print_blob=False)
+@given(mutation=st.sampled_from(_MUTATIONS), which=st.integers(0, 10**6))
+def test_programs_on_bad_parameter_mappings_name_the_parameter_or_are_right(resnet, mutation, which):
+    """Each mutation of a good mapping gives a `WtError` naming the parameter, or the result of the good one
+    (extra keys are ignored; another float dtype is computed in that dtype)."""
+    model, _, structure = resnet
+    prog = _small_program(structure)
+    good = {n: p.detach() for n, p in model.named_parameters()}
+    name = sorted(good)[which % len(good)]
+    bad = dict(good)
+    if mutation == "missing":
+        del bad[name]
+    elif mutation == "extra":
+        bad["not.a.parameter"] = torch.zeros(3)
+    elif mutation == "shape":
+        bad[name] = torch.zeros(*good[name].shape, 2)
+    elif mutation == "int":
+        bad[name] = good[name].to(torch.int64)
+    elif mutation == "not_tensor":
+        bad[name] = good[name].tolist()
+    elif mutation == "meta":
+        bad[name] = good[name].to("meta")
+    elif mutation == "half":
+        bad[name] = good[name].double()
+    else:  # the names under a wrapper's prefix (DDP's `module.`): none is found
+        bad = {f"module.{k}": v for k, v in good.items()}
+    want = prog(good)
+    try:
+        got = prog(bad)
+    except WtError as e:
+        assert mutation not in ("extra", "half")
+        assert (name in str(e)) if mutation != "alias" else ("missing" in str(e))
+        return
+    assert mutation in ("extra", "half"), f"{mutation} of {name!r} was accepted"
+    for k in want:
+        assert torch.allclose(got[k].double(), want[k].double(), rtol=1e-4, atol=1e-6), k
+
+
+@functools.cache
+def _small_program(structure):
+    return wtcore.compile(structure, ["group_lasso", "unit_l2", "unstructured_sparsity"])

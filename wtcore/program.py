@@ -93,6 +93,9 @@ class Program:
                     f"parameter {name!r} has dtype {t.dtype}; wt programs take floating-point tensors "
                     f"(float16, bfloat16, float32, float64)"
                 )
+            if out and t.device != out[0].device:
+                raise ParamsError(f"parameter {name!r} is on {t.device} but {self._expected[0][0]!r} is on "
+                                  f"{out[0].device}; a program runs on one device: move the parameters together")
             out.append(t)
         return out
 
