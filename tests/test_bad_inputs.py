@@ -12,6 +12,7 @@ import math
 import pickle
 import signal
 import struct
+import sys
 import threading
 import time
 import warnings
@@ -530,3 +531,57 @@ def test_programs_on_bad_parameter_mappings_name_the_parameter_or_are_right(resn
 @functools.cache
 def _small_program(structure):
     return wtcore.compile(structure, ["group_lasso", "unit_l2", "unstructured_sparsity"])
+
+
+# ------------------------------------------------------------------------------ Ctrl-C at random points
+class _Interrupt:
+    """A `sys.settrace` hook that raises KeyboardInterrupt at the `at`-th call of a wt function (counts
+    them all when `at` is None)."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, frame, event, arg):
+        if event == "call" and frame.f_globals.get("__name__", "").startswith(("wtfront.", "wtcore.")):
+            self.calls += 1
+            if self.calls == self.at:
+                sys.settrace(None)
+                raise KeyboardInterrupt
+        return None
+
+    def run(self, fn):
+        sys.settrace(self)
+        try:
+            return fn()
+        finally:
+            sys.settrace(None)
+
+
+def _state(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
+    return {k: (id(v), v.detach().clone()) for k, v in [*model.named_parameters(), *model.named_buffers()]}
+
+
+@pytest.fixture(scope="module")
+def small_cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    structure = trace(model, x)
+    counter = _Interrupt(None)
+    counter.run(lambda: prune_units(copy.deepcopy(model), structure, x, {"0.out": [1, 2]}))
+    return model, x, structure, counter.calls
+
+
+@settings(max_examples=12, deadline=None, print_blob=False)
+@given(where=st.floats(0.0, 1.0))
+def test_ctrl_c_anywhere_in_physical_pruning_leaves_the_model_bit_identical(small_cnn, where):
+    model, x, structure, calls = small_cnn
+    net = copy.deepcopy(model)
+    before = _state(net)
+    with pytest.raises((KeyboardInterrupt, WtError)):
+        _Interrupt(1 + int(where * (calls - 1))).run(lambda: prune_units(net, structure, x, {"0.out": [1, 2]}))
+    after = _state(net)
+    assert after.keys() == before.keys()
+    for k, (ident, value) in before.items():
+        assert after[k][0] == ident and torch.equal(after[k][1], value), k
