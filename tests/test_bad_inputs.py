@@ -585,3 +585,15 @@ def test_ctrl_c_anywhere_in_physical_pruning_leaves_the_model_bit_identical(smal
     assert after.keys() == before.keys()
     for k, (ident, value) in before.items():
         assert after[k][0] == ident and torch.equal(after[k][1], value), k
+
+
+@pytest.mark.parametrize("kw", [{"amount": 0.5}, {"amount": 0.3, "scope": "global", "normalize": "mean"}])
+def test_structured_masks_keep_nan_units_and_rank_the_rest_as_without_them(resnet, kw):
+    """A NaN unit ranks nowhere: kept, never removed as if small, even where a whole group reads NaN (a NaN
+    filter of layer1.0.conv1 reaches every unit of the stem's group through its input channels)."""
+    model, _, structure = resnet
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params["layer1.0.conv1.weight"][3] = float("nan")
+    nan_units = torch.isnan(wtcore.compile(structure, ["unit_l2"])(params)["unit_l2"])
+    keep = wtcore.compile(structure, [wtcore.Spec("ln_structured", **kw)])(params)["ln_structured"]
+    assert nan_units.any() and keep[nan_units].all()

@@ -169,9 +169,10 @@ def _structured_keep(
     elig_g = b.const(torch.tensor(info.eligible, dtype=torch.bool), "eligible_groups")
     elig_u = b.take(elig_g, gid)
     count = ctx.params_per_unit()
-    has = b.gt(count, 0)
+    # a NaN score (a NaN weight) ranks nowhere: such a unit is kept, never removed as if it were small
+    has = b.logical_and(b.gt(count, 0), b.logical_not(b.emit("ne", score, score)))
     dead = b.logical_and(has, b.eq(b.unit_reduce("nnz", 0.0), 0))
-    cls = b.where(has, b.where(dead, 0, 1), 2)  # 0 already pruned, 1 live, 2 no element (after filters): kept
+    cls = b.where(has, b.where(dead, 0, 1), 2)  # 0 already pruned, 1 live, 2 no element (after filters) or NaN: kept
     r = b.sub(_rank(b, score, b.add(b.mul(gid, 3), cls)), b.const(info.unit_start, "unit_group_start"))
     live = b.eq(cls, 1)
     live_g = b.segment_sum_sorted(b.to_long(live), ends)
