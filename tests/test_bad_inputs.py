@@ -397,12 +397,12 @@ def _weights(draw):
        tol=st.sampled_from([0.0, 1e-3, 0.5, 7e4, 1e5, 1e300, math.inf]), m=st.integers(1, 5), data=st.data())
 def test_native_and_torch_counts_agree_on_odd_weights(ws, tol, m, data):
     """0-size weights, NaN/inf entries, tolerances beyond a dtype's range: both implementations agree, and
-    where an element is nonzero is `|x| > tol` computed exactly (in float64)."""
+    an element is nonzero where torch says `|x| > tol` (`x != 0` at 0)."""
     keep = data.draw(st.integers(0, m))
     rows, cols = nonzero_stats(ws, tol, m, keep)
     rows_t, cols_t = nonzero_stats_torch(ws, tol, m, keep)
     assert torch.equal(rows, rows_t) and torch.equal(cols, cols_t)
-    exact = [(w.double().abs() > tol) if tol else (w != 0) for w in ws]
+    exact = [(w.abs() > tol) if tol else (w != 0) for w in ws]
     assert rows[0].tolist() == [int(e[r].sum()) for e in exact for r in range(e.shape[0])]
 
 

@@ -22,6 +22,7 @@ import ctypes
 import functools
 import hashlib
 import math
+import operator
 import os
 import platform
 import shutil
@@ -154,8 +155,6 @@ def threshold_bits(dtype: torch.dtype, tolerance: float) -> tuple[int, int]:
     if tolerance == 0.0:
         return 1, mag
     inf = torch.tensor(float("inf"), dtype=dtype).view(itype).item()
-    if torch.finfo(dtype).max < tolerance < math.inf:  # only inf is above it (as in `nonzero_bytes`)
-        return inf, inf
     guess = torch.tensor(tolerance, dtype=torch.float64).clamp(max=torch.finfo(dtype).max).to(dtype)
     g = guess.view(itype).item() & mag
     cand = torch.arange(max(g - 2, 0), min(g + 3, inf + 1), dtype=torch.int64)
@@ -249,6 +248,8 @@ def nonzero_stats(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: in
     lib = _library()
     if lib is None or not ws or math.isinf(tolerance) or not all(_native_ok(w, m) for w in ws):
         return nonzero_stats_torch(ws, tolerance, m, keep)  # (nothing is above an infinite tolerance)
+    if any(operator.gt(*threshold_bits(w.dtype, tolerance)) for w in ws):  # nothing is above (torch rounds the
+        return nonzero_stats_torch(ws, tolerance, m, keep)  # tolerance to inf): the kernel cannot say "none"
     ws = [w if w.is_contiguous() else w.contiguous() for w in ws]
     plan = _plan(tuple((tuple(w.shape), w.dtype) for w in ws), tolerance, m)
     weights = (_Weight * len(ws)).from_buffer_copy(plan.weights)  # this call's own: see `_Plan`
@@ -267,12 +268,7 @@ def nonzero_stats(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: in
 def nonzero_bytes(x: torch.Tensor, tolerance: float) -> torch.Tensor:
     """uint8 1 where `|x| > tolerance`, else 0. At tolerance 0 it is a cast to bool (`x != 0`, NaN counts as
     nonzero), which ATen runs several times faster than the comparison on CPU; bool -> uint8 is a view."""
-    if tolerance == 0.0:
-        hit = x.bool()
-    elif x.is_floating_point() and torch.finfo(x.dtype).max < tolerance < math.inf:
-        hit = x.isinf()  # torch rounds such a tolerance to inf for this dtype and would count nothing
-    else:
-        hit = x.abs() > tolerance
+    hit = x.bool() if tolerance == 0.0 else x.abs() > tolerance
     return hit.view(torch.uint8)
 
 
