@@ -50,6 +50,7 @@ from wtfront.prune.checkpoint import FORMAT
 from wtfront.prune.snapshot import Snapshot
 from wtfront.tracing import budget as budget_module
 from wtfront.tracing.budget import Budget
+from wtfront.tracing.ties import merge_tied_groups
 from wtfront.train.tracker import tracker_kinds
 
 tv = pytest.importorskip("torchvision")
@@ -597,3 +598,17 @@ def test_structured_masks_keep_nan_units_and_rank_the_rest_as_without_them(resne
     nan_units = torch.isnan(wtcore.compile(structure, ["unit_l2"])(params)["unit_l2"])
     keep = wtcore.compile(structure, [wtcore.Spec("ln_structured", **kw)])(params)["ln_structured"]
     assert nan_units.any() and keep[nan_units].all()
+
+
+def test_groups_whose_tied_axis_does_not_map_one_to_one_are_not_prunable_with_the_reason():
+    from wtcore.ir import Param, Slice, Structure, UnitGroup, runs_from_list
+
+    emb = Param("emb.weight", (8, 4), aliases=("head.weight",))
+    a = UnitGroup("a.out", "feature", 4, (Slice("emb.weight", 1, runs_from_list([0, 1, 2, 3])),))
+    b = UnitGroup("b.out", "feature", 2, (Slice("emb.weight", 1, runs_from_list([0, 0, 1, 1])),))
+    c = UnitGroup("c.out", "feature", 4, (Slice("emb.weight", 0, runs_from_list([0, 1, 2, 3, -1, -1, -1, -1])),))
+    d = UnitGroup("d.out", "feature", 4, (Slice("emb.weight", 0, runs_from_list([-1, -1, -1, -1, 3, 2, 1, 0])),))
+    out = merge_tied_groups(Structure((emb,), (a, b, c, d)))
+    ga, gb, gc, gd = out.groups
+    assert not ga.prunable and not gb.prunable and "b.out" in ga.reason and "a.out" in gb.reason
+    assert gc.prunable and gd.prunable  # disjoint entries of one axis (a concatenation): apart, untouched

@@ -45,8 +45,13 @@ def _merge_into(base: UnitGroup, other: UnitGroup, perm: np.ndarray, order: dict
     for s in other.slices:
         r = _relabel(s, perm)
         have = slices.get((s.param, s.axis))
-        if have is not None and have != r:
-            return None
+        if have is not None and have != r:  # both reach this axis: one index, where they agree
+            ih, ir = have.unit_ids(), r.unit_ids()
+            if (have.groups, have.group_axis, ih.shape) != (r.groups, r.group_axis, ir.shape):
+                return None
+            if ((ih >= 0) & (ir >= 0) & (ih != ir)).any():
+                return None
+            r = replace(have, index=runs_from_list(np.where(ih >= 0, ih, ir)))
         slices[s.param, s.axis] = r
     reason = "; ".join(dict.fromkeys(r for r in (base.reason, other.reason) if r))
     return replace(base, slices=tuple(sorted(slices.values(), key=lambda s: (order[s.param], s.axis))),
