@@ -56,10 +56,14 @@ def tp_group(dg: DependencyGraph, model: nn.Module, g: UnitGroup, idxs: list[int
     return dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
 
 
-def tied_tp_groups(dg: DependencyGraph, model: nn.Module, g: UnitGroup, idxs: list[int], first: Any) -> list[Any]:
+def tied_tp_groups(dg: DependencyGraph, structure: Structure, model: nn.Module, g: UnitGroup, idxs: list[int],
+                   first: Any) -> list[Any]:
     """Torch-Pruning's groups for the out-channels of `g` that `first` (its root's group) does not reach: a
     group merged over a tied weight (`tracing.ties`) spans several of Torch-Pruning's groups. Computed after
-    `first` was pruned, in the pruned graph."""
+    `first` was pruned, in the pruned graph. Empty for groups without a tied parameter."""
+    pmap = structure.param_map
+    if not any(pmap[s.param].aliases for s in g.slices if s.param in pmap):
+        return []
     reached = {id(item.dep.target.module) for item in first if dg.is_out_channel_pruning_fn(item.dep.handler)}
     unit_set = np.asarray(sorted(idxs), dtype=np.int64)
     out = []
@@ -71,7 +75,7 @@ def tied_tp_groups(dg: DependencyGraph, model: nn.Module, g: UnitGroup, idxs: li
             m = model.get_submodule(owner)
         except AttributeError:
             continue
-        if id(m) in reached or not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+        if id(m) in reached or not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m not in dg.module2node:
             continue
         pruner = dg.get_pruner_of_module(m)
         if pruner is None:

@@ -204,7 +204,7 @@ def prune_units(
                 phase = f"pruning group {gname!r} with Torch-Pruning"
                 first = tp_group(dg, model, structure.group_map[gname], us)
                 first.prune()
-                for extra in tied_tp_groups(dg, model, structure.group_map[gname], us, first):
+                for extra in tied_tp_groups(dg, structure, model, structure.group_map[gname], us, first):
                     extra.prune()
             if heads:
                 phase = f"removing attention heads of {sorted(heads)[:3]} from the IR"
