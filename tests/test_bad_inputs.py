@@ -574,14 +574,19 @@ def small_cnn():
     return model, x, structure, counter.calls
 
 
-@settings(max_examples=12, deadline=None, print_blob=False)
+@settings(max_examples=20, deadline=None, print_blob=False)
 @given(where=st.floats(0.0, 1.0))
 def test_ctrl_c_anywhere_in_physical_pruning_leaves_the_model_bit_identical(small_cnn, where):
     model, x, structure, calls = small_cnn
     net = copy.deepcopy(model)
     before = _state(net)
-    with pytest.raises((KeyboardInterrupt, WtError)):
+    try:
         _Interrupt(1 + int(where * (calls - 1))).run(lambda: prune_units(net, structure, x, {"0.out": [1, 2]}))
+    except (KeyboardInterrupt, WtError):
+        pass
+    else:  # past its last call (caches make later runs shorter): pruned, whole
+        assert net[0].weight.shape == (6, 3, 3, 3) and net[3].weight.shape == (6, 6, 3, 3)
+        return
     after = _state(net)
     assert after.keys() == before.keys()
     for k, (ident, value) in before.items():

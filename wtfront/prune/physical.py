@@ -240,6 +240,7 @@ def prune_units(
                     f"(relative, rtol={rtol:g}): an operation wt cannot see mixes the removed units with others "
                     "(e.g. a functional normalization); pass verify=False to accept"
                 )
+        result = new.with_baseline(structure)  # inside the transaction: an interrupt here restores too
     except BaseException as e:
         snapshot.restore()
         if isinstance(e, PruneError):
@@ -250,7 +251,7 @@ def prune_units(
         if not isinstance(e, Exception):
             raise
         raise PruneError(f"pruning failed while {phase}: {type(e).__name__}: {e}; the model was restored") from e
-    return new.with_baseline(structure)
+    return result
 
 
 def prune_zero_units(

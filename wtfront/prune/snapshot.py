@@ -26,8 +26,21 @@ class Snapshot:
                 if t is not None and id(t) not in self.tensors:
                     self.tensors[id(t)] = (t, _layout(t), t.detach().to("cpu", copy=True))
 
-    @torch.no_grad()
     def restore(self) -> None:
+        """Put everything back; a Ctrl-C meanwhile is re-raised once the model is whole again (restoring is
+        idempotent, so it starts over), never leaving it half restored."""
+        interrupted: KeyboardInterrupt | None = None
+        while True:
+            try:
+                self._restore()
+                break
+            except KeyboardInterrupt as e:
+                interrupted = e
+        if interrupted is not None:
+            raise interrupted
+
+    @torch.no_grad()
+    def _restore(self) -> None:
         for m, attrs, params, buffers, modules in self.modules:
             for k in [k for k in m.__dict__ if k not in attrs and k not in ("_parameters", "_buffers", "_modules")]:
                 del m.__dict__[k]
