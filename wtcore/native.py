@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 __all__ = ["available", "nonzero_bytes", "nonzero_bytes_op", "nonzero_stats", "nonzero_stats_op", "nonzero_stats_torch",
-           "threshold_bits"]
+           "plain_cpu", "threshold_bits"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "nonzero_stats.c"
 _ROW_MAX = 65536
@@ -208,7 +208,7 @@ def nonzero_stats_torch(ws: Sequence[torch.Tensor], tolerance: float, m: int, ke
             blk = e[:, : nb * m].reshape(o, nb, m, k).sum(2, dtype=torch.int32).reshape(o, -1)
             eq, le = (blk == keep).sum(1, dtype=torch.int64), (blk <= keep).sum(1, dtype=torch.int64)
         else:
-            eq = le = torch.zeros(o, dtype=torch.int64, device=w.device)
+            eq = le = torch.zeros_like(nnz)  # (like a DTensor's placements too)
         rows.append(torch.stack([nnz, eq, le]))
         cols.append(e.amax((0, 2)))
     dev = ws[0].device if ws else None
@@ -216,10 +216,27 @@ def nonzero_stats_torch(ws: Sequence[torch.Tensor], tolerance: float, m: int, ke
             torch.cat(cols) if cols else torch.zeros(0, dtype=torch.uint8, device=dev))
 
 
+def plain_cpu(w: torch.Tensor) -> bool:
+    """Whether `w` is a dense CPU tensor that owns the memory it describes, so a kernel may read its data
+    pointer: exactly `torch.Tensor` or `nn.Parameter` (not a DTensor, FakeTensor or other subclass), strided,
+    with a storage (functorch's `vmap`/`grad` wrappers have none: asking for it raises) large enough for
+    its elements. Everything else takes the torch formulation, which every tensor kind dispatches."""
+    if type(w) is not torch.Tensor and type(w) is not torch.nn.Parameter:
+        return False
+    if w.device.type != "cpu" or w.layout != torch.strided:
+        return False
+    try:
+        storage = w.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return False
+    if w.numel() == 0:
+        return True
+    extent = w.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(w.shape, w.stride()))
+    return storage.data_ptr() != 0 and storage.nbytes() >= extent * w.element_size()
+
+
 def _native_ok(w: torch.Tensor, m: int) -> bool:
-    """Plain CPU tensors the kernel reads (not a `vmap`/`grad` wrapper, whose data is not its own)."""
-    return (w.device.type == "cpu" and w.dtype in _WIDTH and math.prod(w.shape[1:]) <= _ROW_MAX and m <= 255
-            and not torch._C._functorch.is_functorch_wrapped_tensor(w))
+    return w.dtype in _WIDTH and math.prod(w.shape[1:]) <= _ROW_MAX and m <= 255 and plain_cpu(w)
 
 
 def nonzero_stats(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: int

@@ -341,35 +341,44 @@ def item(x: Sequence[Tensor], *, index: int) -> Tensor:
 
 # ------------------------------------------------------------------------------------- fused
 class _SumsqRowsCols(torch.autograd.Function):
-    """Row and column sums of squares of a 2-D tensor with a one-temporary backward.
+    """Row sums of squares of a 2-D tensor `[o, i * k]` and its column sums added over each group of `k`
+    columns (an input channel's kernel positions), with a one-temporary backward.
 
     As composed ops, autograd adds the two broadcast gradients into one full-size buffer and square's
-    backward makes two more; here the backward is `x * (2 g_rows[:, None] + 2 g_cols[None, :])`.
-    `generate_vmap_rule` keeps it usable under `torch.func.vmap`/`grad`.
+    backward makes two more; here the backward is `x * (2 g_rows[:, None] + 2 g_cols[None, :])`. Summing
+    over the kernel inside the reduction keeps a row-sharded (DTensor) weight's partial column sums
+    input-sized. `generate_vmap_rule` keeps it usable under `torch.func.vmap`/`grad`.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
-        sq = x.square()
-        return sq.sum(1), sq.sum(0)
+    def forward(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        return _sumsq_sums(x, k)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Any) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Tensor, int], output: Any) -> None:
         ctx.save_for_backward(inputs[0])
+        ctx.k = inputs[1]
 
     @staticmethod
-    def backward(ctx: Any, g_rows: Tensor, g_cols: Tensor) -> Tensor:
+    def backward(ctx: Any, g_rows: Tensor, g_cols: Tensor) -> tuple[Tensor, None]:
         (x,) = ctx.saved_tensors
-        return x * ((g_rows * 2).unsqueeze(-1) + (g_cols * 2).unsqueeze(-2))
+        g_cols = (g_cols * 2).unsqueeze(-1).expand(*g_cols.shape, ctx.k).flatten(-2)
+        return x * ((g_rows * 2).unsqueeze(-1) + g_cols.unsqueeze(-2)), None
 
 
-def _sumsq_rows_cols(x: Tensor) -> tuple[Tensor, Tensor]:
-    if x.requires_grad and torch.is_grad_enabled():
-        return _SumsqRowsCols.apply(x)
+def _sumsq_sums(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     sq = x.square()
-    return sq.sum(1), sq.sum(0)
+    if k == 1:
+        return sq.sum(1), sq.sum(0)
+    return sq.sum(1), sq.reshape(x.shape[0], -1, k).sum((0, 2))
+
+
+def _sumsq_rows_cols(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    if x.requires_grad and torch.is_grad_enabled():
+        return _SumsqRowsCols.apply(x, k)
+    return _sumsq_sums(x, k)
 
 
 @_primitive
@@ -382,9 +391,7 @@ def sumsq_pairs(*ws: Tensor, layouts: tuple[tuple[int, int, int, bool], ...]) ->
     weight's squares are freed before the next weight is read."""
     parts = []
     for w, (o, i, k, rows_first) in zip(ws, layouts):
-        rows, cols = _sumsq_rows_cols(acc(w).reshape(o, i * k))
-        if k > 1:
-            cols = cols.reshape(i, k).sum(1)
+        rows, cols = _sumsq_rows_cols(acc(w).reshape(o, i * k), k)
         parts.append(torch.cat([rows, cols] if rows_first else [cols, rows]))
     return torch.cat(parts)
 
