@@ -6,6 +6,8 @@ whole parameter (`wtcore.sharded.CollectiveLog`)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import socket
 from pathlib import Path
 
@@ -49,13 +51,12 @@ def _example(name: str) -> torch.Tensor:
 def _run(model: torch.nn.Module, structure: wtcore.Structure, log: CollectiveLog | None = None) -> dict:
     params = dict(model.named_parameters())
     program = wtcore.compile(structure, SPECS)
-    if log is None:
-        out = program(params)
-    else:
-        with log:
-            out = program(params)
     model.zero_grad()
-    out["group_lasso"].backward()
+    with log if log is not None else contextlib.nullcontext():
+        out = program(params)
+        out["group_lasso"].backward()
+    for n, p in params.items():  # FSDP2 adds its gradient to these shard by shard: same placements
+        assert not isinstance(p, DTensor) or p.grad.placements == p.placements, n
     grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
              for n, p in params.items() if p.grad is not None}
     tracker = WeightTracker(model, None, structure=structure)
@@ -132,3 +133,20 @@ def test_fsdp2_program_communicates_unit_sized_vectors_only(two_ranks, name):
         if name == "resnet18":  # weights much larger than their unit vectors (the tiny Llama's are not)
             assert biggest < max(r["sizes"].values()) / 50, (name, r["calls"])
             assert sum(n for _, n, _ in r["calls"]) < sum(r["sizes"].values()) / 100, (name, r["calls"])
+
+
+def _example_rank(rank: int, world: int, port: int) -> None:
+    spec = importlib.util.spec_from_file_location("fsdp2_group_lasso", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.set_num_threads(1)
+    example._rank(rank, world, port)
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fsdp2_group_lasso.py"
+
+
+@pytest.mark.slow
+def test_fsdp2_example_trains_with_group_lasso():
+    """examples/fsdp2_group_lasso.py: model loss + group lasso on FSDP2 parameters, backward, steps, track()."""
+    mp.spawn(_example_rank, args=(2, _free_port()), nprocs=2, join=True)

@@ -95,7 +95,7 @@ class Program:
         mesh = sharded.mesh_of(inputs)
         if mesh is None:
             return inputs, consts, False
-        return sharded.as_dtensors(inputs, mesh), sharded.as_dtensors(consts, mesh), True
+        return sharded.grads_placed(sharded.as_dtensors(inputs, mesh)), sharded.as_dtensors(consts, mesh), True
 
     def __call__(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         inputs, consts, dist = self._inputs(params)

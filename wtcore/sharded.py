@@ -15,7 +15,7 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.debug import CommDebugMode
 
-__all__ = ["CollectiveLog", "as_dtensors", "mesh_of", "to_local"]
+__all__ = ["CollectiveLog", "as_dtensors", "grads_placed", "mesh_of", "to_local"]
 
 
 def mesh_of(tensors: Sequence[torch.Tensor]):  # -> DeviceMesh | None
@@ -39,6 +39,29 @@ def as_dtensors(tensors: Sequence[torch.Tensor], mesh) -> list[torch.Tensor]:
         else:
             out.append(DTensor.from_local(t.to(mesh.device_type), mesh, placements, run_check=False))
     return out
+
+
+class _GradAsPlaced(torch.autograd.Function):
+    """Identity whose backward gives the gradient the placements of the input: FSDP2 adds its own sharded
+    gradient to `param.grad` shard by shard, so a program's gradient must arrive sharded like the parameter
+    (a replicated gradient is sliced locally, no communication)."""
+
+    @staticmethod
+    def forward(ctx, x: DTensor) -> DTensor:
+        ctx.mesh, ctx.placements = x.device_mesh, x.placements
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        if isinstance(g, DTensor) and tuple(g.placements) != tuple(ctx.placements):
+            return g.redistribute(ctx.mesh, ctx.placements)
+        return g
+
+
+def grads_placed(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`params` (DTensors) whose gradients flow back with each parameter's own placements."""
+    return [_GradAsPlaced.apply(p) if isinstance(p, DTensor) and p.requires_grad and torch.is_grad_enabled() else p
+            for p in params]
 
 
 def to_local(outs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
