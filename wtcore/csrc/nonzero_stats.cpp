@@ -35,26 +35,42 @@ int64_t indicator(const T* x, int64_t n, T mag, T lo, T span, uint8_t* e, uint8_
   return nnz;
 }
 
-// blocks of m inputs, k kernel positions apart: per (block, position) the sum of m indicator bytes
-void blocks(const uint8_t* e, int64_t nb, int64_t m, int64_t k, int64_t keep, int64_t* eq, int64_t* le) {
+// blocks of m inputs, k kernel positions apart: per (block, position) the sum of m indicator bytes.
+// For k > 1 the sums s[i] = e[i] + e[i+k] + ... + e[i+(m-1)k] are taken at EVERY i, vector-wide, and kept
+// where i is among the first k of its block (`first`): m times the needed adds, all vectorized (a loop
+// over the k positions of one block would not be).
+void blocks(const uint8_t* e, const uint8_t* first, int64_t nb, int64_t m, int64_t k, int64_t keep, int32_t* s,
+            int64_t* eq, int64_t* le) {
   int64_t a = 0, b = 0;
   if (k == 1 && m == 4) {  // one 32-bit word per block, its byte sum in the top byte
     for (int64_t i = 0; i < nb; i++) {
       uint32_t w;
       std::memcpy(&w, e + 4 * i, 4);
-      uint32_t s = (w * 0x01010101u) >> 24;
-      a += s == static_cast<uint32_t>(keep);
-      b += s <= static_cast<uint32_t>(keep);
+      uint32_t v = (w * 0x01010101u) >> 24;
+      a += v == static_cast<uint32_t>(keep);
+      b += v <= static_cast<uint32_t>(keep);
     }
+  } else if (m == 4) {
+    const int64_t n = (nb * m - (m - 1)) * k;
+    const uint8_t kp = static_cast<uint8_t>(keep > 255 ? 255 : keep);
+    int32_t a32 = 0, b32 = 0;
+    for (int64_t i = 0; i < n; i++) {
+      uint8_t v = e[i] + e[i + k] + e[i + 2 * k] + e[i + 3 * k];
+      a32 += (v == kp) & first[i];
+      b32 += (v <= kp) & first[i];
+    }
+    a = a32;
+    b = b32;
   } else {
-    for (int64_t blk = 0; blk < nb; blk++) {
-      const uint8_t* base = e + blk * m * k;
-      for (int64_t q = 0; q < k; q++) {
-        int64_t s = 0;
-        for (int64_t t = 0; t < m; t++) s += base[t * k + q];
-        a += s == keep;
-        b += s <= keep;
-      }
+    const int64_t n = (nb * m - (m - 1)) * k;
+    for (int64_t i = 0; i < n; i++) s[i] = e[i];
+    for (int64_t j = 1; j < m; j++) {
+      const uint8_t* ej = e + j * k;
+      for (int64_t i = 0; i < n; i++) s[i] += ej[i];
+    }
+    for (int64_t i = 0; i < n; i++) {
+      a += (s[i] == keep) & first[i];
+      b += (s[i] <= keep) & first[i];
     }
   }
   *eq = a;
@@ -78,6 +94,7 @@ std::tuple<at::Tensor, at::Tensor> nonzero_stats(at::TensorList ws, at::IntArray
   std::vector<int64_t> o(n), c(n), k(n), row_off(n), col_off(n), out_col(n);
   int64_t rows_total = 0, col_len = 0, cols_total = 0, row_max = 1;
   std::vector<Task> tasks;
+  std::vector<std::vector<uint8_t>> first(n);  // 1 at the first k entries of every block of m * k
   for (int64_t i = 0; i < n; i++) {
     const auto& w = ws[i];
     TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() >= 2, "wt::nonzero_stats: weight ", i,
@@ -92,6 +109,10 @@ std::tuple<at::Tensor, at::Tensor> nonzero_stats(at::TensorList ws, at::IntArray
     col_len += c[i] * k[i];
     cols_total += c[i];
     row_max = std::max(row_max, c[i] * k[i]);
+    if (c[i] / m > 0 && !(k[i] == 1 && m == 4)) {
+      first[i].resize(c[i] * k[i]);
+      for (int64_t j = 0; j < c[i] * k[i]; j++) first[i][j] = (j % (m * k[i])) < k[i];
+    }
     int64_t step = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(c[i] * k[i], 1));
     for (int64_t r = 0; r < o[i]; r += step) tasks.push_back({i, r, std::min(r + step, o[i])});
   }
@@ -103,6 +124,7 @@ std::tuple<at::Tensor, at::Tensor> nonzero_stats(at::TensorList ws, at::IntArray
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     uint8_t* mine = acc.data() + static_cast<size_t>(at::get_thread_num()) * col_len;
     std::vector<uint8_t> e(row_max);
+    std::vector<int32_t> sums(m == 4 ? 1 : row_max);
     for (int64_t ti = begin; ti < end; ti++) {
       const Task& t = tasks[ti];
       const auto& w = ws[t.w];
@@ -115,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> nonzero_stats(at::TensorList ws, at::IntArray
         for (int64_t r = t.r0; r < t.r1; r++) {
           int64_t nnz = indicator<T>(data + r * len, len, B::mag, l, span, e.data(), mine + col_off[t.w]);
           int64_t eq = 0, le = 0;
-          if (nb > 0) blocks(e.data(), nb, m, k[t.w], keep, &eq, &le);
+          if (nb > 0) blocks(e.data(), first[t.w].data(), nb, m, k[t.w], keep, sums.data(), &eq, &le);
           const int64_t i = row_off[t.w] + r;
           R[i] = nnz;
           R[rows_total + i] = eq;
