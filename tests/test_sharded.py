@@ -7,6 +7,7 @@ whole parameter (`wtcore.sharded.CollectiveLog`)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import socket
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 import wtcore
 from wtcore.sharded import CollectiveLog
-from wtfront import WeightTracker, trace
+from wtfront import WeightTracker, apply_masks, effective_params, trace
 
 SPECS = ["group_lasso", "unit_l2", "group_active_units", "active_macs", "unstructured_sparsity"]
 LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
@@ -61,7 +62,14 @@ def _run(model: torch.nn.Module, structure: wtcore.Structure, log: CollectiveLog
              for n, p in params.items() if p.grad is not None}
     tracker = WeightTracker(model, None, structure=structure)
     tracker.create_tracker(["group_lasso", "active_macs", "unstructured_sparsity", "group_active_units", "nm_sparsity"])
-    return {"out": {k: v.detach() for k, v in out.items()}, "grads": grads, "track": tracker.track()}
+    tracked = tracker.track()
+    mask = wtcore.compile(structure, wtcore.Spec("ln_structured", amount=0.3, scope="global"))
+    keep = mask(effective_params(model, structure))["ln_structured"]
+    apply_masks(model, structure, keep)  # fake pruning: zeroes each rank's own part of the parameters
+    masked = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+              for n, p in model.named_parameters()}
+    return {"out": {k: v.detach() for k, v in out.items()}, "grads": grads, "track": tracked, "keep": keep,
+            "masked": masked}
 
 
 def _worker(rank: int, world: int, port: int, folder: str, names: list[str]) -> None:
@@ -73,7 +81,7 @@ def _worker(rank: int, world: int, port: int, folder: str, names: list[str]) -> 
         for name in names:
             model = _model(name)
             structure = trace(model, _example(name))
-            want = _run(model, structure)
+            want = _run(copy.deepcopy(model), structure)  # (it fake-prunes the model it is given)
             for m in model.modules():
                 if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Embedding)):
                     fully_shard(m, mesh=mesh)
@@ -104,7 +112,7 @@ def two_ranks(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "llama"])
-def test_fsdp2_program_equals_unsharded_on_every_rank(two_ranks, name):
+def test_fsdp2_programs_and_fake_pruning_equal_unsharded_on_every_rank(two_ranks, name):
     for rank in two_ranks:
         r = rank[name]
         want, got = r["want"], r["got"]
@@ -114,6 +122,9 @@ def test_fsdp2_program_equals_unsharded_on_every_rank(two_ranks, name):
         assert got["grads"].keys() == want["grads"].keys() and want["grads"]
         for k, v in want["grads"].items():
             torch.testing.assert_close(got["grads"][k], v, rtol=1e-5, atol=1e-7, msg=f"{name}: grad of {k}")
+        assert torch.equal(got["keep"], want["keep"])
+        for k, v in want["masked"].items():
+            assert torch.equal(got["masked"][k], v), f"{name}: fake-pruned {k}"
         assert got["track"].keys() == want["track"].keys()
         for k, v in want["track"].items():
             assert got["track"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), f"{name}: track {k}"

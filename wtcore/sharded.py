@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 
-__all__ = ["CollectiveLog", "as_dtensors", "grads_placed", "mesh_of", "to_local"]
+__all__ = ["CollectiveLog", "as_dtensors", "grads_placed", "mesh_of", "placed_like", "to_local"]
 
 
 def mesh_of(tensors: Sequence[torch.Tensor]):  # -> DeviceMesh | None
@@ -62,6 +62,14 @@ def grads_placed(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """`params` (DTensors) whose gradients flow back with each parameter's own placements."""
     return [_GradAsPlaced.apply(p) if isinstance(p, DTensor) and p.requires_grad and torch.is_grad_enabled() else p
             for p in params]
+
+
+def placed_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`t` (a whole tensor every rank holds, e.g. a mask) as a DTensor placed like `ref` when `ref` is one:
+    each rank keeps its own part, no communication; `t` itself otherwise."""
+    if not isinstance(ref, DTensor):
+        return t
+    return distribute_tensor(t.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
 
 
 def to_local(outs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
