@@ -90,3 +90,26 @@ def test_concurrent_first_builds_build_once_and_a_corrupt_library_is_rebuilt(tmp
     lib.write_bytes(b"not a library")
     assert _finish(_start(tmp_path, cache)) == folder
     assert lib.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_without_a_compiler_one_warning_and_the_same_counts(monkeypatch):
+    import torch
+
+    import wtcore.build
+    from wtcore import native
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(wtcore.build, "build_extension", no_compiler)
+    native._extension.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="native nonzero_stats kernel unavailable") as record:
+            assert not native.available()
+        assert len(record) == 1 and "\n" not in str(record[0].message)
+        w = torch.randn(6, 8, 3)
+        got = native.nonzero_stats([w], 0.0, 4, 2)
+        assert all(torch.equal(a, b) for a, b in zip(got, native.nonzero_stats_torch([w], 0.0, 4, 2)))
+    finally:
+        monkeypatch.undo()
+        native._extension.cache_clear()
