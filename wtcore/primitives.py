@@ -372,7 +372,7 @@ def _sumsq_sums(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     sq = x.square()
     if k == 1:
         return sq.sum(1), sq.sum(0)
-    return sq.sum(1), sq.reshape(x.shape[0], -1, k).sum((0, 2))
+    return sq.sum(1), sq.reshape(x.shape[0], -1, k).sum(0).sum(1)  # (the summation order of sum(0) first)
 
 
 def _sumsq_rows_cols(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
