@@ -126,3 +126,19 @@ def test_program_on_meta_parameters_gives_shapes():
     ref = program(dict(model.named_parameters()))
     got = program({n: p.detach().to("meta") for n, p in model.named_parameters()})
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in ref.items()}
+
+
+@pytest.mark.slow
+def test_compiled_program_on_dtensors_equals_eager_plain(one_rank_mesh):
+    from toys import Net, X
+
+    torch.manual_seed(0)
+    model = Net()
+    structure = trace(model, X)
+    specs = ["group_lasso", "unit_l2", "group_active_units", "active_macs", "unstructured_sparsity"]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    ref = wtcore.compile(structure, specs)(params)
+    got = wtcore.compile(structure, specs, backend="inductor")(
+        {n: distribute_tensor(p, one_rank_mesh, [Shard(0)]) for n, p in params.items()})
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, msg=k)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from . import native
 
@@ -399,7 +400,7 @@ def sumsq_pairs(*ws: Tensor, layouts: tuple[tuple[int, int, int, bool], ...]) ->
 @_primitive
 def nonzero_bytes(x: Tensor, *, tolerance: float) -> Tensor:
     """uint8 1 where `|x| > tolerance` (`x != 0` at tolerance 0: NaN counts as nonzero), else 0."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not isinstance(x, DTensor):
         return native.nonzero_bytes_op(x, tolerance)
     return native.nonzero_bytes(x, tolerance)
 
@@ -410,6 +411,6 @@ def nonzero_stats(*ws: Tensor, tolerance: float, m: int, keep: int) -> tuple[Ten
     per output row the nonzeros and the `m`-blocks along axis 1 with exactly / at most `keep` nonzeros;
     uint8 `[sum c]`: 1 where an input has a nonzero). Nonzero means `|w| > tolerance` (`w != 0` at 0).
     One native pass over every weight on CPU, torch ops elsewhere (`wtcore.native`)."""
-    if torch.compiler.is_compiling():
-        return native.nonzero_stats_op(list(ws), tolerance, m, keep)
+    if torch.compiler.is_compiling() and not any(isinstance(w, DTensor) for w in ws):
+        return native.nonzero_stats_op(list(ws), tolerance, m, keep)  # (DTensors: op by op, as in eager)
     return native.nonzero_stats(ws, tolerance, m, keep)
