@@ -1,6 +1,7 @@
 """Trace a Llama of 7B shape built on the meta device: structure and MACs without allocating weights.
 
     python bench/bench_meta_llama.py [--layers 32] [--seq 128] [--kv-heads 32]
+    python bench/bench_meta_llama.py --preset 70b      # 80 layers, hidden 8192, 64 heads / 8 KV heads
 
 The model is built under `with torch.device("meta")`, so no parameter memory is allocated; the example
 forward pass (Torch-Pruning's autograd trace and fvcore's jit trace) runs on meta tensors, which carry
@@ -33,8 +34,16 @@ def llama_macs(*, hidden: int, layers: int, heads: int, kv_heads: int, intermedi
     return layers * (proj + attn + mlp) + seq * hidden * vocab
 
 
+#: model shapes by name (Llama-2/3 70B: grouped-query attention with 8 KV heads; vocab of Llama 2)
+PRESETS = {
+    "7b": dict(layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
+    "70b": dict(layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=28672, vocab=32000),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a model shape (the size options below override it)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=32)
@@ -42,6 +51,9 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=11008)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seq", type=int, default=128)
+    preset = ap.parse_known_args()[0].preset
+    if preset:
+        ap.set_defaults(**PRESETS[preset])
     args = ap.parse_args()
 
     import transformers

@@ -3,144 +3,61 @@
 Why native: torch has no single op for "per-row nonzeros, N:M block counts and per-input activity" of a
 weight, so a program composes them, and on CPU each composition pays for memory it should not need: ATen
 writes a full-size indicator before any reduction reads it, and inductor's code stores bool/uint8 values
-~20x slower than ATen's and walks column reductions one vector strip at a time (torch 2.14.1). ResNet-50's
-all-metrics program spent ~9 ms of its ~17 ms compiled (~14 of ~20 eager) there. The C kernel
-(`csrc/nonzero_stats.c`) reads every weight element once and keeps the indicator of one row in L1: ~4 ms
-for all of ResNet-50's weights on two threads.
+much slower than ATen's and walks column reductions one vector strip at a time. The C++ kernel
+(`csrc/nonzero_stats.cpp`: the operator `wt_native::nonzero_stats` registered with `TORCH_LIBRARY`,
+`at::parallel_for` over torch's intra-op threads, dtypes by `AT_DISPATCH`) reads every weight element once
+and keeps the indicator of one row in L1 (docs/design-notes.md has the measurements).
 
-It is built on first use with the C compiler found on the machine (`$CC`, else `cc`/`gcc`/`clang`; inductor
-needs one too), into a cache folder keyed by the source, the compiler and the CPU (`$WT_CACHE_DIR`, else
-`~/.cache/wt`), and loaded with ctypes. Where it cannot run (no compiler, `WT_NATIVE=0`, tensors off the CPU
-or wrapped by `vmap`/`grad`, rows longer than 65536 entries, blocks longer than 255) the same outputs come
-from torch ops (`nonzero_stats_torch`), so results never depend on which implementation ran; the tests
-compare the two.
+`wt::nonzero_stats` is a registered operator (`torch.library.custom_op`): its default implementation, for
+every device, is the torch formulation (`nonzero_stats_torch`); on CPU the C++ kernel runs, built on first
+use through `torch.utils.cpp_extension` (`wtcore.build`: once per machine, in a private cache folder). It has
+a fake implementation, so `torch.compile` traces programs through it. Eager programs call the operator for
+plain CPU tensors (`plain_cpu`) and the torch formulation for every other kind (DTensor, FakeTensor,
+functorch wrappers, other subclasses, meta, CUDA), which those kinds dispatch op by op. Without a compiler
+(or with `WT_NATIVE=0`) the torch formulation runs everywhere, with a one-line warning: results never depend
+on which implementation ran; the tests compare the two.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import math
-import operator
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from .errors import SpecError
-
 __all__ = ["available", "nonzero_bytes", "nonzero_bytes_op", "nonzero_stats", "nonzero_stats_op", "nonzero_stats_torch",
-           "threshold_bits"]
+           "plain_cpu", "threshold_bits"]
 
-_SOURCE = Path(__file__).parent / "csrc" / "nonzero_stats.c"
-_ROW_MAX = 65536
-_TASK_ELEMENTS = 1 << 15  # rows per task: about this many elements (a few per weight, many for big ones)
+_SOURCE = Path(__file__).parent / "csrc" / "nonzero_stats.cpp"
 _WIDTH = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
 _INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-class _Weight(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("o", ctypes.c_int64), ("c", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("row_off", ctypes.c_int64), ("col_off", ctypes.c_int64), ("lo", ctypes.c_uint64),
-                ("hi", ctypes.c_uint64), ("first", ctypes.c_void_p), ("out_col", ctypes.c_int64),
-                ("width", ctypes.c_int32), ("pad", ctypes.c_int32)]
-
-
-class _Task(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_int64), ("r0", ctypes.c_int64), ("r1", ctypes.c_int64)]
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("WT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "wt")
-    return Path(root)
-
-
-def _cpu_id() -> str:
-    """What `-march=native` depends on: the CPU's model and feature flags where Linux says them."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _build() -> Path:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found ($CC, cc, gcc or clang)")
-    source = _SOURCE.read_bytes()
-    attempts = (["-O3", "-march=native"], ["-O3"])
-    key = hashlib.sha256(source + cc.encode() + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
-    out_dir = _cache_dir()
-    lib = out_dir / f"nonzero_stats-{key}.so"
-    if lib.exists():
-        return lib
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.TemporaryFile(dir=out_dir)
-        probe.close()
-    except OSError:  # a read-only home: the temporary folder, per user
-        out_dir = Path(tempfile.gettempdir()) / f"wt-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lib = out_dir / lib.name
-        if lib.exists():
-            return lib
-    errors = []
-    for flags in attempts:  # -march=native is not known to every compiler and target
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-        os.close(fd)
-        cmd = [cc, *flags, "-shared", "-fPIC", "-pthread", "-o", tmp, str(_SOURCE)]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode == 0:
-            os.replace(tmp, lib)  # atomic: concurrent builds (test workers) each install a whole file
-            return lib
-        os.unlink(tmp)
-        errors.append(f"{' '.join(cmd)}: {run.stderr.strip()[-500:]}")
-    raise RuntimeError("building the nonzero_stats kernel failed:\n" + "\n".join(errors))
-
-
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _extension() -> Any:
+    """`torch.ops.wt_native` once the kernel's library is loaded, else None."""
     if os.environ.get("WT_NATIVE", "1") == "0":
         return None
+    from .build import build_extension
+
     try:
-        path = _build()
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError:  # a damaged cached build (an interrupted copy, a disk error): build it again, once
-            path.unlink(missing_ok=True)
-            lib = ctypes.CDLL(str(_build()))
-    except Exception as e:  # any failure: the torch implementation gives the same numbers
-        warnings.warn(f"wt: the native nonzero_stats kernel is unavailable ({e}); programs count nonzeros "
-                      "with torch ops instead (same results, slower on CPU). Set WT_NATIVE=0 to silence this.",
+        build_extension("wt_nonzero_stats", [_SOURCE], cflags=("-O3", "-march=native"))
+        return torch.ops.wt_native
+    except Exception as e:  # any failure: the torch formulation gives the same numbers
+        warnings.warn(f"wt: native nonzero_stats kernel unavailable ({str(e).strip().splitlines()[-1][:200]}); "
+                      "counting with torch ops (same results, slower on CPU; WT_NATIVE=0 silences this)",
                       RuntimeWarning, stacklevel=3)
         return None
-    fn = lib.wt_nonzero_stats
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    return lib
 
 
 def available() -> bool:
     """Whether the native kernel is built and loaded (building it on the first call)."""
-    return _library() is not None
+    return _extension() is not None
 
 
 @functools.cache
@@ -163,79 +80,48 @@ def threshold_bits(dtype: torch.dtype, tolerance: float) -> tuple[int, int]:
     return lo, inf
 
 
-@functools.cache
-def _first_mask(c: int, k: int, m: int) -> np.ndarray:
-    """1 at the first k entries of every block of m * k entries of a row of c * k."""
-    i = np.arange(c * k)
-    return ((i % (m * k)) < k).astype(np.uint8)
-
-
-class _Plan:
-    """The ctypes arrays for one list of (shape, dtype), built once and shared by every call, from any thread:
-    they are never written after construction (a call fills the data pointers of its own copy of `weights`,
-    since the kernel runs with the GIL released while other threads call)."""
-
-    def __init__(self, shapes: Sequence[tuple[tuple[int, ...], torch.dtype]], tolerance: float, m: int) -> None:
-        self.weights = (_Weight * len(shapes))()
-        tasks: list[tuple[int, int, int]] = []
-        self.masks: list[np.ndarray] = []
-        row = col = out_col = 0
-        for i, (shape, dtype) in enumerate(shapes):
-            o, c, k = shape[0], shape[1], math.prod(shape[2:])
-            lo, hi = threshold_bits(dtype, tolerance)
-            w = self.weights[i]
-            w.o, w.c, w.k, w.row_off, w.col_off, w.out_col = o, c, k, row, col, out_col
-            w.lo, w.hi, w.width = lo, hi, _WIDTH[dtype]
-            if c // m and not (k == 1 and m == 4):
-                mask = _first_mask(c, k, m)
-                self.masks.append(mask)
-                w.first = mask.ctypes.data
-            step = max(1, _TASK_ELEMENTS // max(c * k, 1))
-            tasks.extend((i, r, min(r + step, o)) for r in range(0, o, step))
-            row, col, out_col = row + o, col + c * k, out_col + c
-        size = [math.prod(s[1:]) for s, _ in shapes]
-        tasks.sort(key=lambda t: -(t[2] - t[1]) * size[t[0]])  # long tasks first: the threads finish together
-        self.tasks = (_Task * len(tasks))(*[_Task(*t) for t in tasks])
-        self.rows, self.cols = row, out_col
-
-
-@functools.lru_cache(maxsize=64)
-def _plan(shapes: tuple[tuple[tuple[int, ...], torch.dtype], ...], tolerance: float, m: int) -> _Plan:
-    return _Plan(shapes, tolerance, m)
-
-
 def nonzero_stats_torch(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """`nonzero_stats` with torch ops (any device): the fallback, and what the kernel is tested against."""
-    _check_block(m, keep)
     rows, cols = [], []
     for w in ws:
         o, c, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
         e = nonzero_bytes(w, tolerance).reshape(o, c, k)
-        nnz = e.reshape(o, c * k).sum(1, dtype=torch.int64)
+        nnz = e.reshape(o, -1).sum(1, dtype=torch.int64)
         nb = c // m
         if nb:
-            blk = e[:, : nb * m].reshape(o, nb, m, k).sum(2, dtype=torch.int32).reshape(o, nb * k)
+            blk = e[:, : nb * m].reshape(o, nb, m, k).sum(2, dtype=torch.int32).reshape(o, -1)
             eq, le = (blk == keep).sum(1, dtype=torch.int64), (blk <= keep).sum(1, dtype=torch.int64)
         else:
-            eq = le = torch.zeros(o, dtype=torch.int64, device=w.device)
+            eq = le = torch.zeros_like(nnz)  # (like a DTensor's placements too)
         rows.append(torch.stack([nnz, eq, le]))
-        cols.append(e.amax((0, 2)) if e.numel() else torch.zeros(c, dtype=torch.uint8, device=w.device))
+        cols.append(e.amax((0, 2)))
     dev = ws[0].device if ws else None
     return (torch.cat(rows, 1) if rows else torch.zeros(3, 0, dtype=torch.int64, device=dev),
             torch.cat(cols) if cols else torch.zeros(0, dtype=torch.uint8, device=dev))
 
 
-def _check_block(m: int, keep: int) -> None:
-    if m < 1 or not 0 <= keep <= m:
-        raise SpecError(f"nonzero_stats: blocks of m={m} entries with keep={keep} nonzeros; need m >= 1 and "
-                        "0 <= keep <= m")
+def plain_cpu(w: torch.Tensor) -> bool:
+    """Whether `w` is a dense CPU tensor that owns the memory it describes, so a kernel may read its data
+    pointer: exactly `torch.Tensor` or `nn.Parameter` (not a DTensor, FakeTensor or other subclass), strided,
+    with a storage (functorch's `vmap`/`grad` wrappers have none: asking for it raises) large enough for
+    its elements. Everything else takes the torch formulation, which every tensor kind dispatches."""
+    if type(w) is not torch.Tensor and type(w) is not torch.nn.Parameter:
+        return False
+    if w.device.type != "cpu" or w.layout != torch.strided:
+        return False
+    try:
+        storage = w.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return False
+    if w.numel() == 0:
+        return True
+    extent = w.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(w.shape, w.stride()))
+    return storage.data_ptr() != 0 and storage.nbytes() >= extent * w.element_size()
 
 
-def _native_ok(w: torch.Tensor, m: int) -> bool:
-    """Plain CPU tensors the kernel reads (not a `vmap`/`grad` wrapper, whose data is not its own)."""
-    return (w.device.type == "cpu" and w.dtype in _WIDTH and math.prod(w.shape[1:]) <= _ROW_MAX and m <= 255
-            and not torch._C._functorch.is_functorch_wrapped_tensor(w))
+def _native_ok(w: torch.Tensor) -> bool:
+    return w.dim() >= 2 and w.dtype in _WIDTH and plain_cpu(w)
 
 
 def nonzero_stats(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: int
@@ -243,26 +129,20 @@ def nonzero_stats(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: in
     """Counts of 2+-dim weights `[o, c, *k]`, concatenated weight after weight: `rows` int64 `[3, sum o]`
     (per output row: nonzeros, blocks of `m` consecutive inputs with exactly `keep` nonzeros, with at most
     `keep`; blocks per kernel position, `c % m` tail inputs in none) and `cols` uint8 `[sum c]` (1 where an
-    input has a nonzero in some row and kernel position). Nonzero means `|w| > tolerance` (`w != 0` at 0)."""
-    _check_block(m, keep)
-    lib = _library()
-    if lib is None or not ws or math.isinf(tolerance) or not all(_native_ok(w, m) for w in ws):
+    input has a nonzero in some row and kernel position). Nonzero means `|w| > tolerance` (`w != 0` at 0).
+    The `wt::nonzero_stats` operator for plain CPU tensors, the torch formulation for every other kind."""
+    if ws and all(_native_ok(w) for w in ws) and available():
+        return nonzero_stats_op(list(ws), tolerance, m, keep)
+    return nonzero_stats_torch(ws, tolerance, m, keep)
+
+
+def _native(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ext = _extension()
+    if ext is None or not ws or math.isinf(tolerance) or not all(_native_ok(w) for w in ws):
         return nonzero_stats_torch(ws, tolerance, m, keep)  # (nothing is above an infinite tolerance)
-    if any(operator.gt(*threshold_bits(w.dtype, tolerance)) for w in ws):  # nothing is above (torch rounds the
-        return nonzero_stats_torch(ws, tolerance, m, keep)  # tolerance to inf): the kernel cannot say "none"
     ws = [w if w.is_contiguous() else w.contiguous() for w in ws]
-    plan = _plan(tuple((tuple(w.shape), w.dtype) for w in ws), tolerance, m)
-    weights = (_Weight * len(ws)).from_buffer_copy(plan.weights)  # this call's own: see `_Plan`
-    for slot, w in zip(weights, ws):
-        slot.data = w.data_ptr()
-    rows = torch.empty(3, plan.rows, dtype=torch.int64)
-    cols = torch.empty(plan.cols, dtype=torch.uint8)
-    rc = lib.wt_nonzero_stats(ctypes.addressof(weights), len(ws), ctypes.addressof(plan.tasks),
-                              len(plan.tasks), plan.rows, m, keep, rows.data_ptr(), cols.data_ptr(),
-                              torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"wt nonzero_stats kernel failed with code {rc}")
-    return rows, cols
+    bits = [threshold_bits(w.dtype, tolerance) for w in ws]
+    return ext.nonzero_stats(ws, [lo for lo, _ in bits], [hi for _, hi in bits], m, keep)
 
 
 def nonzero_bytes(x: torch.Tensor, tolerance: float) -> torch.Tensor:
@@ -287,10 +167,15 @@ def _(x: torch.Tensor, tolerance: float) -> torch.Tensor:
 @torch.library.custom_op("wt::nonzero_stats", mutates_args=())
 def nonzero_stats_op(ws: list[torch.Tensor], tolerance: float, m: int, keep: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`nonzero_stats` as an operator that torch.compile calls without looking into it (dynamo cannot trace
-    the ctypes call). No autograd or vmap rule: counts have no gradient, and eager programs, which vmap and
-    grad transform, call `nonzero_stats` directly (torch ops under those transforms)."""
-    return nonzero_stats(ws, tolerance, m, keep)
+    """`nonzero_stats` as a registered operator: the torch formulation on every device but the CPU, where
+    the C++ kernel runs. No autograd or vmap rule: counts have no gradient, and eager programs, which vmap
+    and grad transform, call the torch formulation for wrapped tensors."""
+    return nonzero_stats_torch(ws, tolerance, m, keep)
+
+
+@nonzero_stats_op.register_kernel("cpu")
+def _(ws: list[torch.Tensor], tolerance: float, m: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _native(ws, tolerance, m, keep)
 
 
 @nonzero_stats_op.register_fake

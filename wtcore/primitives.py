@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from . import native
 
@@ -342,35 +343,44 @@ def item(x: Sequence[Tensor], *, index: int) -> Tensor:
 
 # ------------------------------------------------------------------------------------- fused
 class _SumsqRowsCols(torch.autograd.Function):
-    """Row and column sums of squares of a 2-D tensor with a one-temporary backward.
+    """Row sums of squares of a 2-D tensor `[o, i * k]` and its column sums added over each group of `k`
+    columns (an input channel's kernel positions), with a one-temporary backward.
 
     As composed ops, autograd adds the two broadcast gradients into one full-size buffer and square's
-    backward makes two more; here the backward is `x * (2 g_rows[:, None] + 2 g_cols[None, :])`.
-    `generate_vmap_rule` keeps it usable under `torch.func.vmap`/`grad`.
+    backward makes two more; here the backward is `x * (2 g_rows[:, None] + 2 g_cols[None, :])`. Summing
+    over the kernel inside the reduction keeps a row-sharded (DTensor) weight's partial column sums
+    input-sized. `generate_vmap_rule` keeps it usable under `torch.func.vmap`/`grad`.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
-        sq = x.square()
-        return sq.sum(1), sq.sum(0)
+    def forward(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        return _sumsq_sums(x, k)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Any) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Tensor, int], output: Any) -> None:
         ctx.save_for_backward(inputs[0])
+        ctx.k = inputs[1]
 
     @staticmethod
-    def backward(ctx: Any, g_rows: Tensor, g_cols: Tensor) -> Tensor:
+    def backward(ctx: Any, g_rows: Tensor, g_cols: Tensor) -> tuple[Tensor, None]:
         (x,) = ctx.saved_tensors
-        return x * ((g_rows * 2).unsqueeze(-1) + (g_cols * 2).unsqueeze(-2))
+        g_cols = (g_cols * 2).unsqueeze(-1).expand(*g_cols.shape, ctx.k).flatten(-2)
+        return x * ((g_rows * 2).unsqueeze(-1) + g_cols.unsqueeze(-2)), None
 
 
-def _sumsq_rows_cols(x: Tensor) -> tuple[Tensor, Tensor]:
-    if x.requires_grad and torch.is_grad_enabled():
-        return _SumsqRowsCols.apply(x)
+def _sumsq_sums(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     sq = x.square()
-    return sq.sum(1), sq.sum(0)
+    if k == 1:
+        return sq.sum(1), sq.sum(0)
+    return sq.sum(1), sq.reshape(x.shape[0], -1, k).sum(0).sum(1)  # (the summation order of sum(0) first)
+
+
+def _sumsq_rows_cols(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    if x.requires_grad and torch.is_grad_enabled():
+        return _SumsqRowsCols.apply(x, k)
+    return _sumsq_sums(x, k)
 
 
 @_primitive
@@ -383,9 +393,7 @@ def sumsq_pairs(*ws: Tensor, layouts: tuple[tuple[int, int, int, bool], ...]) ->
     weight's squares are freed before the next weight is read."""
     parts = []
     for w, (o, i, k, rows_first) in zip(ws, layouts):
-        rows, cols = _sumsq_rows_cols(acc(w).reshape(o, i * k))
-        if k > 1:
-            cols = cols.reshape(i, k).sum(1)
+        rows, cols = _sumsq_rows_cols(acc(w).reshape(o, i * k), k)
         parts.append(torch.cat([rows, cols] if rows_first else [cols, rows]))
     return torch.cat(parts)
 
@@ -393,7 +401,7 @@ def sumsq_pairs(*ws: Tensor, layouts: tuple[tuple[int, int, int, bool], ...]) ->
 @_primitive
 def nonzero_bytes(x: Tensor, *, tolerance: float) -> Tensor:
     """uint8 1 where `|x| > tolerance` (`x != 0` at tolerance 0: NaN counts as nonzero), else 0."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not isinstance(x, DTensor):
         return native.nonzero_bytes_op(x, tolerance)
     return native.nonzero_bytes(x, tolerance)
 
@@ -404,6 +412,6 @@ def nonzero_stats(*ws: Tensor, tolerance: float, m: int, keep: int) -> tuple[Ten
     per output row the nonzeros and the `m`-blocks along axis 1 with exactly / at most `keep` nonzeros;
     uint8 `[sum c]`: 1 where an input has a nonzero). Nonzero means `|w| > tolerance` (`w != 0` at 0).
     One native pass over every weight on CPU, torch ops elsewhere (`wtcore.native`)."""
-    if torch.compiler.is_compiling():
-        return native.nonzero_stats_op(list(ws), tolerance, m, keep)
+    if torch.compiler.is_compiling() and not any(isinstance(w, DTensor) for w in ws):
+        return native.nonzero_stats_op(list(ws), tolerance, m, keep)  # (DTensors: op by op, as in eager)
     return native.nonzero_stats(ws, tolerance, m, keep)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import sharded
 from .codegen import Generated, load
 from .errors import ParamsError, StaleProgramError
 from .interpret import value_types
@@ -106,18 +107,29 @@ class Program:
             self._consts[device] = hit
         return hit
 
-    def __call__(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _inputs(self, params: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+        """The program's parameters and constants on the parameters' device, both DTensors on their mesh
+        when some parameter is one (`wtcore.sharded`), and whether they are."""
         inputs = self.gather(params)
         device = inputs[0].device if inputs else torch.device("cpu")
-        outs = self._run(inputs, self.consts_on(device))
+        consts = self.consts_on(device)
+        mesh = sharded.mesh_of(inputs)
+        if mesh is None:
+            return inputs, consts, False
+        return sharded.grads_placed(sharded.as_dtensors(inputs, mesh)), sharded.as_dtensors(consts, mesh), True
+
+    def __call__(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        inputs, consts, dist = self._inputs(params)
+        outs = self._run(inputs, consts)
+        if dist:  # unit-sized results, replicated as plain tensors: they mix with the model's outputs in a loss
+            outs = sharded.to_local(outs)
         return dict(zip(self.output_keys, outs))
 
     def flat(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Every output flattened, in `output_keys` order, as ONE float64 vector (split it with
         `output_numels`): what a tracker logs, read back with a single host sync. The packing runs inside the
         program (inside the compiled graph with `backend=`), not once per output afterwards."""
-        inputs = self.gather(params)
-        device = inputs[0].device if inputs else torch.device("cpu")
+        inputs, consts, dist = self._inputs(params)
         if self._flat_run is None:
             fn = self.fn
 
@@ -126,7 +138,8 @@ class Program:
 
             self._flat_run = (torch.compile(wt_program_flat, backend=self.backend, fullgraph=True) if self.backend
                               else wt_program_flat)
-        return self._flat_run(inputs, self.consts_on(device))
+        out = self._flat_run(inputs, consts)
+        return sharded.to_local([out])[0] if dist else out
 
     @property
     def output_numels(self) -> tuple[int, ...]:

@@ -24,6 +24,7 @@ from wtcore.checks import require_finite
 from wtcore.errors import WtError
 from wtcore.ir import Structure
 from wtcore.masking import as_unit_vector, keep_from_removed, param_masks, removed_by_group
+from wtcore.sharded import placed_like
 
 from ..modules import effective_params
 
@@ -115,8 +116,8 @@ class FakePruning:
                     "was physically pruned; masks of the old structure no longer apply"
                 )
             drop = self._drop.get(name)
-            if drop is None or drop.device != p.device:
-                drop = self._drop[name] = (~m).to(p.device)
+            if drop is None or drop.device != p.device or type(drop) is not type(p):
+                drop = self._drop[name] = placed_like((~m).to(p.device), p)  # a DTensor's part stays local
             p.masked_fill_(drop, 0)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
