@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .errors import SpecError
+
 __all__ = ["available", "nonzero_bytes", "nonzero_bytes_op", "nonzero_stats", "nonzero_stats_op", "nonzero_stats_torch",
            "plain_cpu", "threshold_bits"]
 
@@ -83,19 +85,20 @@ def threshold_bits(dtype: torch.dtype, tolerance: float) -> tuple[int, int]:
 def nonzero_stats_torch(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """`nonzero_stats` with torch ops (any device): the fallback, and what the kernel is tested against."""
+    _check_block(m, keep)
     rows, cols = [], []
     for w in ws:
         o, c, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
         e = nonzero_bytes(w, tolerance).reshape(o, c, k)
-        nnz = e.reshape(o, -1).sum(1, dtype=torch.int64)
+        nnz = e.reshape(o, c * k).sum(1, dtype=torch.int64)
         nb = c // m
         if nb:
-            blk = e[:, : nb * m].reshape(o, nb, m, k).sum(2, dtype=torch.int32).reshape(o, -1)
+            blk = e[:, : nb * m].reshape(o, nb, m, k).sum(2, dtype=torch.int32).reshape(o, nb * k)
             eq, le = (blk == keep).sum(1, dtype=torch.int64), (blk <= keep).sum(1, dtype=torch.int64)
         else:
             eq = le = torch.zeros_like(nnz)  # (like a DTensor's placements too)
         rows.append(torch.stack([nnz, eq, le]))
-        cols.append(e.amax((0, 2)))
+        cols.append(e.amax((0, 2)) if e.numel() else torch.zeros(c, dtype=torch.uint8, device=w.device))
     dev = ws[0].device if ws else None
     return (torch.cat(rows, 1) if rows else torch.zeros(3, 0, dtype=torch.int64, device=dev),
             torch.cat(cols) if cols else torch.zeros(0, dtype=torch.uint8, device=dev))
@@ -131,6 +134,7 @@ def nonzero_stats(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: in
     `keep`; blocks per kernel position, `c % m` tail inputs in none) and `cols` uint8 `[sum c]` (1 where an
     input has a nonzero in some row and kernel position). Nonzero means `|w| > tolerance` (`w != 0` at 0).
     The `wt::nonzero_stats` operator for plain CPU tensors, the torch formulation for every other kind."""
+    _check_block(m, keep)
     if ws and all(_native_ok(w) for w in ws) and available():
         return nonzero_stats_op(list(ws), tolerance, m, keep)
     return nonzero_stats_torch(ws, tolerance, m, keep)
@@ -140,9 +144,17 @@ def _native(ws: Sequence[torch.Tensor], tolerance: float, m: int, keep: int) -> 
     ext = _extension()
     if ext is None or not ws or math.isinf(tolerance) or not all(_native_ok(w) for w in ws):
         return nonzero_stats_torch(ws, tolerance, m, keep)  # (nothing is above an infinite tolerance)
-    ws = [w if w.is_contiguous() else w.contiguous() for w in ws]
     bits = [threshold_bits(w.dtype, tolerance) for w in ws]
+    if any(lo > hi for lo, hi in bits):  # nothing is above (torch rounds the tolerance to inf): the kernel's bit
+        return nonzero_stats_torch(ws, tolerance, m, keep)  # range cannot say "none"
+    ws = [w if w.is_contiguous() else w.contiguous() for w in ws]
     return ext.nonzero_stats(ws, [lo for lo, _ in bits], [hi for _, hi in bits], m, keep)
+
+
+def _check_block(m: int, keep: int) -> None:
+    if m < 1 or not 0 <= keep <= m:
+        raise SpecError(f"nonzero_stats: blocks of m={m} entries with keep={keep} nonzeros; need m >= 1 and "
+                        "0 <= keep <= m")
 
 
 def nonzero_bytes(x: torch.Tensor, tolerance: float) -> torch.Tensor:
