@@ -287,6 +287,7 @@ class TrainingPruner:
         out[f"{self.prefix}target"] = ctrl.config.target if ctrl.done else hist[-1]["target"] if hist else 1.0
         assert self._reg is not None and self.model is not None and self.structure is not None
         with torch.no_grad():
-            out[f"{self.prefix}group_lasso"] = float(self._reg(effective_params(self.model, self.structure))["group_lasso"])
+            value = self._reg(effective_params(self.model, self.structure))["group_lasso"]
+        out[f"{self.prefix}group_lasso"] = float(value)
         return out
 
