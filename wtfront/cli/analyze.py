@@ -610,39 +610,92 @@ def plot_unit_norms(analysis: Analysis, path: str | os.PathLike[str], *, bins: i
 
 TREND_LINES = {
     "macs_ratio": "active MACs / dense",
+    "macs_ratio_pruned": "MACs / dense if the collapsed units were pruned",
     "bops_ratio": "structured BOPs / dense",
     "params_ratio": "active params / dense",
     "sparsity": "unstructured sparsity",
     "units_below_threshold": "units <= threshold (fraction)",
+    "collapsed_units": "collapsed units (fraction)",
 }
 
 
 def plot_trends(analysis: Analysis, path: str | os.PathLike[str]) -> PlotData:
-    """Active MACs, BOPs and parameters (fractions of the unpruned model), unstructured sparsity and the
-    fraction of units below the threshold, over the checkpoints in order."""
+    """Top: active MACs, BOPs and parameters (fractions of the unpruned model), the MACs left if the collapsed
+    units were pruned, unstructured sparsity and the fractions of units below the threshold and collapsed, over
+    the checkpoints in order. Bottom: the group lasso (line key "group_lasso")."""
     plt = _pyplot()
     n = len(analysis.checkpoints)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * n + 3), 3.6))
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * n + 3), 5.6), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1.4]})
     xs: dict[str, list[float]] = {}
     ys: dict[str, list[float]] = {}
     x = list(range(n))
-    styles = ["-", "--", "-.", ":", "-"]
-    markers = ["o", "s", "^", "D", "v"]
+    styles = ["-", "-", "--", "-.", ":", "-", "--"]
+    markers = ["o", "*", "s", "^", "D", "v", "x"]
     for j, (key, label) in enumerate(TREND_LINES.items()):
         vals = analysis.column(key)
-        if key == "units_below_threshold":
+        if key in ("units_below_threshold", "collapsed_units"):
             vals = [v / max(c.scalars["units"], 1.0) for v, c in zip(vals, analysis.checkpoints)]
-        (line,) = ax.plot(x, vals, ls=styles[j], marker=markers[j], ms=4, label=label)
+        (line,) = ax.plot(x, vals, ls=styles[j], marker=markers[j], ms=4, label=label,
+                          lw=2.2 if key == "macs_ratio_pruned" else 1.2)
         xs[key] = [float(v) for v in line.get_xdata()]
         ys[key] = [float(v) for v in line.get_ydata()]
-    ax.set_xticks(x)
-    ax.set_xticklabels([c.name for c in analysis.checkpoints], rotation=45, ha="right", fontsize=7)
+    (gl,) = ax2.plot(x, analysis.column("group_lasso"), marker="o", ms=4, color="tab:gray")
+    xs["group_lasso"] = [float(v) for v in gl.get_xdata()]
+    ys["group_lasso"] = [float(v) for v in gl.get_ydata()]
+    ax2.set_ylabel("group lasso", fontsize=8)
+    ax2.grid(alpha=0.3)
+    ax2.set_xticks(x)
+    ax2.set_xticklabels([c.label for c in analysis.checkpoints], rotation=45, ha="right", fontsize=7)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("fraction (1 MAC = one multiply-add)", fontsize=8)
-    ax.set_title(f"{analysis.model}: what pruning the inactive units would keep", fontsize=10)
+    thr = analysis.suggested_threshold
+    sub = (f"collapsed: normalized unit norm <= {thr:.2g} (the gap in their distribution)" if thr is not None
+           else "no gap in the unit norms yet: nothing collapsed")
+    ax.set_title(f"{analysis.model}: what pruning would keep\n{sub}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return PlotData(os.fspath(path), xs, ys)
+
+
+def plot_norm_heatmap(analysis: Analysis, path: str | os.PathLike[str], *, max_units: int = 2000) -> PlotData:
+    """Size-normalized unit norms (L2 / sqrt(elements), log10 colour) of every prunable unit (rows, sorted by
+    the last checkpoint's value; at most `max_units`, evenly spaced) across the checkpoints (columns). Collapsing
+    units form a dark band that separates from the rest; the suggested threshold is marked on the colour bar.
+    Checkpoints with other unit counts (physically pruned) are left out. The returned data: x = checkpoint
+    index per column, y["rows"] = the unit index of each row, y[name] = the column's log10 values."""
+    plt = _pyplot()
+    n_units = analysis.checkpoints[0].unit_l2.numel() if analysis.checkpoints else 0
+    cols = [c for c in analysis.checkpoints if c.unit_l2.numel() == n_units]
+    if not cols or n_units == 0:
+        raise AnalysisError("no checkpoints with prunable units to draw")
+    mat = torch.stack([c.normalized.to(torch.float64) for c in cols], dim=1)
+    positive = mat[mat > 0]
+    floor = float(positive.min()) / 10 if positive.numel() else 1e-12
+    logs = mat.clamp(min=floor).log10()
+    order = torch.argsort(logs[:, -1], stable=True)
+    if order.numel() > max_units:
+        order = order[torch.linspace(0, order.numel() - 1, max_units).round().long()]
+    logs = logs[order]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(cols) + 3), 4.6))
+    img = ax.imshow(logs.numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
+    bar = fig.colorbar(img, ax=ax)
+    bar.set_label("log10 normalized unit norm", fontsize=8)
+    thr = analysis.suggested_threshold
+    if thr is not None:
+        bar.ax.axhline(math.log10(thr), color="tab:red", lw=1.5)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([c.label for c in cols], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(f"prunable units ({n_units}), by final norm", fontsize=8)
+    ax.set_title(f"{analysis.model}: unit norms / sqrt(elements) across checkpoints"
+                 + (f" (red: threshold {thr:.2g})" if thr is not None else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    drawn = img.get_array()
+    return PlotData(os.fspath(path), {"columns": [float(i) for i in range(len(cols))]},
+                    {"rows": [float(i) for i in order.tolist()],
+                     **{c.name: [float(v) for v in drawn[:, j]] for j, c in enumerate(cols)}})

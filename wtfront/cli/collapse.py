@@ -1,12 +1,15 @@
 """Which units have collapsed: a threshold from the gap in the distribution of size-normalized unit norms.
 
-Group lasso pulls whole units toward zero, but rarely to exactly zero: collapsed units end a few decades
-below the living ones, at a height that depends on the learning rate, the optimizer and the penalty. A
-fixed threshold on the raw L2 norm misses them (and a unit's L2 norm grows with the number of its elements).
-Here each unit's norm is divided by the square root of its element count (its RMS element), and the
-threshold is put in the widest gap, on a log scale, of those values: the geometric middle of the gap, taken
-from the checkpoint where the gap is widest. No gap of at least `MIN_GAP_DECADES` means nothing has
-separated yet, and no threshold is suggested.
+Group lasso pulls whole units toward zero, but rarely to exactly zero: with Adam, collapsed units hover a few
+decades below the living ones, at a height set by the learning rate, and some are still on their way down.
+A fixed threshold on the raw L2 norm misses them (and a unit's L2 norm grows with the number of its
+elements). Here each unit's norm is divided by the square root of its element count (its RMS element), and
+the log10 values of one checkpoint are split in two by Otsu's method (the split that maximizes the variance
+between the two classes). The split counts as a collapse when the classes' means are at least
+`MIN_SEPARATION` decades apart and the split explains at least `MIN_EXPLAINED` of the variance (a unimodal
+distribution explains at most about 0.75); the threshold is the geometric middle of the two values on either
+side of the split, taken from the checkpoint whose classes are furthest apart. Before any collapse, the units
+of different layers form clusters a fraction of a decade apart, which neither criterion accepts.
 """
 
 from __future__ import annotations
@@ -21,26 +24,29 @@ import wtcore
 from wtcore.ir import Structure
 from wtcore.masking import param_masks
 
-__all__ = ["MIN_GAP_DECADES", "Gap", "collapsed_keep", "find_gap", "macs_ratio_without", "unit_sizes"]
+__all__ = ["MIN_EXPLAINED", "MIN_SEPARATION", "Gap", "collapsed_keep", "find_gap", "macs_ratio_without",
+           "unit_sizes"]
 
-#: the narrowest gap (in decades of the normalized norm: 0.6 is a factor of 4) that counts as a separation
-MIN_GAP_DECADES = 0.6
+#: decades between the mean log10 norms of the collapsed and the living units (1: a factor of 10)
+MIN_SEPARATION = 1.0
+#: the fraction of the log10 norms' variance the split must explain (Otsu's effectiveness measure)
+MIN_EXPLAINED = 0.8
 
 
 @dataclass(frozen=True)
 class Gap:
-    """The widest gap: `below` and `above` are the normalized norms on either side, `threshold` their geometric
-    mean, `checkpoint` the index of the checkpoint it was found in, `units_below` how many units lie below."""
+    """The split: `below` and `above` are the normalized norms on either side, `threshold` their geometric mean,
+    `separation` the decades between the two classes' mean log10 norms, `explained` the fraction of variance
+    the split explains, `checkpoint` the index of the checkpoint it was found in, `units_below` how many of its
+    units (exact zeros included) lie below."""
 
     threshold: float
     below: float
     above: float
+    separation: float
+    explained: float
     checkpoint: int
     units_below: int
-
-    @property
-    def decades(self) -> float:
-        return math.log10(self.above / self.below)
 
 
 def unit_sizes(structure: Structure) -> torch.Tensor:
@@ -51,21 +57,36 @@ def unit_sizes(structure: Structure) -> torch.Tensor:
     return l2.to(torch.float64).square().round()
 
 
-def find_gap(normalized: Sequence[torch.Tensor], min_decades: float = MIN_GAP_DECADES) -> Gap | None:
-    """The widest log-scale gap between consecutive nonzero normalized norms of any one checkpoint (exact zeros
-    are collapsed already and left out), if at least `min_decades` wide."""
+def otsu_split(logs: torch.Tensor) -> tuple[int, float, float]:
+    """For sorted values: (i, separation, explained) of the split into `logs[:i]`, `logs[i:]` with the largest
+    between-class variance."""
+    n = logs.numel()
+    csum = torch.cumsum(logs, 0)
+    i = torch.arange(1, n, dtype=torch.float64)
+    mean_lo = csum[:-1] / i
+    mean_hi = (csum[-1] - csum[:-1]) / (n - i)
+    between = (i / n) * ((n - i) / n) * (mean_hi - mean_lo) ** 2
+    k = int(between.argmax())
+    total = float(logs.var(unbiased=False))
+    explained = float(between[k]) / total if total > 0 else 0.0
+    return k + 1, float(mean_hi[k] - mean_lo[k]), explained
+
+
+def find_gap(normalized: Sequence[torch.Tensor], min_separation: float = MIN_SEPARATION,
+             min_explained: float = MIN_EXPLAINED) -> Gap | None:
+    """The split of the nonzero normalized norms (exact zeros are collapsed already and left out) of the
+    checkpoint whose two classes are furthest apart, among those that pass both criteria; None if none does."""
     best: Gap | None = None
     for k, v in enumerate(normalized):
         nz = torch.sort(v[v > 0].to(torch.float64)).values
         if nz.numel() < 2:
             continue
-        logs = nz.log10()
-        gaps = logs[1:] - logs[:-1]
-        i = int(gaps.argmax())
-        width = float(gaps[i])
-        if width >= min_decades and (best is None or width > best.decades):
-            lo, hi = float(nz[i]), float(nz[i + 1])
-            best = Gap(math.sqrt(lo * hi), lo, hi, k, i + 1 + int((v == 0).sum()))
+        i, separation, explained = otsu_split(nz.log10())
+        if separation < min_separation or explained < min_explained:
+            continue
+        if best is None or separation > best.separation:
+            lo, hi = float(nz[i - 1]), float(nz[i])
+            best = Gap(math.sqrt(lo * hi), lo, hi, separation, explained, k, i + int((v == 0).sum()))
     return best
 
 

@@ -173,7 +173,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from wtcore.errors import WtError
 
     from . import report
-    from .analyze import analyze, plot_trends, plot_unit_norms, write_csv, write_json
+    from .analyze import analyze, plot_norm_heatmap, plot_trends, plot_unit_norms, write_csv, write_json
 
     for p in args.checkpoints:  # fail on a missing file before the (slower) trace
         if not os.path.exists(p):
@@ -199,9 +199,11 @@ def _analyze(args: argparse.Namespace) -> int:
     if not args.no_plots:
         plot_unit_norms(result, out_dir / "unit_norms.png")
         plot_trends(result, out_dir / "trends.png")
-        written += ["unit_norms.png", "trends.png"]
+        plot_norm_heatmap(result, out_dir / "unit_norms_heatmap.png")
+        written += ["unit_norms.png", "trends.png", "unit_norms_heatmap.png"]
     con = _console()
     con.print(report.analysis_table(result))
+    _text(con, report.collapse_summary(result))
     _text(con, f"wrote {', '.join(str(out_dir / w) for w in written)}")
     return 0
 
@@ -359,12 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser(
         "analyze", parents=[common], help="metrics and plots over many checkpoints (which epoch is ready to prune)",
         description="Evaluate group lasso, active MACs/BOPs/parameters, sparsity and unit norms for every "
-                    "checkpoint with one vmapped program, and write metrics.csv, metrics.json, unit_norms.png "
-                    "(per-unit L2 norm histograms per checkpoint) and trends.png (metrics over checkpoints).",
+                    "checkpoint with one vmapped program, suggest a threshold from the gap in the size-normalized "
+                    "unit norms and report the MACs left if the units below it were pruned; write metrics.csv, "
+                    "metrics.json, unit_norms.png (per-unit L2 norm histograms per checkpoint), trends.png "
+                    "(metrics and group lasso over checkpoints) and unit_norms_heatmap.png.",
     )
     a.add_argument("checkpoints", nargs="+", metavar="CKPT",
                    help="checkpoint files or folders: state_dict files, dicts holding one ('state_dict', 'model'), "
-                        "save_pruned checkpoints, or whole pickled models (with --trust-pickle)")
+                        "Lightning .ckpt files, Hugging Face Trainer output folders (checkpoint-N/), save_pruned "
+                        "checkpoints, or whole pickled models (with --trust-pickle)")
     a.add_argument("--out", default="wt-analysis", metavar="DIR", help="output folder (default: wt-analysis)")
     a.add_argument("--chunk", type=int, default=8, metavar="N",
                    help="checkpoints per vmapped evaluation; bounds memory to N copies of the weights (default 8)")

@@ -215,12 +215,33 @@ def comparison_table(before: Structure, after: Structure, rows: int | None = Non
     return t
 
 
-def analysis_table(analysis: Any, metrics: Sequence[str] = ("group_lasso", "macs_ratio", "bops_ratio",
-                                                             "params_ratio", "sparsity", "active_units",
-                                                             "units_below_threshold")) -> Any:
+def analysis_table(analysis: Any, metrics: Sequence[str] = ("group_lasso", "macs_ratio", "params_ratio", "sparsity",
+                                                             "active_units", "units_below_threshold",
+                                                             "collapsed_units", "macs_ratio_pruned")) -> Any:
     """One row per checkpoint of a `wtfront.cli.analyze.Analysis`."""
     t = table(f"{analysis.model}: {len(analysis.checkpoints)} checkpoints (ratios of the unpruned model; "
                "1 MAC = one multiply-add)", [("checkpoint", "left"), *((m, "right") for m in metrics)])
     for c in analysis.checkpoints:
-        add_row(t, c.name, *(_value(float(c.scalars[m])) for m in metrics))
+        add_row(t, c.label, *(_value(float(c.scalars[m])) for m in metrics))
     return t
+
+
+def collapse_summary(analysis: Any) -> str:
+    """What the unit norms say: the suggested threshold and the gap it sits in, the first checkpoint where the
+    collapse is complete and the MACs left there if the collapsed units were pruned, and skipped files."""
+    lines = []
+    gap = analysis.gap
+    if gap is None:
+        lines.append("no gap in the size-normalized unit norms (L2 / sqrt(elements)): no units have collapsed yet")
+    else:
+        where = analysis.checkpoints[gap.checkpoint].label
+        lines.append(f"suggested threshold {gap.threshold:.3g} on size-normalized unit norms (L2 / sqrt(elements)): "
+                     f"{gap.units_below} units below, {gap.separation:.1f} decades under the rest, in {where}")
+        ready = analysis.ready
+        if ready is not None:
+            lines.append(f"ready to prune: {ready.label}: {int(ready.scalars['collapsed_units'])} of "
+                         f"{int(ready.scalars['units'])} units collapsed; pruning them leaves "
+                         f"{ready.scalars['macs_ratio_pruned']:.3f} of the MACs")
+    if analysis.skipped:
+        lines.append(f"skipped {len(analysis.skipped)} unreadable file(s): {', '.join(analysis.skipped[:3])}")
+    return "\n".join(lines)
