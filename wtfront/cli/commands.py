@@ -344,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoints and prune.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from .. import __version__
+
+    p.add_argument("--version", action="version", version=f"wt {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     i = sub.add_parser(
