@@ -116,8 +116,10 @@ def _load(args: argparse.Namespace) -> Any:
 
 def _trace(args: argparse.Namespace, ref: Any) -> Any:
     from ..tracing.entry import trace
+    from .report import phases
 
-    return trace(ref.model, ref.example_inputs, **_trace_kwargs(args))
+    with phases(f"tracing {args.model} (Torch-Pruning's dependency graph, then the unit groups)"):
+        return trace(ref.model, ref.example_inputs, **_trace_kwargs(args))
 
 
 def _console() -> Any:
@@ -217,7 +219,6 @@ def _prune(args: argparse.Namespace) -> int:
     from ..modules import effective_params
     from ..prune.checkpoint import save_pruned
     from ..prune.physical import prune_units
-    from ..tracing.entry import trace
     from . import report
 
     if not 0.0 < args.target_macs <= 1.0:
@@ -226,7 +227,7 @@ def _prune(args: argparse.Namespace) -> int:
     if args.weights:
         _load_weights(ref.model, args.weights)
     kwargs = _trace_kwargs(args)
-    structure = trace(ref.model, ref.example_inputs, **kwargs)
+    structure = _trace(args, ref)
     with torch.no_grad():
         params = {k: v.detach() for k, v in effective_params(ref.model, structure).items()}
     eligible = [g.name for g in structure.groups if g.prunable]  # the groups that may lose units
@@ -236,7 +237,8 @@ def _prune(args: argparse.Namespace) -> int:
             raise WtError(f"--groups {' '.join(args.groups)} matches no prunable unit group; group names look like "
                           f"{', '.join(g.name for g in structure.groups[:3])}")
     if not args.allow_lossy:  # groups where removing is not zeroing (a LayerNorm over the units) keep their units
-        lossy = _lossy(ref.model, structure, ref.example_inputs, eligible)
+        with report.phases("checking which groups can be removed without changing the output"):
+            lossy = _lossy(ref.model, structure, ref.example_inputs, eligible)
         eligible = [n for n in eligible if n not in lossy]
         if lossy:
             name, reason = next(iter(lossy.items()))
@@ -244,12 +246,14 @@ def _prune(args: argparse.Namespace) -> int:
                   f"(e.g. {name!r}: {reason.split(' (')[0]}); --allow-lossy prunes them too", file=sys.stderr)
     if not eligible:
         raise WtError("no unit group may lose units (all are lossy or excluded); see --allow-lossy and --groups")
-    keep = solve_keep(structure, params, target=args.target_macs, metric="macs",
-                      importance="unit_l2" if args.method == "l2" else "random", scope=args.scope,
-                      max_fraction=args.max_fraction, round_to=args.round_to, seed=args.seed,
-                      groups=[glob.escape(n) for n in eligible])
-    new = prune_units(ref.model, structure, ref.example_inputs, keep, trace_kwargs=kwargs,
-                      strict=not args.allow_lossy)
+    with report.phases("solving which units to remove") as phase:
+        keep = solve_keep(structure, params, target=args.target_macs, metric="macs",
+                          importance="unit_l2" if args.method == "l2" else "random", scope=args.scope,
+                          max_fraction=args.max_fraction, round_to=args.round_to, seed=args.seed,
+                          groups=[glob.escape(n) for n in eligible])
+        phase("pruning with Torch-Pruning, re-tracing, checking the output")
+        new = prune_units(ref.model, structure, ref.example_inputs, keep, trace_kwargs=kwargs,
+                          strict=not args.allow_lossy)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_pruned(ref.model, out_dir / "pruned.pt")
@@ -298,17 +302,24 @@ def _bench(args: argparse.Namespace) -> int:
     spec = parse_spec(args.spec)
     ref = _load(args)
     structure = _trace(args, ref)
-    r = floor_ratios(structure, dict(ref.model.named_parameters()), spec=spec, reps=args.reps)
+    with report.phases(f"timing {spec.name} against the floor ({args.reps} interleaved repetitions)"):
+        r = floor_ratios(structure, dict(ref.model.named_parameters()), spec=spec, reps=args.reps,
+                         grad=not args.no_grad)
     con = _console()
     _text(con, report.summary_line(structure))
     _text(con, f"floor: sum(p.pow(2).sum() for p in params); medians of {r.reps} interleaved repetitions, "
-               f"{r.threads} threads, one process")
+               f"{r.threads} threads, one process; every output of the program")
     t = report.table(f"{spec.name} against the floor", [("", "left"), ("ms", "right"), ("x floor", "right")])
     for k in ("floor fwd", "wt fwd", "floor fwd+bwd", "wt fwd+bwd"):
-        base = r.seconds["floor fwd+bwd" if "bwd" in k else "floor fwd"]
-        report.add_row(t, k, f"{1e3 * r.seconds[k]:.3f}", f"{r.seconds[k] / base:.2f}")
+        if k in r.seconds:
+            base = r.seconds["floor fwd+bwd" if "bwd" in k else "floor fwd"]
+            report.add_row(t, k, f"{1e3 * r.seconds[k]:.3f}", f"{r.seconds[k] / base:.2f}")
     con.print(t)
-    _text(con, f"forward {r.fwd:.2f}x floor, forward+backward {r.fwd_bwd:.2f}x floor")
+    if r.fwd_bwd is None:
+        why = "--no-grad" if args.no_grad else f"{spec.name} has no gradient (counts, masks)"
+        _text(con, f"forward {r.fwd:.2f}x floor; forward+backward not timed: {why}")
+    else:
+        _text(con, f"forward {r.fwd:.2f}x floor, forward+backward {r.fwd_bwd:.2f}x floor")
     return 0
 
 
@@ -418,7 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "medians over interleaved repetitions in one process. Ratios, not absolute times, compare.",
     )
     b.add_argument("--reps", type=int, default=15, help="interleaved repetitions (default 15)")
-    b.add_argument("--spec", default="group_lasso", help="the spec to time (default group_lasso)")
+    b.add_argument("--spec", default="group_lasso",
+                   help="the spec to time, any registered one with its options, e.g. active_macs or "
+                        "ln_structured:amount=0.3 (default group_lasso)")
+    b.add_argument("--no-grad", action="store_true",
+                   help="time the forward only (specs without a gradient, such as counts and masks, always are)")
     b.set_defaults(func=_bench)
     return p
 

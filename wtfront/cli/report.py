@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import IO, Any
 
 from wtcore.errors import WtError
@@ -20,6 +21,7 @@ from ..tracing.units import HEAD_KINDS
 __all__ = [
     "add_row",
     "analysis_table",
+    "collapse_summary",
     "comparison_table",
     "console",
     "fmt_count",
@@ -27,6 +29,7 @@ __all__ = [
     "heads_table",
     "ops_table",
     "params_table",
+    "phases",
     "summary_line",
     "table",
     "values_table",
@@ -50,6 +53,19 @@ def console(file: IO[str] | None = None, width: int | None = None) -> Any:
     if width is None and not (hasattr(stream, "isatty") and stream.isatty()):
         width = max(160, shutil.get_terminal_size((160, 24)).columns)
     return Console(file=file, width=width, highlight=False, soft_wrap=False)
+
+
+@contextmanager
+def phases(first: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with the current phase and the elapsed time on stderr (transient; silent when stderr is not a
+    terminal), for the steps of a command that have no known length (tracing, pruning, timing). Yields a
+    function that names the next phase."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console(sys.stderr), transient=True) as bar:
+        task = bar.add_task(first, total=None)
+        yield lambda text: bar.update(task, description=text)
 
 
 def fmt_count(n: float) -> str:
