@@ -1,5 +1,5 @@
-"""The floor-ratio benchmark of DESIGN.md ("Performance contract") on any model, and the timing helpers that
-`bench/` shares.
+"""The floor-ratio benchmark on any model (a program's time against reading every weight once), and the timing
+helpers that `bench/` shares.
 
 The floor is `sum(p.pow(2).sum() for p in params)` on the same parameters: forward under `no_grad`, and
 forward+backward with `torch.autograd.grad`. A program's time divided by the floor's, both medians over
