@@ -175,6 +175,10 @@ class TrainingPruner:
                 raise WtError(f"submodule={self.submodule!r}: the model has no such submodule ({e})") from None
         if not isinstance(total_steps, int) or total_steps < 1:
             raise WtError(f"the run has {total_steps!r} optimizer steps; set the trainer's max_epochs or max_steps")
+        dist = torch.distributed
+        if self.prune_at == "target" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise WtError("prune_at='target' under DDP is not supported: DDP's gradient buckets hold the old "
+                          "parameters; use prune_at='end' (the default)")
         self.model, self.total_steps = model, total_steps
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._inputs = _to_device(self.example_inputs, device)
