@@ -187,3 +187,47 @@ def test_hf_trainer_prunes_to_the_target_and_logs_macs_to_tensorboard(tmp_path: 
     acc.Reload()
     tb = [e.value for e in acc.Scalars("train/wt/active_macs/ratio")]
     assert tb[0] == 1.0 and tb[-1] <= 0.6
+
+
+@pytest.mark.slow
+def test_lightning_resume_makes_the_same_decisions(tmp_path) -> None:
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from wtfront.integrations.lightning import WtLightningCallback
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = SmallCNN()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    x, y = data(64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)  # 4 steps/epoch
+
+    def run(max_epochs: int, ckpt_path: str | None = None, module: Module | None = None, save: bool = False):
+        torch.manual_seed(0)
+        module = module or Module()
+        cb = WtLightningCallback(example_inputs=x[:2], target_macs=0.6, start=0.0, end=0.9, prunes=4)
+        callbacks: list = [cb]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1))
+        trainer = L.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=False, accelerator="cpu",
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=save)
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        return cb, module
+
+    full, _ = run(3, save=True)
+    # a run stopped after epoch 1, resumed from its checkpoint with the same max_epochs
+    resumed, module = run(3, ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt"))
+    assert resumed.pruner.controller.history == full.pruner.controller.history
+    assert full.pruner.physically_pruned and resumed.pruner.physically_pruned
+    assert flops(module.net, X1) <= 0.6 * flops(SmallCNN(), X1) * 1.01

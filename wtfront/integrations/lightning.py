@@ -43,6 +43,7 @@ class WtLightningCallback(Callback):
         super().__init__()
         self.pruner = TrainingPruner(example_inputs, **options)
         self._last_logged = -1
+        self._restored: dict[str, Any] | None = None
 
     @property
     def structure(self) -> Any:
@@ -55,6 +56,10 @@ class WtLightningCallback(Callback):
         if total == float("inf"):
             raise ValueError("WtLightningCallback schedules pruning within the run: set max_epochs or max_steps")
         self.pruner.setup(pl_module, int(total))
+        if self._restored is not None:  # resumed from a checkpoint: the units removed so far, the history
+            assert self.pruner.controller is not None
+            self.pruner.controller.load_state_dict(self._restored)
+            self._restored = None
         self.pruner.attach(trainer.optimizers)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
@@ -81,3 +86,12 @@ class WtLightningCallback(Callback):
         metrics = self.pruner.metrics()
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's JSON state, saved in Lightning checkpoints (resume with `fit(ckpt_path=...)` from a
+        checkpoint taken before physical pruning: the same decisions follow)."""
+        ctrl = self.pruner.controller
+        return {"controller": ctrl.state_dict()} if ctrl is not None and not self.pruner.physically_pruned else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict.get("controller")
