@@ -3,6 +3,13 @@
 wtcore knows the IR and tensors only; it never imports wtfront, torch_pruning, fvcore, timm or transformers.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("wt")  # one distribution ships wtcore and wtfront
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
 from .errors import ParamsError, SpecError, StaleProgramError, StructureError, TraceError, WtError
 from .ir import CostAxis, CostOp, Param, Run, Slice, Structure, UnitGroup, runs_from_list, runs_to_list
 

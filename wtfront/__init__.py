@@ -10,7 +10,13 @@ The names below are what a user calls; each is imported from its module on first
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = version("wt")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 #: exported name -> the module that defines it
 _EXPORTS: dict[str, str] = {

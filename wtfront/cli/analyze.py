@@ -7,8 +7,20 @@ copies of the parameters). Checkpoints of a physically pruned model have other s
 architecture, each group gets its own structure (re-traced, with the unpruned model as baseline so ratios
 keep their meaning) and its own vmapped program.
 
-`write_csv` / `write_json` save the metrics per checkpoint; `plot_unit_norms` and `plot_trends` draw PNGs
-(matplotlib, Agg) and return the data they drew, read back from the matplotlib artists.
+Training frameworks' outputs are read as they are: Lightning `.ckpt` files (the state_dict under
+`"state_dict"`, the LightningModule's attribute prefix such as `model.` found by matching the model's
+parameter names), Hugging Face `Trainer` folders (`checkpoint-N/model.safetensors`; optimizer, scheduler and
+RNG files ignored), DDP / `torch.compile` prefixes. Rows are labelled by the step and epoch the checkpoint
+records (`global_step`/`epoch`, `trainer_state.json`) and by its file or folder name; files that cannot be
+read are skipped with a warning.
+
+Whether units have collapsed is judged from the gap in the distribution of size-normalized unit norms
+(`collapse.find_gap`): each checkpoint gets the units below the suggested threshold and the MACs that would be
+left if they were pruned.
+
+`write_csv` / `write_json` save the metrics per checkpoint; `plot_unit_norms`, `plot_trends` and
+`plot_norm_heatmap` draw PNGs (matplotlib, Agg) and return the data they drew, read back from the matplotlib
+artists.
 """
 
 from __future__ import annotations
@@ -18,8 +30,9 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +46,7 @@ from wtcore.ir import Structure
 from ..files import FileError, atomic_write, verify_archive
 from ..prune.checkpoint import FORMAT as PRUNED_FORMAT
 from ..prune.checkpoint import load_pruned
+from .collapse import Gap, collapsed_keep, find_gap, macs_ratio_without, unit_sizes
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -45,6 +59,7 @@ __all__ = [
     "find_checkpoints",
     "histogram_edges",
     "metric_specs",
+    "plot_norm_heatmap",
     "plot_trends",
     "plot_unit_norms",
     "read_checkpoint",
@@ -70,7 +85,15 @@ METRICS: dict[str, str] = {
     "units": "units of prunable groups in the unpruned model",
     "units_below_threshold": "units of prunable groups whose L2 norm is <= threshold (ready to prune)",
     "nonfinite_units": "units of prunable groups with a NaN/inf coupled weight (never counted ready to prune)",
+    "collapsed_units": "units of prunable groups whose size-normalized norm (L2 / sqrt(elements)) is at or below "
+                       "the suggested threshold (the gap in their distribution), or exactly zero",
+    "macs_ratio_pruned": "active MACs / MACs of the unpruned model if the collapsed units were pruned",
 }
+#: files of a training run's folders that hold no model weights (HF Trainer, Lightning, accelerate)
+IGNORED_FILES = re.compile(r"^(optimizer|scheduler|scaler|training_args|rng_state.*|random_states.*|"
+                           r"optimizer_states.*)\.(pt|pth|bin|safetensors)$")
+#: weight files of a Hugging Face `checkpoint-N` folder, by preference
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pt")
 
 
 class AnalysisError(WtError):
@@ -87,6 +110,23 @@ class CheckpointMetrics:
     scalars: dict[str, float]
     active_units: dict[str, int]
     unit_l2: torch.Tensor = field(repr=False)
+    unit_size: torch.Tensor | None = field(default=None, repr=False)  # elements per prunable unit
+    step: int | None = None
+    epoch: int | None = None
+
+    @property
+    def normalized(self) -> torch.Tensor:
+        """Unit norms divided by sqrt(elements per unit): the RMS element of each prunable unit."""
+        if self.unit_size is None:
+            return self.unit_l2
+        return self.unit_l2 / self.unit_size.clamp(min=1).sqrt()
+
+    @property
+    def label(self) -> str:
+        """The name, with the step and epoch when the checkpoint records them."""
+        extra = [f"{k} {v}" for k, v in (("epoch", self.epoch), ("step", self.step))
+                 if v is not None and f"{k}={v}" not in self.name and f"{k}-{v}" not in self.name]
+        return f"{self.name} ({', '.join(extra)})" if extra else self.name
 
 
 @dataclass(frozen=True)
@@ -96,6 +136,21 @@ class Analysis:
     tolerance: float
     threshold: float
     checkpoints: tuple[CheckpointMetrics, ...]
+    gap: Gap | None = None
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def suggested_threshold(self) -> float | None:
+        """The threshold on size-normalized unit norms in the widest gap of their distribution (None: no gap)."""
+        return None if self.gap is None else self.gap.threshold
+
+    @property
+    def ready(self) -> CheckpointMetrics | None:
+        """The first checkpoint where as many units have collapsed as ever do in this run (None: none collapsed)."""
+        counts = self.column("collapsed_units")
+        if not counts or max(counts) <= 0:
+            return None
+        return self.checkpoints[counts.index(max(counts))]
 
     def column(self, metric: str) -> list[float]:
         return [c.scalars[metric] for c in self.checkpoints]
@@ -115,15 +170,31 @@ def _natural_key(p: Path) -> list[Any]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
 
 
+def _weights_in(folder: Path, depth: int) -> list[Path]:
+    """Checkpoint files of a folder in natural order; a subfolder holding a Hugging Face weight file
+    (`checkpoint-N/model.safetensors`) contributes that file; other subfolders are searched `depth` levels down
+    (Lightning's `lightning_logs/version_0/checkpoints`)."""
+    entries = sorted(folder.iterdir(), key=_natural_key)
+    hf = next((folder / n for n in HF_WEIGHTS if (folder / n).is_file()), None)
+    if hf is not None:
+        return [hf]
+    out = [f for f in entries if f.is_file() and f.suffix in CHECKPOINT_SUFFIXES and not IGNORED_FILES.match(f.name)]
+    if depth > 0:
+        for d in entries:
+            if d.is_dir() and not d.name.startswith("."):
+                out.extend(_weights_in(d, depth - 1))
+    return out
+
+
 def find_checkpoints(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Files as given; a folder contributes its checkpoint files (`CHECKPOINT_SUFFIXES`) in natural order
-    (`epoch2` before `epoch10`)."""
+    (`epoch2` before `epoch10`), the weights of its Hugging Face `checkpoint-N` subfolders and the checkpoints
+    of subfolders up to three levels down; optimizer, scheduler and RNG state files are left out."""
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found = sorted((f for f in p.iterdir() if f.is_file() and f.suffix in CHECKPOINT_SUFFIXES),
-                           key=_natural_key)
+            found = _weights_in(p, 3)
             if not found:
                 raise AnalysisError(f"folder {str(p)!r} has no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
             out.extend(found)
@@ -186,6 +257,12 @@ def _strip_prefix(sd: dict[str, torch.Tensor], names: set[str]) -> dict[str, tor
     for prefix in ("module.", "_orig_mod."):
         if not any(k in names for k in sd) and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if names and not any(k in names for k in sd):  # a wrapper's attribute (a LightningModule's `model.`)
+        first = min(names, key=len)
+        for prefix in sorted({k[: -len(first)] for k in sd if k.endswith("." + first)}, key=len):
+            inner = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            if sum(k in names for k in inner) * 2 >= len(names):
+                return inner
     return sd
 
 
@@ -233,6 +310,7 @@ class _Arch:
     structure: Structure
     items: list[tuple[int, Path, dict[str, torch.Tensor]]] = field(default_factory=list)  # pending, < chunk
     program: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None  # vmapped, compiled once
+    sizes: torch.Tensor | None = None  # elements per prunable unit
 
 
 def _prunable_mask(structure: Structure) -> torch.Tensor:
@@ -288,6 +366,10 @@ def analyze(
     MACs, sparsity); `threshold`: a unit whose L2 norm is at or below it counts as ready to prune. `build`
     (a fresh unpruned model) and `example_inputs` are needed for `save_pruned` checkpoints and pickled pruned
     models, which are re-traced. `progress(done, total)` is called after each chunk.
+
+    Files that cannot be read (or hold no tensors) are skipped with a warning and listed in `skipped`; a
+    checkpoint of another architecture is an error. `collapsed_units` and `macs_ratio_pruned` use the
+    threshold suggested from the gap in the size-normalized unit norms of all checkpoints (`Analysis.gap`).
     """
     if chunk < 1:
         raise AnalysisError(f"chunk must be >= 1, got {chunk}")
@@ -295,23 +377,39 @@ def analyze(
     model_name = structure.model or "the model"
     archs: dict[str, _Arch] = {structure.fingerprint: _Arch(structure)}
     rows: dict[int, CheckpointMetrics] = {}
+    row_structure: dict[int, Structure] = {}
+    labels: dict[int, tuple[str, int | None, int | None]] = {}
+    skipped: list[str] = []
 
     def flush(arch: _Arch) -> None:
         if arch.program is None:
             arch.program = torch.func.vmap(wtcore.compile(arch.structure, metric_specs(tolerance)))
+            arch.sizes = unit_sizes(arch.structure)[_prunable_mask(arch.structure)]
         names = [p.name for p in arch.structure.params]
         stacked = {n: torch.stack([params[n] for _, _, params in arch.items]) for n in names}
         with torch.no_grad():
             out = arch.program(stacked)
         for i, (k, path, _) in enumerate(arch.items):
             scalars, active, l2 = _metrics(arch.structure, structure, out, i, threshold)
-            rows[k] = CheckpointMetrics(path.stem, str(path), scalars, active, l2)
+            name, step, epoch = labels[k]
+            rows[k] = CheckpointMetrics(name, str(path), scalars, active, l2, arch.sizes, step, epoch)
+            row_structure[k] = arch.structure
         arch.items.clear()
         if progress is not None:
             progress(len(rows), len(files))
 
     for k, path in enumerate(files):
-        obj = read_checkpoint(path, trust_pickle=trust_pickle)
+        try:
+            obj = read_checkpoint(path, trust_pickle=trust_pickle)
+            if not isinstance(obj, nn.Module) and not (isinstance(obj, Mapping) and obj.get("format") == PRUNED_FORMAT):
+                state_dict_of(obj, str(path))  # holds tensors at all?
+        except AnalysisError as e:
+            if len(files) == 1:
+                raise
+            warnings.warn(f"wt analyze: skipping {e}", stacklevel=2)
+            skipped.append(str(path))
+            continue
+        labels[k] = _label(path, obj)
         arch = archs[structure.fingerprint]
         module = obj if isinstance(obj, nn.Module) else None
         if isinstance(obj, Mapping) and obj.get("format") == PRUNED_FORMAT:
@@ -333,8 +431,46 @@ def analyze(
     for arch in archs.values():
         if arch.items:
             flush(arch)
-    return Analysis(model_name, structure, float(tolerance), float(threshold),
-                    tuple(rows[k] for k in range(len(files))))
+    if not rows:
+        raise AnalysisError(f"none of the {len(files)} checkpoint files could be read (first: {skipped[0]!r})")
+    order = sorted(rows)
+    gap = find_gap([rows[k].normalized for k in order])
+    thr = None if gap is None else gap.threshold
+    for k in order:
+        c = rows[k]
+        s = row_structure[k]
+        prunable = _prunable_mask(s)
+        keep = collapsed_keep(s, prunable, c.normalized, thr)
+        removed_before = sum(g.baseline_size - g.size for g in s.groups if g.prunable)
+        collapsed = int((~keep[prunable]).sum()) + removed_before
+        rows[k] = replace(c, scalars={**c.scalars, "collapsed_units": float(collapsed),
+                                      "macs_ratio_pruned": macs_ratio_without(s, keep)})
+    return Analysis(model_name, structure, float(tolerance), float(threshold), tuple(rows[k] for k in order),
+                    gap, tuple(skipped))
+
+
+def _label(path: Path, obj: Any) -> tuple[str, int | None, int | None]:
+    """(name, step, epoch) of a checkpoint: the folder's name for a Hugging Face `checkpoint-N/model.*` file,
+    else the file's stem; step and epoch from a Lightning checkpoint (`global_step`, `epoch`) or a training
+    dict, or from the `trainer_state.json` next to a Hugging Face weight file."""
+    name = path.parent.name if path.name in HF_WEIGHTS else path.stem
+    step = epoch = None
+    if isinstance(obj, Mapping):
+        s, e = obj.get("global_step", obj.get("step")), obj.get("epoch")
+        step = int(s) if isinstance(s, (int, float)) and not isinstance(s, bool) else None
+        epoch = int(e) if isinstance(e, (int, float)) and not isinstance(e, bool) else None
+    state = path.parent / "trainer_state.json"
+    if path.name in HF_WEIGHTS and state.is_file():
+        try:
+            doc = json.loads(state.read_text())
+            step = int(doc["global_step"])
+            epoch = round(float(doc["epoch"]), 3) if float(doc["epoch"]) % 1 else int(doc["epoch"])
+        except (ValueError, KeyError, TypeError, OSError):
+            pass
+    if step is None and path.name in HF_WEIGHTS:
+        m = re.fullmatch(r"checkpoint-(\d+)", path.parent.name)
+        step = int(m.group(1)) if m else None
+    return name, step, epoch
 
 
 def _shapes_differ(structure: Structure, sd: Mapping[str, torch.Tensor]) -> bool:
@@ -362,9 +498,10 @@ def write_csv(analysis: Analysis, path: str | os.PathLike[str]) -> None:
     """One row per checkpoint: name, path, then the scalar metrics of `METRICS`."""
     with atomic_write(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["checkpoint", "path", *METRICS])
+        w.writerow(["checkpoint", "path", "step", "epoch", *METRICS])
         for c in analysis.checkpoints:
-            w.writerow([c.name, c.path, *(repr(c.scalars[m]) for m in METRICS)])
+            w.writerow([c.name, c.path, "" if c.step is None else c.step, "" if c.epoch is None else c.epoch,
+                        *(repr(c.scalars[m]) for m in METRICS)])
 
 
 def write_json(analysis: Analysis, path: str | os.PathLike[str]) -> None:
@@ -375,9 +512,15 @@ def write_json(analysis: Analysis, path: str | os.PathLike[str]) -> None:
         "structure_fingerprint": analysis.structure.fingerprint,
         "tolerance": analysis.tolerance,
         "threshold": analysis.threshold,
+        "suggested_threshold": analysis.suggested_threshold,
+        "gap": None if analysis.gap is None else {"below": analysis.gap.below, "above": analysis.gap.above,
+                                                   "checkpoint": analysis.checkpoints[analysis.gap.checkpoint].name},
+        "ready": None if analysis.ready is None else analysis.ready.name,
+        "skipped": list(analysis.skipped),
         "metrics": METRICS,
         "checkpoints": [
-            {"name": c.name, "path": c.path, **c.scalars, "active_units_per_group": c.active_units}
+            {"name": c.name, "path": c.path, "step": c.step, "epoch": c.epoch, **c.scalars,
+             "active_units_per_group": c.active_units}
             for c in analysis.checkpoints
         ],
     }
@@ -475,36 +618,49 @@ def plot_unit_norms(analysis: Analysis, path: str | os.PathLike[str], *, bins: i
 
 TREND_LINES = {
     "macs_ratio": "active MACs / dense",
+    "macs_ratio_pruned": "MACs / dense if the collapsed units were pruned",
     "bops_ratio": "structured BOPs / dense",
     "params_ratio": "active params / dense",
     "sparsity": "unstructured sparsity",
     "units_below_threshold": "units <= threshold (fraction)",
+    "collapsed_units": "collapsed units (fraction)",
 }
 
 
 def plot_trends(analysis: Analysis, path: str | os.PathLike[str]) -> PlotData:
-    """Active MACs, BOPs and parameters (fractions of the unpruned model), unstructured sparsity and the
-    fraction of units below the threshold, over the checkpoints in order."""
+    """Top: active MACs, BOPs and parameters (fractions of the unpruned model), the MACs left if the collapsed
+    units were pruned, unstructured sparsity and the fractions of units below the threshold and collapsed, over
+    the checkpoints in order. Bottom: the group lasso (line key "group_lasso")."""
     plt = _pyplot()
     n = len(analysis.checkpoints)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * n + 3), 3.6))
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * n + 3), 5.6), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1.4]})
     xs: dict[str, list[float]] = {}
     ys: dict[str, list[float]] = {}
     x = list(range(n))
-    styles = ["-", "--", "-.", ":", "-"]
-    markers = ["o", "s", "^", "D", "v"]
+    styles = ["-", "-", "--", "-.", ":", "-", "--"]
+    markers = ["o", "*", "s", "^", "D", "v", "x"]
     for j, (key, label) in enumerate(TREND_LINES.items()):
         vals = analysis.column(key)
-        if key == "units_below_threshold":
+        if key in ("units_below_threshold", "collapsed_units"):
             vals = [v / max(c.scalars["units"], 1.0) for v, c in zip(vals, analysis.checkpoints)]
-        (line,) = ax.plot(x, vals, ls=styles[j], marker=markers[j], ms=4, label=label)
+        (line,) = ax.plot(x, vals, ls=styles[j], marker=markers[j], ms=4, label=label,
+                          lw=2.2 if key == "macs_ratio_pruned" else 1.2)
         xs[key] = [float(v) for v in line.get_xdata()]
         ys[key] = [float(v) for v in line.get_ydata()]
-    ax.set_xticks(x)
-    ax.set_xticklabels([c.name for c in analysis.checkpoints], rotation=45, ha="right", fontsize=7)
+    (gl,) = ax2.plot(x, analysis.column("group_lasso"), marker="o", ms=4, color="tab:gray")
+    xs["group_lasso"] = [float(v) for v in gl.get_xdata()]
+    ys["group_lasso"] = [float(v) for v in gl.get_ydata()]
+    ax2.set_ylabel("group lasso", fontsize=8)
+    ax2.grid(alpha=0.3)
+    ax2.set_xticks(x)
+    ax2.set_xticklabels([c.label for c in analysis.checkpoints], rotation=45, ha="right", fontsize=7)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("fraction (1 MAC = one multiply-add)", fontsize=8)
-    ax.set_title(f"{analysis.model}: what pruning the inactive units would keep", fontsize=10)
+    thr = analysis.suggested_threshold
+    sub = (f"collapsed: normalized unit norm <= {thr:.2g} (the gap in their distribution)" if thr is not None
+           else "no gap in the unit norms yet: nothing collapsed")
+    ax.set_title(f"{analysis.model}: what pruning would keep\n{sub}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -512,3 +668,43 @@ def plot_trends(analysis: Analysis, path: str | os.PathLike[str]) -> PlotData:
         fig.savefig(f, dpi=90, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return PlotData(os.fspath(path), xs, ys)
+
+
+def plot_norm_heatmap(analysis: Analysis, path: str | os.PathLike[str], *, max_units: int = 2000) -> PlotData:
+    """Size-normalized unit norms (L2 / sqrt(elements), log10 colour) of every prunable unit (rows, sorted by
+    the last checkpoint's value; at most `max_units`, evenly spaced) across the checkpoints (columns). Collapsing
+    units form a dark band that separates from the rest; the suggested threshold is marked on the colour bar.
+    Checkpoints with other unit counts (physically pruned) are left out. The returned data: x = checkpoint
+    index per column, y["rows"] = the unit index of each row, y[name] = the column's log10 values."""
+    plt = _pyplot()
+    n_units = analysis.checkpoints[0].unit_l2.numel() if analysis.checkpoints else 0
+    cols = [c for c in analysis.checkpoints if c.unit_l2.numel() == n_units]
+    if not cols or n_units == 0:
+        raise AnalysisError("no checkpoints with prunable units to draw")
+    mat = torch.stack([c.normalized.to(torch.float64) for c in cols], dim=1)
+    positive = mat[mat > 0]
+    floor = float(positive.min()) / 10 if positive.numel() else 1e-12
+    logs = mat.clamp(min=floor).log10()
+    order = torch.argsort(logs[:, -1], stable=True)
+    if order.numel() > max_units:
+        order = order[torch.linspace(0, order.numel() - 1, max_units).round().long()]
+    logs = logs[order]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(cols) + 3), 4.6))
+    img = ax.imshow(logs.numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
+    bar = fig.colorbar(img, ax=ax)
+    bar.set_label("log10 normalized unit norm", fontsize=8)
+    thr = analysis.suggested_threshold
+    if thr is not None:
+        bar.ax.axhline(math.log10(thr), color="tab:red", lw=1.5)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([c.label for c in cols], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(f"prunable units ({n_units}), by final norm", fontsize=8)
+    ax.set_title(f"{analysis.model}: unit norms / sqrt(elements) across checkpoints"
+                 + (f" (red: threshold {thr:.2g})" if thr is not None else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    drawn = img.get_array()
+    return PlotData(os.fspath(path), {"columns": [float(i) for i in range(len(cols))]},
+                    {"rows": [float(i) for i in order.tolist()],
+                     **{c.name: [float(v) for v in drawn[:, j]] for j, c in enumerate(cols)}})

@@ -1,5 +1,5 @@
-"""The floor-ratio benchmark of DESIGN.md ("Performance contract") on any model, and the timing helpers that
-`bench/` shares.
+"""The floor-ratio benchmark on any model (a program's time against reading every weight once), and the timing
+helpers that `bench/` shares.
 
 The floor is `sum(p.pow(2).sum() for p in params)` on the same parameters: forward under `no_grad`, and
 forward+backward with `torch.autograd.grad`. A program's time divided by the floor's, both medians over
@@ -65,19 +65,22 @@ class FloorRatios:
         return self.seconds["wt fwd"] / self.seconds["floor fwd"]
 
     @property
-    def fwd_bwd(self) -> float:
+    def fwd_bwd(self) -> float | None:
+        """None when the backward was not timed (`grad=False`, or a program without a gradient)."""
+        if "wt fwd+bwd" not in self.seconds:
+            return None
         return self.seconds["wt fwd+bwd"] / self.seconds["floor fwd+bwd"]
 
 
 def floor_ratios(structure: Structure, params: Mapping[str, torch.Tensor], *, spec: str | wtcore.Spec = "group_lasso",
-                 reps: int = 15, warmup: int = 3) -> FloorRatios:
-    """Time the compiled `spec` program (default: group lasso) forward and forward+backward against the floor,
-    interleaved, on `params` (e.g. `dict(model.named_parameters())`; tensors that require grad)."""
+                 reps: int = 15, warmup: int = 3, grad: bool = True) -> FloorRatios:
+    """Time the compiled `spec` program (default: group lasso; every output) forward and, when `grad` and the
+    program has a gradient, forward+backward (of the sum of its differentiable outputs) against the floor,
+    interleaved, on `params` (e.g. `dict(model.named_parameters())`)."""
     if reps < 1 or warmup < 0:
         raise WtError(f"floor_ratios needs reps >= 1 and warmup >= 0 (a median of no timings is undefined), got "
                       f"reps={reps}, warmup={warmup}")
     program = wtcore.compile(structure, [spec])
-    key = program.output_keys[0]
     tensors = program.gather(params)
     plist = [t if t.requires_grad else t.detach().requires_grad_(True) for t in tensors]
     bound = dict(zip(program.param_names, plist))
@@ -89,12 +92,17 @@ def floor_ratios(structure: Structure, params: Mapping[str, torch.Tensor], *, sp
     def floor_bwd() -> tuple[torch.Tensor, ...]:
         return torch.autograd.grad(sum(p.pow(2).sum() for p in plist), plist)
 
-    def wt_fwd() -> torch.Tensor:
+    def wt_fwd() -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return program(bound)[key]
+            return program(bound)
+
+    def differentiable(out: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [v.sum() for v in out.values() if v.requires_grad]
 
     def wt_bwd() -> tuple[torch.Tensor, ...]:
-        return torch.autograd.grad(program(bound)[key].sum(), plist, allow_unused=True)
+        return torch.autograd.grad(sum(differentiable(program(bound))), plist, allow_unused=True)
 
-    fns = {"floor fwd": floor_fwd, "floor fwd+bwd": floor_bwd, "wt fwd": wt_fwd, "wt fwd+bwd": wt_bwd}
+    fns = {"floor fwd": floor_fwd, "wt fwd": wt_fwd}
+    if grad and differentiable(program(bound)):
+        fns.update({"floor fwd+bwd": floor_bwd, "wt fwd+bwd": wt_bwd})
     return FloorRatios(interleaved_medians(fns, reps=reps, warmup=warmup), reps, torch.get_num_threads())

@@ -118,8 +118,10 @@ def _load(args: argparse.Namespace) -> Any:
 
 def _trace(args: argparse.Namespace, ref: Any) -> Any:
     from ..tracing.entry import trace
+    from .report import phases
 
-    return trace(ref.model, ref.example_inputs, **_trace_kwargs(args))
+    with phases(f"tracing {args.model} (Torch-Pruning's dependency graph, then the unit groups)"):
+        return trace(ref.model, ref.example_inputs, **_trace_kwargs(args))
 
 
 def _console() -> Any:
@@ -177,7 +179,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from wtcore.errors import WtError
 
     from . import report
-    from .analyze import analyze, plot_trends, plot_unit_norms, write_csv, write_json
+    from .analyze import analyze, plot_norm_heatmap, plot_trends, plot_unit_norms, write_csv, write_json
 
     for p in args.checkpoints:  # fail on a missing file before the (slower) trace
         if not os.path.exists(p):
@@ -203,13 +205,15 @@ def _analyze(args: argparse.Namespace) -> int:
     if not args.no_plots:
         plot_unit_norms(result, out_dir / "unit_norms.png")
         plot_trends(result, out_dir / "trends.png")
-        written += ["unit_norms.png", "trends.png"]
+        plot_norm_heatmap(result, out_dir / "unit_norms_heatmap.png")
+        written += ["unit_norms.png", "trends.png", "unit_norms_heatmap.png"]
     con = _console()
     con.print(report.analysis_table(result))
     for c in result.checkpoints:
         if c.scalars["nonfinite_units"]:
             print(f"wt: warning: checkpoint {c.path!r} has {int(c.scalars['nonfinite_units'])} units with NaN/inf "
                   "weights (not ready to prune; their norms and group_lasso read NaN)", file=sys.stderr)
+    _text(con, report.collapse_summary(result))
     _text(con, f"wrote {', '.join(str(out_dir / w) for w in written)}")
     return 0
 
@@ -224,7 +228,6 @@ def _prune(args: argparse.Namespace) -> int:
     from ..modules import effective_params
     from ..prune.checkpoint import save_pruned
     from ..prune.physical import prune_units
-    from ..tracing.entry import trace
     from . import report
 
     if not 0.0 < args.target_macs <= 1.0:
@@ -235,7 +238,7 @@ def _prune(args: argparse.Namespace) -> int:
     if args.weights:
         _load_weights(ref.model, args.weights)
     kwargs = _trace_kwargs(args)
-    structure = trace(ref.model, ref.example_inputs, **kwargs)
+    structure = _trace(args, ref)
     with torch.no_grad():
         params = {k: v.detach() for k, v in effective_params(ref.model, structure).items()}
     eligible = [g.name for g in structure.groups if g.prunable]  # the groups that may lose units
@@ -245,7 +248,8 @@ def _prune(args: argparse.Namespace) -> int:
             raise WtError(f"--groups {' '.join(args.groups)} matches no prunable unit group; group names look like "
                           f"{', '.join(g.name for g in structure.groups[:3])}")
     if not args.allow_lossy:  # groups where removing is not zeroing (a LayerNorm over the units) keep their units
-        lossy = _lossy(ref.model, structure, ref.example_inputs, eligible)
+        with report.phases("checking which groups can be removed without changing the output"):
+            lossy = _lossy(ref.model, structure, ref.example_inputs, eligible)
         eligible = [n for n in eligible if n not in lossy]
         if lossy:
             name, reason = next(iter(lossy.items()))
@@ -253,12 +257,14 @@ def _prune(args: argparse.Namespace) -> int:
                   f"(e.g. {name!r}: {reason.split(' (')[0]}); --allow-lossy prunes them too", file=sys.stderr)
     if not eligible:
         raise WtError("no unit group may lose units (all are lossy or excluded); see --allow-lossy and --groups")
-    keep = solve_keep(structure, params, target=args.target_macs, metric="macs",
-                      importance="unit_l2" if args.method == "l2" else "random", scope=args.scope,
-                      max_fraction=args.max_fraction, round_to=args.round_to, seed=args.seed,
-                      groups=[glob.escape(n) for n in eligible])
-    new = prune_units(ref.model, structure, ref.example_inputs, keep, trace_kwargs=kwargs,
-                      strict=not args.allow_lossy)
+    with report.phases("solving which units to remove") as phase:
+        keep = solve_keep(structure, params, target=args.target_macs, metric="macs",
+                          importance="unit_l2" if args.method == "l2" else "random", scope=args.scope,
+                          max_fraction=args.max_fraction, round_to=args.round_to, seed=args.seed,
+                          groups=[glob.escape(n) for n in eligible])
+        phase("pruning with Torch-Pruning, re-tracing, checking the output")
+        new = prune_units(ref.model, structure, ref.example_inputs, keep, trace_kwargs=kwargs,
+                          strict=not args.allow_lossy)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_pruned(ref.model, out_dir / "pruned.pt")
@@ -308,17 +314,24 @@ def _bench(args: argparse.Namespace) -> int:
     spec = parse_spec(args.spec)
     ref = _load(args)
     structure = _trace(args, ref)
-    r = floor_ratios(structure, dict(ref.model.named_parameters()), spec=spec, reps=args.reps)
+    with report.phases(f"timing {spec.name} against the floor ({args.reps} interleaved repetitions)"):
+        r = floor_ratios(structure, dict(ref.model.named_parameters()), spec=spec, reps=args.reps,
+                         grad=not args.no_grad)
     con = _console()
     _text(con, report.summary_line(structure))
     _text(con, f"floor: sum(p.pow(2).sum() for p in params); medians of {r.reps} interleaved repetitions, "
-               f"{r.threads} threads, one process")
+               f"{r.threads} threads, one process; every output of the program")
     t = report.table(f"{spec.name} against the floor", [("", "left"), ("ms", "right"), ("x floor", "right")])
     for k in ("floor fwd", "wt fwd", "floor fwd+bwd", "wt fwd+bwd"):
-        base = r.seconds["floor fwd+bwd" if "bwd" in k else "floor fwd"]
-        report.add_row(t, k, f"{1e3 * r.seconds[k]:.3f}", f"{r.seconds[k] / base:.2f}")
+        if k in r.seconds:
+            base = r.seconds["floor fwd+bwd" if "bwd" in k else "floor fwd"]
+            report.add_row(t, k, f"{1e3 * r.seconds[k]:.3f}", f"{r.seconds[k] / base:.2f}")
     con.print(t)
-    _text(con, f"forward {r.fwd:.2f}x floor, forward+backward {r.fwd_bwd:.2f}x floor")
+    if r.fwd_bwd is None:
+        why = "--no-grad" if args.no_grad else f"{spec.name} has no gradient (counts, masks)"
+        _text(con, f"forward {r.fwd:.2f}x floor; forward+backward not timed: {why}")
+    else:
+        _text(con, f"forward {r.fwd:.2f}x floor, forward+backward {r.fwd_bwd:.2f}x floor")
     return 0
 
 
@@ -386,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoints and prune.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from .. import __version__
+
+    p.add_argument("--version", action="version", version=f"wt {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     i = sub.add_parser(
@@ -403,12 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser(
         "analyze", parents=[common], help="metrics and plots over many checkpoints (which epoch is ready to prune)",
         description="Evaluate group lasso, active MACs/BOPs/parameters, sparsity and unit norms for every "
-                    "checkpoint with one vmapped program, and write metrics.csv, metrics.json, unit_norms.png "
-                    "(per-unit L2 norm histograms per checkpoint) and trends.png (metrics over checkpoints).",
+                    "checkpoint with one vmapped program, suggest a threshold from the gap in the size-normalized "
+                    "unit norms and report the MACs left if the units below it were pruned; write metrics.csv, "
+                    "metrics.json, unit_norms.png (per-unit L2 norm histograms per checkpoint), trends.png "
+                    "(metrics and group lasso over checkpoints) and unit_norms_heatmap.png.",
     )
     a.add_argument("checkpoints", nargs="+", metavar="CKPT",
                    help="checkpoint files or folders: state_dict files, dicts holding one ('state_dict', 'model'), "
-                        "save_pruned checkpoints, or whole pickled models (with --trust-pickle)")
+                        "Lightning .ckpt files, Hugging Face Trainer output folders (checkpoint-N/), save_pruned "
+                        "checkpoints, or whole pickled models (with --trust-pickle)")
     a.add_argument("--out", default="wt-analysis", metavar="DIR", help="output folder (default: wt-analysis)")
     a.add_argument("--chunk", type=_int_at_least(1), default=8, metavar="N",
                    help="checkpoints per vmapped evaluation; bounds memory to N copies of the weights (default 8)")
@@ -456,7 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "medians over interleaved repetitions in one process. Ratios, not absolute times, compare.",
     )
     b.add_argument("--reps", type=_int_at_least(1), default=15, help="interleaved repetitions (default 15)")
-    b.add_argument("--spec", default="group_lasso", help="the spec to time (default group_lasso)")
+    b.add_argument("--spec", default="group_lasso",
+                   help="the spec to time, any registered one with its options, e.g. active_macs or "
+                        "ln_structured:amount=0.3 (default group_lasso)")
+    b.add_argument("--no-grad", action="store_true",
+                   help="time the forward only (specs without a gradient, such as counts and masks, always are)")
     b.set_defaults(func=_bench)
     return p
 

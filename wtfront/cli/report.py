@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import IO, Any
 
 from wtcore.errors import WtError
@@ -20,6 +21,7 @@ from ..tracing.units import HEAD_KINDS
 __all__ = [
     "add_row",
     "analysis_table",
+    "collapse_summary",
     "comparison_table",
     "console",
     "fmt_count",
@@ -27,6 +29,7 @@ __all__ = [
     "heads_table",
     "ops_table",
     "params_table",
+    "phases",
     "summary_line",
     "table",
     "values_table",
@@ -50,6 +53,19 @@ def console(file: IO[str] | None = None, width: int | None = None) -> Any:
     if width is None and not (hasattr(stream, "isatty") and stream.isatty()):
         width = max(160, shutil.get_terminal_size((160, 24)).columns)
     return Console(file=file, width=width, highlight=False, soft_wrap=False)
+
+
+@contextmanager
+def phases(first: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with the current phase and the elapsed time on stderr (transient; silent when stderr is not a
+    terminal), for the steps of a command that have no known length (tracing, pruning, timing). Yields a
+    function that names the next phase."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console(sys.stderr), transient=True) as bar:
+        task = bar.add_task(first, total=None)
+        yield lambda text: bar.update(task, description=text)
 
 
 def fmt_count(n: float) -> str:
@@ -215,12 +231,33 @@ def comparison_table(before: Structure, after: Structure, rows: int | None = Non
     return t
 
 
-def analysis_table(analysis: Any, metrics: Sequence[str] = ("group_lasso", "macs_ratio", "bops_ratio",
-                                                             "params_ratio", "sparsity", "active_units",
-                                                             "units_below_threshold")) -> Any:
+def analysis_table(analysis: Any, metrics: Sequence[str] = ("group_lasso", "macs_ratio", "params_ratio", "sparsity",
+                                                             "active_units", "units_below_threshold",
+                                                             "collapsed_units", "macs_ratio_pruned")) -> Any:
     """One row per checkpoint of a `wtfront.cli.analyze.Analysis`."""
     t = table(f"{analysis.model}: {len(analysis.checkpoints)} checkpoints (ratios of the unpruned model; "
                "1 MAC = one multiply-add)", [("checkpoint", "left"), *((m, "right") for m in metrics)])
     for c in analysis.checkpoints:
-        add_row(t, c.name, *(_value(float(c.scalars[m])) for m in metrics))
+        add_row(t, c.label, *(_value(float(c.scalars[m])) for m in metrics))
     return t
+
+
+def collapse_summary(analysis: Any) -> str:
+    """What the unit norms say: the suggested threshold and the gap it sits in, the first checkpoint where the
+    collapse is complete and the MACs left there if the collapsed units were pruned, and skipped files."""
+    lines = []
+    gap = analysis.gap
+    if gap is None:
+        lines.append("no gap in the size-normalized unit norms (L2 / sqrt(elements)): no units have collapsed yet")
+    else:
+        where = analysis.checkpoints[gap.checkpoint].label
+        lines.append(f"suggested threshold {gap.threshold:.3g} on size-normalized unit norms (L2 / sqrt(elements)): "
+                     f"{gap.units_below} units below, {gap.separation:.1f} decades under the rest, in {where}")
+        ready = analysis.ready
+        if ready is not None:
+            lines.append(f"ready to prune: {ready.label}: {int(ready.scalars['collapsed_units'])} of "
+                         f"{int(ready.scalars['units'])} units collapsed; pruning them leaves "
+                         f"{ready.scalars['macs_ratio_pruned']:.3f} of the MACs")
+    if analysis.skipped:
+        lines.append(f"skipped {len(analysis.skipped)} unreadable file(s): {', '.join(analysis.skipped[:3])}")
+    return "\n".join(lines)

@@ -36,7 +36,7 @@ from ..modules import effective_getters
 from ..tracing.entry import trace
 from .decay import ChannelDecay
 
-__all__ = ["Regularizer", "Tracker", "WeightTracker", "tracker_kinds"]
+__all__ = ["Regularizer", "Tracker", "WeightTracker", "constant_outputs", "tracker_kinds", "unit_norm_histograms"]
 
 Selector = nn.Module | type | str
 
@@ -166,6 +166,8 @@ class WeightTracker:
         self.structure = structure if structure is not None else trace(model, example_inputs, **trace_opts)
         self._trackers: list[Tracker] = []
         self._fused: wtcore.Program | None = None
+        self._const_keys: frozenset[str] | None = None
+        self._constants_sent = False
         self._fq: tuple[dict[str, int], dict[str, int]] | None = None
         self.refresh()
 
@@ -231,25 +233,57 @@ class WeightTracker:
         tracker = Tracker(self, kname, spec, keys, fmt)
         self._trackers.append(tracker)
         self._fused = None
+        self._const_keys, self._constants_sent = None, False
         return tracker
 
     def remove_tracker(self, tracker: Tracker) -> None:
         self._trackers.remove(tracker)
         self._fused = None
+        self._const_keys, self._constants_sent = None, False
 
     def clear_trackers(self) -> None:
         self._trackers.clear()
         self._fused = None
+        self._const_keys, self._constants_sent = None, False
 
     @property
     def trackers(self) -> tuple[Tracker, ...]:
         return tuple(self._trackers)
 
-    def track(self) -> dict[str, float]:
-        """Every registered tracker's metrics as one flat dict of Python floats (stable key order)."""
+    def track(self, constants: bool = True) -> dict[str, float]:
+        """Every registered tracker's metrics as one flat dict of Python floats (stable key order).
+
+        `constants=False` leaves out, from the second call on, the keys whose value cannot change while the
+        structure stays the same (baselines, element and unit counts: outputs that depend on no parameter), so a
+        logger records them once; the first call, and the first after the trackers change, has them all."""
         if not self._trackers:
             raise WtError("no tracker registered; call create_tracker(...) first")
-        return self._evaluate(self._trackers)
+        out = self._evaluate(self._trackers)
+        if constants:
+            return out
+        const = self._constant_keys()
+        if not self._constants_sent:
+            self._constants_sent = True
+            return out
+        return {k: v for k, v in out.items() if k not in const}
+
+    def _constant_keys(self) -> frozenset[str]:
+        if self._const_keys is None:
+            prog = self.program()
+            const_outputs = constant_outputs(prog)
+            keys: set[str] = set()
+            for t in self._trackers:  # a flat key is constant when every program output it reads is
+                probe = {k: [0.0] * n for k, n in zip(prog.output_keys, prog.output_numels)}
+                for key in t._format(probe):
+                    keys.add(key)
+                for src in prog.output_keys:
+                    if src in const_outputs:
+                        continue
+                    changed = {k: ([1.0] * n if k == src else [0.0] * n)
+                               for k, n in zip(prog.output_keys, prog.output_numels)}
+                    keys -= {k for k, v in t._format(changed).items() if v != 0.0}
+            self._const_keys = frozenset(keys)
+        return self._const_keys
 
     def program(self) -> wtcore.Program:
         """The fused program `track()` evaluates."""
@@ -392,3 +426,43 @@ def _formatter(prefix: str, spec_key: str, prog: wtcore.Program, outputs: str | 
         return {flat: values[src][i] for flat, src, i in picks}
 
     return fmt, tuple(flat for flat, _, _ in picks)
+
+
+def constant_outputs(program: wtcore.Program) -> frozenset[str]:
+    """The output keys of `program` that depend on no parameter (folded constants: baselines, counts)."""
+    depends: dict[Any, bool] = {}
+    for e in program.eqns:
+        depends[e.out] = e.prim == "param" or any(depends.get(v, False) for v in e.vars)
+    return frozenset(k for k, v in program.outputs if not depends.get(v, False))
+
+
+def unit_norm_histograms(model: nn.Module, structure: Structure, *, groups: Iterable[str] | None = None,
+                         normalized: bool = False) -> dict[str, torch.Tensor]:
+    """Per-unit L2 norms of the model's current parameters, one 1-D CPU tensor per prunable unit group (key
+    `unit_norms/{group}`) and all of them together (`unit_norms/all`), in the form histogram loggers take:
+    `SummaryWriter.add_histogram(key, values, step)`, `wandb.Histogram(values.numpy())`.
+    `normalized=True` divides each norm by sqrt(elements per unit), so units of wide and narrow layers compare.
+    `groups`: fnmatch patterns of the groups to include (default: every prunable group)."""
+    from ..modules import effective_params
+
+    with torch.no_grad():
+        l2 = wtcore.compile(structure, ["unit_l2"])(effective_params(model, structure))["unit_l2"]
+        l2 = l2.detach().to("cpu", torch.float64)
+        if normalized:
+            ones = {p.name: torch.ones(p.shape) for p in structure.params}
+            sizes = wtcore.compile(structure, ["unit_l2"])(ones)["unit_l2"].to(torch.float64)
+            l2 = l2 / sizes.clamp(min=1e-12)
+    patterns = list(groups) if groups is not None else None
+    out: dict[str, torch.Tensor] = {}
+    parts = []
+    start = 0
+    for g in structure.groups:
+        sl = l2[start:start + g.size]
+        start += g.size
+        if not g.prunable or (patterns is not None and not any(fnmatch.fnmatchcase(g.name, p) for p in patterns)):
+            continue
+        out[f"unit_norms/{g.name}"] = sl.clone()
+        parts.append(sl)
+    if not parts:
+        raise WtError(f"no prunable unit group matches {patterns!r}")
+    return {"unit_norms/all": torch.cat(parts), **out}
