@@ -29,6 +29,7 @@ import torch.nn as nn
 from wtcore.errors import WtError
 from wtcore.ir import Structure
 from wtcore.masking import keep_from_removed, removed_by_group
+from wtcore.policy import DEFAULT_NORMALIZE, check_normalize
 from wtcore.solver import METRICS, TargetError, metric_ratio, solve
 
 from ..modules import effective_params
@@ -58,7 +59,8 @@ class ControllerConfig:
     `target`: the final cost as a fraction of the baseline (0.5 = half the MACs). `schedule`: when and how
     fast (its `final` sparsity is `1 - target`). `importance`: a per-unit score spec name (`unit_l2`,
     `unit_l1`, `unit_linf`, ...) or "random"; tensors of scores are passed to `step(scores=...)`. `scope`,
-    `max_fraction`, `round_to`, `groups`: as for the structured mask specs. `weight_bits`/`act_bits`: for
+    `normalize`, `max_fraction`, `round_to`, `groups`: as for the structured mask specs, with the defaults of
+    `wtcore.policy` (mean-normalized scores ranked globally, at most 90% of any group removed). `weight_bits`/`act_bits`: for
     `metric="bops"`.
     """
 
@@ -73,6 +75,7 @@ class ControllerConfig:
     seed: int = 0
     weight_bits: int = 32
     act_bits: int = 32
+    normalize: str | None = DEFAULT_NORMALIZE
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -91,6 +94,10 @@ class ControllerConfig:
                                   f"step(scores=...)), got {type(self.importance).__name__}")
         if isinstance(self.groups, list):
             object.__setattr__(self, "groups", tuple(self.groups))
+        try:
+            check_normalize(self.normalize, "controller")
+        except WtError as e:
+            raise ControllerError(str(e)) from None
 
     @classmethod
     def make(cls, target: float, *, kind: str = "cubic", start: int = 0, end: int = 0, every: int = 1,
@@ -107,7 +114,7 @@ class ControllerConfig:
         d = asdict(self)
         d["schedule"] = {k: v for k, v in self.schedule.to_dict().items() if k != "final"}
         d["groups"] = list(self.groups) if self.groups is not None else None
-        return {k: v for k, v in d.items() if v is not None}
+        return {k: v for k, v in d.items() if v is not None or k == "normalize"}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ControllerConfig:
@@ -310,7 +317,8 @@ class Controller:
         try:
             sol = solve(self.structure, params, target=target, metric=cfg.metric, importance=importance,
                         scope=cfg.scope, max_fraction=cfg.max_fraction, round_to=cfg.round_to, seed=cfg.seed + t,
-                        groups=cfg.groups, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits)
+                        groups=cfg.groups, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits,
+                        normalize=cfg.normalize)
         except TargetError as e:
             raise TargetError(f"controller step t={t} (target {target:.4f}): {e}") from None
         before = int((~fake.keep).sum())
