@@ -27,9 +27,19 @@ import numpy as np
 from .errors import SpecError
 from .ir import Structure
 
-__all__ = ["DEFAULT_MAX_FRACTION", "DEFAULT_NORMALIZE", "DEFAULT_SCOPE", "MIN_WIDTH_FRACTION", "NORMALIZERS",
-           "NarrowGroupWarning", "Policy", "default_max_fraction", "narrow_groups", "normalize_scores",
-           "warn_narrow"]
+__all__ = [
+    "DEFAULT_MAX_FRACTION",
+    "DEFAULT_NORMALIZE",
+    "DEFAULT_SCOPE",
+    "MIN_WIDTH_FRACTION",
+    "NORMALIZERS",
+    "NarrowGroupWarning",
+    "Policy",
+    "default_max_fraction",
+    "narrow_groups",
+    "normalize_scores",
+    "warn_narrow",
+]
 
 DEFAULT_SCOPE = "global"
 DEFAULT_NORMALIZE = "mean"
@@ -77,28 +87,33 @@ def normalize_scores(scores: np.ndarray, gid: np.ndarray, counted: np.ndarray, n
     return np.where(mean > 0, scores / np.where(mean > 0, mean, 1.0), scores)
 
 
-def narrow_groups(structure: Structure, keep: Sequence[bool] | np.ndarray,
-                  floor: float = MIN_WIDTH_FRACTION) -> list[tuple[str, int, int]]:
+def narrow_groups(
+    structure: Structure, keep: Sequence[bool] | np.ndarray, floor: float = MIN_WIDTH_FRACTION
+) -> list[tuple[str, int, int]]:
     """`(group, kept, original width)` of every prunable group that `keep` leaves below `floor` x its
     original (baseline) width; groups the mask does not touch are not reported."""
     k = np.asarray(keep, dtype=bool)
     out = []
     for g in structure.groups:
         off = structure.offsets[g.name]
-        kept = int(k[off: off + g.size].sum())
+        kept = int(k[off : off + g.size].sum())
         base = g.baseline_size or g.size
         if g.prunable and kept < g.size and kept < math.ceil(floor * base - 1e-9):
             out.append((g.name, kept, base))
     return out
 
 
-def warn_narrow(structure: Structure, keep: Sequence[bool] | np.ndarray, floor: float = MIN_WIDTH_FRACTION,
-                stacklevel: int = 3) -> list[tuple[str, int, int]]:
+def warn_narrow(
+    structure: Structure, keep: Sequence[bool] | np.ndarray, floor: float = MIN_WIDTH_FRACTION, stacklevel: int = 3
+) -> list[tuple[str, int, int]]:
     """`narrow_groups`, with one `NarrowGroupWarning` listing them (if any)."""
     narrow = narrow_groups(structure, keep, floor)
     if narrow:
         shown = ", ".join(f"{n} {k}/{b}" for n, k, b in narrow[:8]) + (" ..." if len(narrow) > 8 else "")
-        warnings.warn(f"{len(narrow)} unit group(s) keep less than {floor:.0%} of their width ({shown}); lower "
-                      "max_fraction, use normalize='mean', or exclude them with groups=", NarrowGroupWarning,
-                      stacklevel=stacklevel)
+        warnings.warn(
+            f"{len(narrow)} unit group(s) keep less than {floor:.0%} of their width ({shown}); lower "
+            "max_fraction, use normalize='mean', or exclude them with groups=",
+            NarrowGroupWarning,
+            stacklevel=stacklevel,
+        )
     return narrow

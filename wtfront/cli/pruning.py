@@ -16,39 +16,77 @@ from typing import Any
 __all__ = ["IMPORTANCES", "KIND_RATIOS", "add_prune_options", "choose_keep", "target_of"]
 
 #: `--importance` choices → the per-unit score spec (or "random") the solver ranks by
-IMPORTANCES = {"l2": "unit_l2", "l1": "unit_l1", "bn_scale": "bn_scale_importance",
-               "mac_aware": "mac_aware_importance", "random": "random"}
+IMPORTANCES = {
+    "l2": "unit_l2",
+    "l1": "unit_l1",
+    "bn_scale": "bn_scale_importance",
+    "mac_aware": "mac_aware_importance",
+    "random": "random",
+}
 #: `--X-ratio` options → the unit kind whose groups they prune
-KIND_RATIOS = {"head_ratio": "head", "kv_head_ratio": "kv_head", "head_dim_ratio": "head_dim",
-               "mlp_ratio": "mlp_feature"}
+KIND_RATIOS = {
+    "head_ratio": "head",
+    "kv_head_ratio": "kv_head",
+    "head_dim_ratio": "head_dim",
+    "mlp_ratio": "mlp_feature",
+}
 
 
 def add_prune_options(r: argparse.ArgumentParser) -> None:
     """The targets, ranking and policy options of `wt prune`."""
     t = r.add_argument_group("targets (a cost target, per-kind ratios, or both)")
-    t.add_argument("--target-macs", type=float, metavar="FRACTION",
-                   help="keep at most this fraction of the MACs, e.g. 0.5 (1 MAC = one multiply-add)")
+    t.add_argument(
+        "--target-macs",
+        type=float,
+        metavar="FRACTION",
+        help="keep at most this fraction of the MACs, e.g. 0.5 (1 MAC = one multiply-add)",
+    )
     t.add_argument("--target-params", type=float, metavar="FRACTION", help="keep at most this fraction of parameters")
-    t.add_argument("--target-bops", type=float, metavar="FRACTION",
-                   help="keep at most this fraction of the bit operations (MACs x weight bits x activation bits)")
+    t.add_argument(
+        "--target-bops",
+        type=float,
+        metavar="FRACTION",
+        help="keep at most this fraction of the bit operations (MACs x weight bits x activation bits)",
+    )
     t.add_argument("--weight-bits", type=int, default=32, metavar="N", help="weight bits for --target-bops (32)")
     t.add_argument("--act-bits", type=int, default=32, metavar="N", help="activation bits for --target-bops (32)")
     for opt, kind in KIND_RATIOS.items():
-        t.add_argument(f"--{opt.replace('_', '-')}", type=float, metavar="F",
-                       help=f"remove this fraction of every {kind} group's units (ranked within the group)")
+        t.add_argument(
+            f"--{opt.replace('_', '-')}",
+            type=float,
+            metavar="F",
+            help=f"remove this fraction of every {kind} group's units (ranked within the group)",
+        )
     p = r.add_argument_group("ranking and policy (defaults: wtcore.policy)")
-    p.add_argument("--importance", choices=tuple(IMPORTANCES), default=None,
-                   help="unit score: L2 / L1 norm of its coupled weights, |BatchNorm gamma| (network slimming), "
-                        "L2 made MAC-aware, or random (default l2)")
+    p.add_argument(
+        "--importance",
+        choices=tuple(IMPORTANCES),
+        default=None,
+        help="unit score: L2 / L1 norm of its coupled weights, |BatchNorm gamma| (network slimming), "
+        "L2 made MAC-aware, or random (default l2)",
+    )
     p.add_argument("--method", choices=("l2", "random"), default=None, help=argparse.SUPPRESS)  # old name
-    p.add_argument("--scope", choices=("global", "local", "isomorphic"), default="global",
-                   help="rank units across all groups, per group (every group loses the same fraction), or per "
-                        "class of identical groups (default global)")
-    p.add_argument("--normalize", choices=("mean", "none"), default="mean",
-                   help="divide scores by their group's mean before a global ranking, so layers of different "
-                        "scale and heads vs MLP features compare (default mean)")
-    p.add_argument("--max-fraction", type=float, default=None, metavar="F",
-                   help="remove at most this fraction of any group's units (default 0.9 for global/isomorphic)")
+    p.add_argument(
+        "--scope",
+        choices=("global", "local", "isomorphic"),
+        default="global",
+        help="rank units across all groups, per group (every group loses the same fraction), or per "
+        "class of identical groups (default global)",
+    )
+    p.add_argument(
+        "--normalize",
+        choices=("mean", "none"),
+        default="mean",
+        help="divide scores by their group's mean before a global ranking, so layers of different "
+        "scale and heads vs MLP features compare (default mean)",
+    )
+    p.add_argument(
+        "--max-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="remove at most this fraction of any group's units (default 0.9 for global/isomorphic)",
+    )
     p.add_argument("--round-to", type=int, default=None, metavar="N", help="keep unit counts multiples of N")
     p.add_argument("--seed", type=int, default=0, help="seed of --importance random (default 0)")
 
@@ -57,14 +95,18 @@ def target_of(args: argparse.Namespace) -> tuple[str, float] | None:
     """`(metric, fraction)` of the one cost target given, or None."""
     from wtcore.errors import WtError
 
-    given = [(m, getattr(args, f"target_{m}")) for m in ("macs", "params", "bops")
-             if getattr(args, f"target_{m}") is not None]
+    given = [
+        (m, getattr(args, f"target_{m}"))
+        for m in ("macs", "params", "bops")
+        if getattr(args, f"target_{m}") is not None
+    ]
     if len(given) > 1:
         raise WtError("give one of --target-macs, --target-params, --target-bops")
     for m, v in given:
         if not 0.0 < v <= 1.0:
-            raise WtError(f"--target-{m} is a fraction of the model's {m.upper() if m != 'params' else m} in (0, 1], "
-                          f"got {v}")
+            raise WtError(
+                f"--target-{m} is a fraction of the model's {m.upper() if m != 'params' else m} in (0, 1], got {v}"
+            )
     return given[0] if given else None
 
 
@@ -95,8 +137,10 @@ def choose_keep(args: argparse.Namespace, structure: Any, params: dict[str, Any]
     target = target_of(args)
     ratios = _ratios(args)
     if target is None and not ratios:
-        raise WtError("give a target: --target-macs (or --target-params / --target-bops) and/or per-kind ratios "
-                      "(--head-ratio, --kv-head-ratio, --head-dim-ratio, --mlp-ratio)")
+        raise WtError(
+            "give a target: --target-macs (or --target-params / --target-bops) and/or per-kind ratios "
+            "(--head-ratio, --kv-head-ratio, --head-dim-ratio, --mlp-ratio)"
+        )
     name = args.importance or args.method or "l2"
     importance = IMPORTANCES[name]
     normalize = None if args.normalize == "none" else args.normalize
@@ -105,19 +149,33 @@ def choose_keep(args: argparse.Namespace, structure: Any, params: dict[str, Any]
     for kind, ratio in ratios.items():
         names = [n for n in eligible if structure.group_map[n].kind == kind]
         if not names:
-            raise WtError(f"--{next(k for k, v in KIND_RATIOS.items() if v == kind).replace('_', '-')}: the model has "
-                          f"no prunable {kind!r} group (trace units: --units)")
+            raise WtError(
+                f"--{next(k for k, v in KIND_RATIOS.items() if v == kind).replace('_', '-')}: the model has "
+                f"no prunable {kind!r} group (trace units: --units)"
+            )
         rest = [n for n in rest if n not in names]
         if ratio == 0:
             continue
         if name == "random":
-            spec = wtcore.Spec("random_structured", amount=ratio, seed=args.seed, scope="local",
-                               groups=tuple(glob.escape(n) for n in names), round_to=args.round_to or 1)
+            spec = wtcore.Spec(
+                "random_structured",
+                amount=ratio,
+                seed=args.seed,
+                scope="local",
+                groups=tuple(glob.escape(n) for n in names),
+                round_to=args.round_to or 1,
+            )
         else:
             with torch.no_grad():
                 scores = wtcore.compile(structure, [importance])(params)[importance].to(torch.float64)
-            spec = wtcore.Spec("importance", scores=scores, amount=ratio, scope="local",
-                               groups=tuple(glob.escape(n) for n in names), round_to=args.round_to or 1)
+            spec = wtcore.Spec(
+                "importance",
+                scores=scores,
+                amount=ratio,
+                scope="local",
+                groups=tuple(glob.escape(n) for n in names),
+                round_to=args.round_to or 1,
+            )
         with torch.no_grad():
             keep &= wtcore.compile(structure, [spec])(params)[spec.key].to(torch.bool)
     if target is None:
@@ -127,12 +185,26 @@ def choose_keep(args: argparse.Namespace, structure: Any, params: dict[str, Any]
     masks = param_masks(structure, keep)
     zeroed = {k: (v * masks[k].to(v.device) if k in masks else v) for k, v in params.items()}
     metric, fraction = target
-    sol = solve(structure, zeroed, target=fraction, metric=metric, importance=importance, scope=args.scope,
-                normalize=normalize, max_fraction=args.max_fraction, round_to=args.round_to, seed=args.seed,
-                groups=[glob.escape(n) for n in rest], weight_bits=args.weight_bits, act_bits=args.act_bits,
-                warn=False)
+    sol = solve(
+        structure,
+        zeroed,
+        target=fraction,
+        metric=metric,
+        importance=importance,
+        scope=args.scope,
+        normalize=normalize,
+        max_fraction=args.max_fraction,
+        round_to=args.round_to,
+        seed=args.seed,
+        groups=[glob.escape(n) for n in rest],
+        weight_bits=args.weight_bits,
+        act_bits=args.act_bits,
+        warn=False,
+    )
     keep &= sol.keep
     for group, kept, width in narrow_groups(structure, keep.numpy()):
-        print(f"wt: warning: {group} keeps {kept} of {width} units (< {MIN_WIDTH_FRACTION:.0%}); see --max-fraction",
-              file=sys.stderr)
+        print(
+            f"wt: warning: {group} keeps {kept} of {width} units (< {MIN_WIDTH_FRACTION:.0%}); see --max-fraction",
+            file=sys.stderr,
+        )
     return keep

@@ -60,8 +60,8 @@ class ControllerConfig:
     fast (its `final` sparsity is `1 - target`). `importance`: a per-unit score spec name (`unit_l2`,
     `unit_l1`, `unit_linf`, ...) or "random"; tensors of scores are passed to `step(scores=...)`. `scope`,
     `normalize`, `max_fraction`, `round_to`, `groups`: as for the structured mask specs, with the defaults of
-    `wtcore.policy` (mean-normalized scores ranked globally, at most 90% of any group removed). `weight_bits`/`act_bits`: for
-    `metric="bops"`.
+    `wtcore.policy` (mean-normalized scores ranked globally, at most 90% of any group removed).
+    `weight_bits`/`act_bits`: for `metric="bops"`.
     """
 
     target: float
