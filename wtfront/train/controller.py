@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from wtcore.errors import WtError
+from wtcore.errors import StaleProgramError, WtError
 from wtcore.ir import Structure
 from wtcore.masking import keep_from_removed, removed_by_group
 from wtcore.policy import DEFAULT_NORMALIZE, check_normalize
@@ -241,6 +241,7 @@ class Controller:
         self.model: nn.Module | None = None
         self.structure: Structure | None = None
         self.fake: FakePruning | None = None
+        self._followers: list[Any] = []
 
     @classmethod
     def from_config(cls, source: str | os.PathLike[str] | Mapping[str, Any]) -> Controller:
@@ -263,6 +264,18 @@ class Controller:
         st.structure = structure.fingerprint
         keep = keep_from_removed(structure, st.removed) if st.removed else None
         self.fake = FakePruning(model, structure) if keep is None else apply_masks(model, structure, keep)
+        return self
+
+    def follow(self, *trackers: Any) -> Controller:
+        """`WeightTracker`s (or their `Regularizer`s) that `prune()` rebinds to the pruned structure, so their
+        numbers and losses are those of the pruned model."""
+        for t in trackers:
+            t = getattr(t, "owner", t)
+            if not callable(getattr(t, "rebind", None)):
+                raise ControllerError(f"controller.follow: {type(t).__name__} has no rebind(structure); pass "
+                                      "WeightTrackers or their regularizers")
+            if t not in self._followers:
+                self._followers.append(t)
         return self
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -309,6 +322,7 @@ class Controller:
                 st.last_t = t
             return StepReport(t, False, self.target_at(t), None, 0, total, st.done, self.physical_prune_due)
         assert self.structure is not None and self.model is not None
+        self._check_shapes()
         cfg = self.config
         # at the end, exactly the configured target (1 - (1 - target) may differ from it in the last bit)
         target = cfg.target if t >= self.schedule.end else max(self.target_at(t), cfg.target)
@@ -348,7 +362,24 @@ class Controller:
         fake.detach()  # only now: after a failure, training goes on with the masks enforced
         self._state.physically_pruned = True
         self.structure, self.fake = new, None
+        for t in self._followers:
+            t.rebind(new)
         return new
+
+    def _check_shapes(self) -> None:
+        """Refuse to decide on a model that was physically pruned behind the controller's back."""
+        assert self.model is not None and self.structure is not None
+        try:
+            got = {k: tuple(v.shape) for k, v in effective_params(self.model, self.structure).items()}
+        except WtError:
+            got = {}
+        bad = [p.name for p in self.structure.params if got.get(p.name) != tuple(p.shape)]
+        if bad:
+            raise StaleProgramError(
+                f"controller: the model no longer has the shapes of the structure it was bound to ({bad[:3]}; "
+                "physically pruned outside Controller.prune()?): build a new Controller and bind it to the "
+                "re-traced model"
+            )
 
     @property
     def history(self) -> list[dict[str, Any]]:
