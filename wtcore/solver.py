@@ -197,6 +197,20 @@ def _round_keys(key: np.ndarray, cand: np.ndarray, gid: np.ndarray, avail: np.nd
     return out
 
 
+def removable(structure: Structure, dead: np.ndarray) -> np.ndarray:
+    """The `dead` units that physical pruning removes, as the cost specs count them (`removable_f64`): those of
+    prunable groups, except the first unit of a group whose units are all dead."""
+    sizes = np.array([g.size for g in structure.groups], dtype=np.int64)
+    gid = np.repeat(np.arange(len(sizes)), sizes)
+    prun = np.array([g.prunable for g in structure.groups], dtype=bool)
+    out = dead & prun[gid]
+    starts = np.cumsum(sizes) - sizes
+    all_gone = np.bincount(gid, weights=out, minlength=len(sizes)) == sizes
+    firsts = starts[all_gone & (sizes > 0)]
+    out[firsts] = False
+    return out
+
+
 # ============================================================================================ cost of every prefix
 @dataclass(frozen=True)
 class _Cost:
@@ -344,11 +358,12 @@ def solve(structure: Structure, params: Mapping[str, torch.Tensor], *, target: f
     key, elig, raw = effective_keys(structure, scores, dead, has, scope=scope, max_fraction=mf, round_to=rt,
                                     groups=name_patterns(groups, "solve_keep: groups"), normalize=normalize)
     cost = _cost_model(structure, metric, weight_bits, act_bits)
+    gone = removable(structure, dead)
     finite = np.flatnonzero(np.isfinite(key))
     order = finite[np.argsort(key[finite], kind="stable")]
     levels = key[order]
     ends = np.flatnonzero(np.append(levels[1:] != levels[:-1], True)) + 1 if order.size else np.zeros(0, np.int64)
-    before, totals = _prefix_totals(cost, dead.copy(), order, ends.astype(np.int64), target)
+    before, totals = _prefix_totals(cost, gone.copy(), order, ends.astype(np.int64), target)
     ratios = totals / cost.baseline
     best_known = float(ratios[-1]) if ends.size and not np.isnan(ratios[-1]) else None
     hits = np.flatnonzero(ratios <= target)
@@ -378,7 +393,7 @@ def solve(structure: Structure, params: Mapping[str, torch.Tensor], *, target: f
     if warn:
         warn_narrow(structure, keep)
     if best_known is None:  # the scan stopped early; the full removal's cost is only needed for reports
-        best_known = float(_prefix_totals(cost, dead.copy(), order, np.array([order.size]), None)[1][0]
+        best_known = float(_prefix_totals(cost, gone.copy(), order, np.array([order.size]), None)[1][0]
                            / cost.baseline) if order.size else before / cost.baseline
     return Solution(torch.from_numpy(keep), metric, target, ratio, before / cost.baseline, best_known,
                     cost.baseline, n_removed, selected)
