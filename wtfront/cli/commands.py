@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .pruning import add_prune_options, choose_keep, target_of
+from .pruning import add_prune_options, choose_keep, save_pretrained_to, target_of
 
 __all__ = ["build_parser", "main", "parse_spec"]
 
@@ -248,6 +248,8 @@ def _prune(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_pruned(ref.model, out_dir / "pruned.pt")
     (out_dir / "structure.json").write_text(new.to_json(indent=1))
+    if args.save_pretrained:
+        save_pretrained_to(ref.model, args.save_pretrained, out_dir / "pruned.pt")
     con = _console()
     con.print(report.comparison_table(structure, new, args.rows))
     macs_before = sum(o.macs for o in structure.ops) or 1

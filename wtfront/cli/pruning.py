@@ -13,7 +13,7 @@ import glob
 import sys
 from typing import Any
 
-__all__ = ["IMPORTANCES", "KIND_RATIOS", "add_prune_options", "choose_keep", "target_of"]
+__all__ = ["IMPORTANCES", "KIND_RATIOS", "add_prune_options", "choose_keep", "save_pretrained_to", "target_of"]
 
 #: `--importance` choices → the per-unit score spec (or "random") the solver ranks by
 IMPORTANCES = {
@@ -89,6 +89,13 @@ def add_prune_options(r: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--round-to", type=int, default=None, metavar="N", help="keep unit counts multiples of N")
     p.add_argument("--seed", type=int, default=0, help="seed of --importance random (default 0)")
+    r.add_argument(
+        "--save-pretrained",
+        metavar="DIR",
+        help="hf: models: also write a save_pretrained folder (config updated with the pruned shapes) "
+        "that from_pretrained reloads; an error says why when the config cannot express them "
+        "(uneven widths across layers: use the per-kind ratios or --scope local)",
+    )
 
 
 def target_of(args: argparse.Namespace) -> tuple[str, float] | None:
@@ -208,3 +215,22 @@ def choose_keep(args: argparse.Namespace, structure: Any, params: dict[str, Any]
             file=sys.stderr,
         )
     return keep
+
+
+def save_pretrained_to(model: Any, directory: str, pruned_path: Any) -> None:
+    """`wtfront.integrations.transformers.save_pretrained`, for `--save-pretrained`: a one-line error (the
+    pruned checkpoint is written already) when the model is not a transformers model or its config cannot
+    express the pruned shapes."""
+    from wtcore.errors import WtError
+
+    from ..integrations.transformers import save_pretrained
+
+    if not callable(getattr(model, "save_pretrained", None)) or getattr(model, "config", None) is None:
+        raise WtError(
+            f"--save-pretrained needs a transformers model (hf:...), not a {type(model).__name__}; "
+            f"the pruned checkpoint is in {pruned_path}"
+        )
+    try:
+        save_pretrained(model, directory)
+    except WtError as e:
+        raise WtError(f"--save-pretrained: {e} (the pruned checkpoint is in {pruned_path})") from e
