@@ -26,7 +26,6 @@ import copy
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

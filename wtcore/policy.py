@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,7 +33,6 @@ __all__ = [
     "MIN_WIDTH_FRACTION",
     "NORMALIZERS",
     "NarrowGroupWarning",
-    "Policy",
     "default_max_fraction",
     "narrow_groups",
     "normalize_scores",
@@ -50,17 +48,6 @@ NORMALIZERS = (None, "mean")
 
 class NarrowGroupWarning(UserWarning):
     """A pruning decision leaves a unit group below `MIN_WIDTH_FRACTION` of its original width."""
-
-
-@dataclass(frozen=True)
-class Policy:
-    """The options every pruning entry point resolves its `None`s against (see the module docstring)."""
-
-    scope: str = DEFAULT_SCOPE
-    normalize: str | None = DEFAULT_NORMALIZE
-    max_fraction: float | None = None  # None: `default_max_fraction(scope)`
-    round_to: int = 1
-    min_width: float = MIN_WIDTH_FRACTION
 
 
 def default_max_fraction(scope: str) -> float:

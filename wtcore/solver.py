@@ -36,7 +36,14 @@ from .compiler import compile as compile_program
 from .errors import SpecError, WtError
 from .ir import Structure
 from .masking import param_masks
-from .policy import DEFAULT_NORMALIZE, check_normalize, default_max_fraction, normalize_scores, warn_narrow
+from .policy import (
+    DEFAULT_NORMALIZE,
+    DEFAULT_SCOPE,
+    check_normalize,
+    default_max_fraction,
+    normalize_scores,
+    warn_narrow,
+)
 from .spec import Spec
 from .specs.costs import axis_desc, axis_table, bits_vector, param_axes  # the cost specs' own semantics
 from .specs.masks import SCOPES, isomorphism_key, name_patterns
@@ -347,7 +354,7 @@ def _program_ratio(structure: Structure, params: Mapping[str, torch.Tensor], met
 
 # ============================================================================================ API
 def solve(structure: Structure, params: Mapping[str, torch.Tensor], *, target: float, metric: str = "macs",
-          importance: str | torch.Tensor | Spec = "unit_l2", scope: str = "global",
+          importance: str | torch.Tensor | Spec = "unit_l2", scope: str = DEFAULT_SCOPE,
           max_fraction: float | None = None, round_to: int | None = None, seed: int = 0,
           groups: str | Sequence[str] | None = None, weight_bits: Any = 32, act_bits: Any = 32,
           normalize: str | None = DEFAULT_NORMALIZE, warn: bool = True) -> Solution:
@@ -433,7 +440,7 @@ def _exact_on_chain(structure: Structure, params: Mapping[str, torch.Tensor], me
 
 
 def solve_keep(structure: Structure, params: Mapping[str, torch.Tensor], *, target: float, metric: str = "macs",
-               importance: str | torch.Tensor = "unit_l2", scope: str = "global", max_fraction: float | None = None,
+               importance: str | torch.Tensor = "unit_l2", scope: str = DEFAULT_SCOPE, max_fraction: float | None = None,
                round_to: int | None = None, seed: int = 0, **options: Any) -> torch.Tensor:
     """bool keep-mask [structure.num_units] that brings `metric` ("macs" | "bops" | "params") to at most
     `target` x its baseline value, removing the least important units first (importance: a spec name whose output is

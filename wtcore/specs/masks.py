@@ -188,7 +188,9 @@ def _structured_keep(
             s64 = b.to_float64(score)
             total = b.segment_sum_sorted(b.where(b.logical_and(live, elig_u), s64, 0.0), ends)
             mean = b.take(b.div(total, b.maximum(live_g, 1)), gid)
-            score = b.where(b.gt(mean, 0), b.div(s64, mean), s64)
+            inf = b.const(torch.tensor(math.inf, dtype=torch.float64), "inf")
+            ok = b.logical_and(b.gt(mean, 0), b.lt(mean, inf))  # e.g. +inf scores for "never first": raw
+            score = b.where(ok, b.div(s64, mean), s64)
         dom_g = torch.tensor(info.domain)
         order = torch.argsort(dom_g, stable=True)
         n_dom = int(dom_g.max()) + 1
