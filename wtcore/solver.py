@@ -440,8 +440,9 @@ def _exact_on_chain(structure: Structure, params: Mapping[str, torch.Tensor], me
 
 
 def solve_keep(structure: Structure, params: Mapping[str, torch.Tensor], *, target: float, metric: str = "macs",
-               importance: str | torch.Tensor = "unit_l2", scope: str = DEFAULT_SCOPE, max_fraction: float | None = None,
-               round_to: int | None = None, seed: int = 0, **options: Any) -> torch.Tensor:
+               importance: str | torch.Tensor = "unit_l2", scope: str = DEFAULT_SCOPE,
+               max_fraction: float | None = None, round_to: int | None = None, seed: int = 0,
+               **options: Any) -> torch.Tensor:
     """bool keep-mask [structure.num_units] that brings `metric` ("macs" | "bops" | "params") to at most
     `target` x its baseline value, removing the least important units first (importance: a spec name whose output is
     per-unit scores, "random", or a [num_units] tensor), within the scope rules of the mask specs.
