@@ -169,8 +169,7 @@ def prune_tp(model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
     ignored = [head]
     if not isinstance(model, (SmallCNN, ResNet18Shaped)):  # timm ViT: the documented recipe
         kw = dict(num_heads={b.attn.qkv: b.attn.num_heads for b in model.blocks}, prune_num_heads=True,
-                  prune_head_dims=False)
-        ignored += [model.patch_embed]  # the embedding width (LayerNorm'ed) is left alone, as by wt
+                  prune_head_dims=False)  # the embedding width is pruned too (wt leaves it: LayerNorm'ed)
     pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
                                   ignored_layers=ignored, **kw)
     pruner.step()
