@@ -8,8 +8,8 @@ three small models trained from scratch: a CNN (widths 16-64), a ResNet-18-shape
   group removed), over the groups `wt prune` prunes by default (not the LayerNorm'ed ViT width), then
   `prune_units`;
 - Torch-Pruning: `MetaPruner` + `MagnitudeImportance(p=2)` with its defaults (the same fraction of every layer;
-  the ViT with its documented recipe: `num_heads`, `prune_num_heads=True`, the embedding width left alone), the
-  classifier ignored, `pruning_ratio` bisected to the largest MACs at or below the target;
+  the ViT with its documented recipe: `num_heads`, `prune_num_heads=True`; the embedding width is pruned too),
+  the classifier ignored, `pruning_ratio` bisected to the largest MACs at or below the target;
 - random: wt's solver with random scores (same policy).
 
 MACs are counted by `torch.utils.flop_counter` (FLOPs / 2) on the pruned model. Accuracy on the test split,
