@@ -127,7 +127,8 @@ def main(plot: str | None = None, out_dir: str | None = None, seed: int = 0, ver
         note = ""
         if phase == "prune":
             report = ctrl.step(epoch)
-            note = f"  pruned to {report.ratio:.3f} of the MACs (target {report.target:.3f})"
+            if report.pruned:  # the target can be met before the schedule ends; later steps do nothing
+                note = f"  pruned to {report.ratio:.3f} of the MACs (target {report.target:.3f})"
             if report.physical_prune_due:  # the final target is met: remove the units, rebuild the optimizer
                 structure = ctrl.prune(example)
                 reg = wtcore.compile(structure, ["group_lasso", "active_macs"])

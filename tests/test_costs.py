@@ -92,6 +92,19 @@ def ref_active_units(structure: Structure, params, tolerance: float = 0.0) -> np
     return (ref["nnz"] > 0) | (ref["count"] == 0)
 
 
+def ref_cost_active(structure: Structure, params, tolerance: float = 0.0) -> np.ndarray:
+    """Units that physical pruning keeps: active ones, every unit of a group that is not prunable, and the first
+    unit of a prunable group whose units are all inactive (prune_zero_units keeps it)."""
+    active = ref_active_units(structure, params, tolerance).copy()
+    for g in structure.groups:
+        off = structure.offsets[g.name]
+        if not g.prunable:
+            active[off: off + g.size] = True
+        elif g.size and not active[off: off + g.size].any():
+            active[off] = True
+    return active
+
+
 def ref_axis_active(structure: Structure, axis: CostAxis, active: np.ndarray) -> int:
     if axis.parts:
         n = 0
@@ -111,7 +124,7 @@ def ref_axis_active(structure: Structure, axis: CostAxis, active: np.ndarray) ->
 
 
 def ref_active_macs(structure: Structure, params, tolerance: float = 0.0) -> list[float]:
-    active = ref_active_units(structure, params, tolerance)
+    active = ref_cost_active(structure, params, tolerance)
     out = []
     for op in structure.ops:
         v = float(op.macs)
@@ -131,7 +144,7 @@ def ref_param_axes(structure: Structure, name: str) -> dict[int, list[tuple[str,
 
 
 def ref_active_params(structure: Structure, params, tolerance: float = 0.0) -> list[float]:
-    active = ref_active_units(structure, params, tolerance)
+    active = ref_cost_active(structure, params, tolerance)
     out = []
     for p in structure.params:
         v = float(p.numel)

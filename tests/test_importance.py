@@ -208,8 +208,8 @@ def test_mac_aware_scores_drive_the_importance_mask(resnet):
     torch.testing.assert_close(out["mul"], imp * min_mac / mac.clamp(min=min_mac))
     # the stem (conv1 at full resolution) costs more per channel than layer4, so its units rank lower; the
     # keep-mask removes the lowest scores globally, except that a group always keeps one unit
-    keep = wtcore.compile(structure, wtcore.Spec("importance", scores=out["add"], amount=0.2, scope="global"))(
-        params)["importance"]
+    raw = wtcore.Spec("importance", scores=out["add"], amount=0.2, scope="global", normalize=None, max_fraction=1.0)
+    keep = wtcore.compile(structure, raw)(params)["importance"]
     removed = ~keep & prun
     assert int(removed.sum()) == round(0.2 * int(prun.sum()))
     gid = torch.cat([torch.full((g.size,), i) for i, g in enumerate(structure.groups)])

@@ -250,16 +250,17 @@ def test_side_effect_units_are_solved_with_the_cost_program():
     params_ir = (Param("m0.w", (3,), module="m0", module_type="Toy"), Param("m1.w", (1, 1, 1, 1), module="m1",
                                                                              module_type="Toy"))
     g0 = UnitGroup("g0", "channel", 2, (Slice("m0.w", 0, (Run(2, 0), Run(1, 0))),))
-    g1 = UnitGroup("g1", "channel", 3, (Slice("m0.w", 0, (Run(3, 0),)), Slice("m1.w", 0, (Run(1, 0),))),
-                   prunable=False)
+    g1 = UnitGroup("g1", "channel", 3, (Slice("m0.w", 0, (Run(3, 0),)), Slice("m1.w", 0, (Run(1, 0),))))
     ops = (CostOp("op1", "m1", "linear", 8, (CostAxis("a0", 3, parts=(AxisPart("g0", (Run(2, 0, 1, 2), Run(1, 1))),)),
                                              CostAxis("a2", 3, "g1"))),)
     s = Structure(params_ir, (g0, g1), ops)
     params = {"m0.w": torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64),
               "m1.w": torch.ones(1, 1, 1, 1, dtype=torch.float64)}
     scores = torch.tensor([0.0, 1.0, 5.0, 5.0, 5.0], dtype=torch.float64)
-    sol = solve(s, params, target=0.5, importance=scores, scope="local")
-    want = brute_force(s, params, scores, target=0.5, metric="macs", scope="local", max_fraction=1.0, round_to=1)
+    # only g0 may lose units; g1 is prunable, so its unit zeroed as a side effect is gone after physical pruning
+    sol = solve(s, params, target=0.5, importance=scores, scope="local", groups="g0")
+    want = brute_force(s, params, scores, target=0.5, metric="macs", scope="local", max_fraction=1.0, round_to=1,
+                       groups=("g0",))
     assert torch.equal(sol.keep, want) and sol.keep.tolist() == [False, True, True, True, True]
     zeroed = zero_units(s, params, [0])
     # 8 MACs x 1/3 (g0 axis) x 2/3 (g1 lost unit 2 too) = 1.8 -> 2; without the side effect it would be 3

@@ -36,6 +36,14 @@ from .compiler import compile as compile_program
 from .errors import SpecError, WtError
 from .ir import Structure
 from .masking import param_masks
+from .policy import (
+    DEFAULT_NORMALIZE,
+    DEFAULT_SCOPE,
+    check_normalize,
+    default_max_fraction,
+    normalize_scores,
+    warn_narrow,
+)
 from .spec import Spec
 from .specs.costs import axis_desc, axis_table, bits_vector, param_axes  # the cost specs' own semantics
 from .specs.masks import SCOPES, isomorphism_key, name_patterns
@@ -83,7 +91,7 @@ def _check_options(structure: Structure, metric: str, target: Any, scope: str, m
         raise TargetError(f"solve_keep: target must be a fraction of the baseline {metric} in [0, 1], got {target!r}")
     if scope not in SCOPES:
         raise SpecError(f"solve_keep: scope must be one of {SCOPES}, got {scope!r}")
-    mf = 1.0 if max_fraction is None else max_fraction
+    mf = default_max_fraction(scope) if max_fraction is None else max_fraction
     if isinstance(mf, bool) or not isinstance(mf, (int, float)) or not 0.0 <= float(mf) <= 1.0:
         raise SpecError(f"solve_keep: max_fraction must be a number in [0, 1] or None, got {max_fraction!r}")
     rt = 1 if round_to is None else round_to
@@ -133,10 +141,10 @@ def unit_state(structure: Structure, params: Mapping[str, torch.Tensor],
 
 # ============================================================================================ ordering
 def effective_keys(structure: Structure, scores: np.ndarray, dead: np.ndarray, has: np.ndarray, *, scope: str,
-                   max_fraction: float, round_to: int, groups: tuple[str, ...] | None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   max_fraction: float, round_to: int, groups: tuple[str, ...] | None,
+                   normalize: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per unit: the effective key (+inf where it is never removed), its group's eligibility, the key before
-    `round_to` blocks."""
+    `round_to` blocks. `normalize` (`wtcore.policy`) applies to the ranking across groups."""
     st = structure
     sizes = np.array([g.size for g in st.groups], dtype=np.int64)
     gid = np.repeat(np.arange(len(st.groups)), sizes)
@@ -163,6 +171,8 @@ def effective_keys(structure: Structure, scores: np.ndarray, dead: np.ndarray, h
         keys: dict[Any, int] = {}
         dom_g = np.array([keys.setdefault(isomorphism_key(st, g.name), len(keys)) for g in st.groups])
     dom = dom_g[gid]
+    if scope != "local":
+        scores = normalize_scores(scores, gid, live & elig_g[gid], normalize)
     live_d = np.bincount(dom, weights=(live & elig_g[gid]).astype(np.float64), minlength=int(dom_g.max()) + 1)
     # rank among the domain's candidates by score (ties: lower index), as the mask specs rank
     dorder = np.lexsort((idx, scores, ~cand, dom))
@@ -191,6 +201,20 @@ def _round_keys(key: np.ndarray, cand: np.ndarray, gid: np.ndarray, avail: np.nd
         pos = np.searchsorted(ends, i)  # first block end >= j
         ok = pos < ends.size
         out[units[ok]] = key[units[ends[pos[ok]] - 1]]
+    return out
+
+
+def removable(structure: Structure, dead: np.ndarray) -> np.ndarray:
+    """The `dead` units that physical pruning removes, as the cost specs count them (`removable_f64`): those of
+    prunable groups, except the first unit of a group whose units are all dead."""
+    sizes = np.array([g.size for g in structure.groups], dtype=np.int64)
+    gid = np.repeat(np.arange(len(sizes)), sizes)
+    prun = np.array([g.prunable for g in structure.groups], dtype=bool)
+    out = dead & prun[gid]
+    starts = np.cumsum(sizes) - sizes
+    all_gone = np.bincount(gid, weights=out, minlength=len(sizes)) == sizes
+    firsts = starts[all_gone & (sizes > 0)]
+    out[firsts] = False
     return out
 
 
@@ -330,20 +354,23 @@ def _program_ratio(structure: Structure, params: Mapping[str, torch.Tensor], met
 
 # ============================================================================================ API
 def solve(structure: Structure, params: Mapping[str, torch.Tensor], *, target: float, metric: str = "macs",
-          importance: str | torch.Tensor | Spec = "unit_l2", scope: str = "global",
+          importance: str | torch.Tensor | Spec = "unit_l2", scope: str = DEFAULT_SCOPE,
           max_fraction: float | None = None, round_to: int | None = None, seed: int = 0,
-          groups: str | Sequence[str] | None = None, weight_bits: Any = 32, act_bits: Any = 32) -> Solution:
+          groups: str | Sequence[str] | None = None, weight_bits: Any = 32, act_bits: Any = 32,
+          normalize: str | None = DEFAULT_NORMALIZE, warn: bool = True) -> Solution:
     """Like `solve_keep`, returning the keep-mask with the cost it reaches (a `Solution`)."""
     target, mf, rt = _check_options(structure, metric, target, scope, max_fraction, round_to)
+    normalize = check_normalize(normalize, "solve_keep")
     scores, dead, has = unit_state(structure, params, importance, seed)
     key, elig, raw = effective_keys(structure, scores, dead, has, scope=scope, max_fraction=mf, round_to=rt,
-                                    groups=name_patterns(groups, "solve_keep: groups"))
+                                    groups=name_patterns(groups, "solve_keep: groups"), normalize=normalize)
     cost = _cost_model(structure, metric, weight_bits, act_bits)
+    gone = removable(structure, dead)
     finite = np.flatnonzero(np.isfinite(key))
     order = finite[np.argsort(key[finite], kind="stable")]
     levels = key[order]
     ends = np.flatnonzero(np.append(levels[1:] != levels[:-1], True)) + 1 if order.size else np.zeros(0, np.int64)
-    before, totals = _prefix_totals(cost, dead.copy(), order, ends.astype(np.int64), target)
+    before, totals = _prefix_totals(cost, gone.copy(), order, ends.astype(np.int64), target)
     ratios = totals / cost.baseline
     best_known = float(ratios[-1]) if ends.size and not np.isnan(ratios[-1]) else None
     hits = np.flatnonzero(ratios <= target)
@@ -365,13 +392,15 @@ def solve(structure: Structure, params: Mapping[str, torch.Tensor], *, target: f
         best = best_known if best_known is not None else before / cost.baseline
         raise TargetError(
             f"solve_keep: {metric} can go down to {best:.4f} of the baseline with scope={scope!r}, "
-            f"max_fraction={max_fraction}, round_to={round_to} (prunable groups only); the target {target} is "
+            f"max_fraction={mf}, round_to={round_to} (prunable groups only); the target {target} is "
             "out of reach: raise the target or max_fraction, or widen groups="
         )
     keep = ~(dead & elig)
     keep[order[:n_removed]] = False
+    if warn:
+        warn_narrow(structure, keep)
     if best_known is None:  # the scan stopped early; the full removal's cost is only needed for reports
-        best_known = float(_prefix_totals(cost, dead.copy(), order, np.array([order.size]), None)[1][0]
+        best_known = float(_prefix_totals(cost, gone.copy(), order, np.array([order.size]), None)[1][0]
                            / cost.baseline) if order.size else before / cost.baseline
     return Solution(torch.from_numpy(keep), metric, target, ratio, before / cost.baseline, best_known,
                     cost.baseline, n_removed, selected)
@@ -411,14 +440,17 @@ def _exact_on_chain(structure: Structure, params: Mapping[str, torch.Tensor], me
 
 
 def solve_keep(structure: Structure, params: Mapping[str, torch.Tensor], *, target: float, metric: str = "macs",
-               importance: str | torch.Tensor = "unit_l2", scope: str = "global", max_fraction: float | None = None,
-               round_to: int | None = None, seed: int = 0, **options: Any) -> torch.Tensor:
+               importance: str | torch.Tensor = "unit_l2", scope: str = DEFAULT_SCOPE,
+               max_fraction: float | None = None, round_to: int | None = None, seed: int = 0,
+               **options: Any) -> torch.Tensor:
     """bool keep-mask [structure.num_units] that brings `metric` ("macs" | "bops" | "params") to at most
     `target` x its baseline value, removing the least important units first (importance: a spec name whose output is
     per-unit scores, "random", or a [num_units] tensor), within the scope rules of the mask specs.
 
     Units that are already exactly zero count as removed (and are False in the mask when their group is
-    eligible). `max_fraction`/`round_to`/`scope` mean what they mean for `ln_structured`; `seed` seeds
+    eligible). `max_fraction`/`round_to`/`scope`/`normalize` mean what they mean for `ln_structured`, with the
+    defaults of `wtcore.policy` (mean-normalized scores, at most 90% of a group removed by a global ranking;
+    a `NarrowGroupWarning` when a group keeps less than 10% of its width, `warn=False` silences it); `seed` seeds
     `importance="random"`. Options: `groups` (fnmatch patterns of the groups that may lose units),
     `weight_bits`/`act_bits` (for `metric="bops"`: one int or one per op). The baseline is the dense original
     model's cost (`active_macs/baseline`, `structured_bops/baseline`, `active_params/numel`). Raises

@@ -6,6 +6,10 @@ inactive flags of a constant entry list (unit, multiplicity), multiplies by the 
 per axis with `segment_sum_sorted` (no scatter: the program's only `index_add` stays the unit reduction).
 Per op, active MACs = MACs x product over its axes of (active / size) (1 MAC = one multiply-add).
 All cost arithmetic is float64: per-op counts are exact integers up to 2**53.
+
+"Inactive" means what physical pruning will remove (`removable_f64`): a zero unit of a group that is not
+prunable (a zero-initialized classifier), or the last unit of a group, stays and keeps costing, so predicted
+costs equal those of the physically pruned model.
 """
 
 from __future__ import annotations
@@ -169,6 +173,20 @@ def inactive_f64(ctx: Context, tolerance: float) -> Var:
     return b.to_float64(b.logical_not(active_units(ctx, tolerance)))
 
 
+def removable_f64(ctx: Context, tolerance: float) -> Var:
+    """1.0 for every inactive unit that physical pruning (`prune_zero_units`) removes, else 0.0: inactive units
+    of prunable groups, except the first unit of a group whose units are all inactive (a layer keeps one).
+    Zero units of groups that are not prunable (a zero-initialized classifier) stay and still cost."""
+    b, st = ctx.b, ctx.structure
+    inactive = b.logical_and(b.logical_not(active_units(ctx, tolerance)), ctx.prunable_units())
+    sizes = torch.tensor([g.size for g in st.groups], dtype=torch.long)
+    all_gone = b.eq(b.segment_sum_sorted(b.to_long(inactive), ctx.group_ends()), b.const(sizes, "group_sizes"))
+    first = torch.zeros(st.num_units, dtype=torch.bool)
+    first[torch.cumsum(sizes, 0)[sizes > 0] - sizes[sizes > 0]] = True
+    kept = b.logical_and(b.const(first, "first_unit_of_group"), b.take(all_gone, ctx.unit_group_ids()))
+    return b.to_float64(b.logical_and(inactive, b.logical_not(kept)))
+
+
 def axis_active(ctx: Context, axes: Sequence[AxisDesc], labels: Sequence[str], tolerance: float) -> Var:
     """Active positions of every axis, float64 `[len(axes)]`."""
     b = ctx.b
@@ -176,7 +194,7 @@ def axis_active(ctx: Context, axes: Sequence[AxisDesc], labels: Sequence[str], t
     lengths = b.const(t.lengths, "axis_lengths")
     if not t.dynamic or ctx.structure.num_units == 0:
         return lengths
-    hit = b.mul(b.take(inactive_f64(ctx, tolerance), b.const(t.units, "axis_units")), b.const(t.counts, "axis_counts"))
+    hit = b.mul(b.take(removable_f64(ctx, tolerance), b.const(t.units, "axis_units")), b.const(t.counts, "axis_counts"))
     return b.sub(lengths, b.segment_sum_sorted(hit, b.const(t.ends, "axis_ends")))
 
 

@@ -29,6 +29,7 @@ from ..errors import SpecError, StructureError
 from ..ir import Slice, Structure
 from ..lang import Var
 from ..masking import as_unit_vector, slice_lookup, validate_amount
+from ..policy import DEFAULT_NORMALIZE, check_normalize, default_max_fraction
 from ..spec import Context, define_spec
 
 __all__ = ["SCOPES", "isomorphism_key"]
@@ -140,19 +141,20 @@ def _count(b: Any, live: Var, amount: int | float) -> Var:
 
 
 def _structured_keep(
-    ctx: Context, score: Var, spec: str, *, amount: Any, scope: str, groups: Any, max_fraction: float,
+    ctx: Context, score: Var, spec: str, *, amount: Any, scope: str, groups: Any, max_fraction: float | None,
     round_to: int, normalize: str | None, only: set[str] | None = None,
 ) -> Var:
     """The keep-vector of a structured mask ranking units by `score` (lowest removed first)."""
     amount = _need_amount(amount, spec)
     if scope not in SCOPES:
         raise SpecError(f"{spec}: scope must be one of {SCOPES}, got {scope!r}")
+    if max_fraction is None:
+        max_fraction = default_max_fraction(scope)
     if isinstance(max_fraction, bool) or not isinstance(max_fraction, (int, float)) or not 0 <= max_fraction <= 1:
         raise SpecError(f"{spec}: max_fraction must be a number in [0, 1], got {max_fraction!r}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise SpecError(f"{spec}: round_to must be a positive int, got {round_to!r}")
-    if normalize not in (None, "mean"):
-        raise SpecError(f"{spec}: normalize must be None or 'mean', got {normalize!r}")
+    check_normalize(normalize, spec)
     st = ctx.structure
     info = _Groups(ctx, name_patterns(groups, f"{spec}: groups"), scope, float(max_fraction), spec, only)
     b = ctx.b
@@ -187,7 +189,9 @@ def _structured_keep(
             s64 = b.to_float64(score)
             total = b.segment_sum_sorted(b.where(b.logical_and(live, elig_u), s64, 0.0), ends)
             mean = b.take(b.div(total, b.maximum(live_g, 1)), gid)
-            score = b.where(b.gt(mean, 0), b.div(s64, mean), s64)
+            inf = b.const(torch.tensor(math.inf, dtype=torch.float64), "inf")
+            ok = b.logical_and(b.gt(mean, 0), b.lt(mean, inf))  # e.g. +inf scores for "never first": raw
+            score = b.where(ok, b.div(s64, mean), s64)
         dom_g = torch.tensor(info.domain)
         order = torch.argsort(dom_g, stable=True)
         n_dom = int(dom_g.max()) + 1
@@ -326,9 +330,10 @@ _STRUCTURED_DOC = """
     eligible groups), "isomorphic" (one ranking per class of groups with the same structure, e.g. every ViT
     MLP). `groups`: fnmatch patterns of the groups to consider (default every prunable group; groups that
     are not prunable are never touched). `max_fraction`: at most this fraction of a group's units is removed
-    (already-zero units count), and a group always keeps one unit. `round_to`: the units a group keeps are
-    rounded *up* to a multiple of `round_to` (where its live units allow). `normalize="mean"` divides scores
-    by their group's mean over live units before a global/isomorphic ranking. `per_param=True` also outputs
+    (already-zero units count), and a group always keeps one unit (default `wtcore.policy`: 0.9 for a global
+    or isomorphic scope, 1.0 for local). `round_to`: the units a group keeps are rounded *up* to a multiple of
+    `round_to` (where its live units allow). `normalize="mean"` (the default; None ranks raw scores) divides
+    scores by their group's mean over live units before a global/isomorphic ranking. `per_param=True` also outputs
     the element mask of every parameter, keyed by name, next to `"units"`."""
 
 
@@ -336,7 +341,8 @@ _STRUCTURED_DOC = """
 @define_spec("ln_structured", outputs=mask_outputs)
 def ln_structured(
     ctx: Context, amount: Any = None, n: Any = 2, scope: str = "local", groups: Any = None,
-    max_fraction: float = 1.0, round_to: int = 1, normalize: str | None = None, per_param: bool = False,
+    max_fraction: float | None = None, round_to: int = 1, normalize: str | None = DEFAULT_NORMALIZE,
+    per_param: bool = False,
 ) -> Var | dict[str, Var]:
     """Keep-mask removing the units of smallest L`n` norm (over every coupled slice), `[num_units]` bool."""
     keep = _structured_keep(
@@ -349,7 +355,7 @@ def ln_structured(
 @define_spec("random_structured", outputs=mask_outputs)
 def random_structured(
     ctx: Context, amount: Any = None, seed: int = 0, scope: str = "local", groups: Any = None,
-    max_fraction: float = 1.0, round_to: int = 1, per_param: bool = False,
+    max_fraction: float | None = None, round_to: int = 1, per_param: bool = False,
 ) -> Var | dict[str, Var]:
     """Keep-mask removing units at random: each unit gets `torch.rand` from a generator seeded with `seed`
     (fixed at compile time, so every call gives the same mask) and the lowest go, like torch's
@@ -368,7 +374,8 @@ def random_structured(
 @define_spec("importance", outputs=mask_outputs)
 def importance(
     ctx: Context, scores: Any = None, amount: Any = None, scope: str = "local", groups: Any = None,
-    max_fraction: float = 1.0, round_to: int = 1, normalize: str | None = None, per_param: bool = False,
+    max_fraction: float | None = None, round_to: int = 1, normalize: str | None = DEFAULT_NORMALIZE,
+    per_param: bool = False,
 ) -> Var | dict[str, Var]:
     """Keep-mask from user scores per unit (lowest removed first): `scores` is a `[num_units]` tensor or
     `(group, values)` pairs (groups left out are not considered). A dict must be passed as hashable pairs,

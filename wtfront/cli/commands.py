@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import ast
 import fnmatch
-import glob
 import inspect
 import math
 import os
@@ -20,6 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .pruning import add_prune_options, choose_keep, save_pretrained_to, target_of
 
 __all__ = ["build_parser", "main", "parse_spec"]
 
@@ -222,7 +223,6 @@ def _prune(args: argparse.Namespace) -> int:
     import torch
 
     from wtcore.errors import WtError
-    from wtcore.solver import solve_keep
 
     from ..files import atomic_write, refuse_overwrite
     from ..modules import effective_params
@@ -230,8 +230,7 @@ def _prune(args: argparse.Namespace) -> int:
     from ..prune.physical import prune_units
     from . import report
 
-    if not 0.0 < args.target_macs <= 1.0:
-        raise WtError(f"--target-macs is a fraction of the model's MACs in (0, 1], got {args.target_macs}")
+    target = target_of(args)
     for name in ("pruned.pt", "structure.json"):  # before the (slow) work, not after it
         refuse_overwrite(Path(args.out) / name, args.force)
     ref = _load(args)
@@ -258,10 +257,7 @@ def _prune(args: argparse.Namespace) -> int:
     if not eligible:
         raise WtError("no unit group may lose units (all are lossy or excluded); see --allow-lossy and --groups")
     with report.phases("solving which units to remove") as phase:
-        keep = solve_keep(structure, params, target=args.target_macs, metric="macs",
-                          importance="unit_l2" if args.method == "l2" else "random", scope=args.scope,
-                          max_fraction=args.max_fraction, round_to=args.round_to, seed=args.seed,
-                          groups=[glob.escape(n) for n in eligible])
+        keep = choose_keep(args, structure, params, eligible)
         phase("pruning with Torch-Pruning, re-tracing, checking the output")
         new = prune_units(ref.model, structure, ref.example_inputs, keep, trace_kwargs=kwargs,
                           strict=not args.allow_lossy)
@@ -270,12 +266,15 @@ def _prune(args: argparse.Namespace) -> int:
     save_pruned(ref.model, out_dir / "pruned.pt")
     with atomic_write(out_dir / "structure.json", "w") as f:
         f.write(new.to_json(indent=1))
+    if args.save_pretrained:
+        save_pretrained_to(ref.model, args.save_pretrained, out_dir / "pruned.pt")
     con = _console()
     con.print(report.comparison_table(structure, new, args.rows))
     macs_before = sum(o.macs for o in structure.ops) or 1
-    _text(con, f"MACs {100 * sum(o.macs for o in new.ops) / macs_before:.1f}% of the original (target "
-               f"{100 * args.target_macs:.1f}%, 1 MAC = one multiply-add); wrote {out_dir / 'pruned.pt'} "
-               f"(load with wtfront.load_pruned) and {out_dir / 'structure.json'}")
+    goal = f" (target {target[0]} {100 * target[1]:.1f}%)" if target else ""
+    _text(con, f"MACs {100 * sum(o.macs for o in new.ops) / macs_before:.1f}% of the original{goal}, 1 MAC = one "
+               f"multiply-add; wrote {out_dir / 'pruned.pt'} (load with wtfront.load_pruned) and "
+               f"{out_dir / 'structure.json'}")
     return 0
 
 
@@ -441,22 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_analyze)
 
     r = sub.add_parser(
-        "prune", parents=[common], help="one-shot structured pruning to a MAC target, physical, saved",
-        description="Remove the least important units until the model's MACs are at most --target-macs of the "
-                    "original (1 MAC = one multiply-add), physically (Torch-Pruning; the output is checked to "
-                    "equal the masked model's), and save a checkpoint that wtfront.load_pruned reads.",
+        "prune", parents=[common], help="one-shot structured pruning to a cost target, physical, saved",
+        description="Remove the least important units until the model's MACs (parameters, BOPs) are at most the "
+                    "target fraction of the original (1 MAC = one multiply-add), physically (Torch-Pruning; the "
+                    "output is checked to equal the masked model's), and save a checkpoint that "
+                    "wtfront.load_pruned reads. Default policy (wtcore.policy): scores normalized by their group's "
+                    "mean, ranked globally, no group loses more than 90%%; a warning names any group left below "
+                    "10%% of its width.",
     )
-    r.add_argument("--target-macs", type=_finite_float, required=True, metavar="FRACTION",
-                   help="keep at most this fraction of the MACs, e.g. 0.5")
-    r.add_argument("--method", choices=("l2", "random"), default="l2",
-                   help="unit importance: L2 norm of its coupled weights, or random (default l2)")
-    r.add_argument("--scope", choices=("global", "local"), default="global",
-                   help="rank units across all groups, or prune every group by the same fraction (default global)")
-    r.add_argument("--max-fraction", type=_finite_float, default=None, metavar="F",
-                   help="remove at most this fraction of any group's units")
-    r.add_argument("--round-to", type=_int_at_least(1), default=None, metavar="N",
-                   help="keep unit counts multiples of N")
-    r.add_argument("--seed", type=int, default=0, help="seed of --method random (default 0)")
+    add_prune_options(r)
     r.add_argument("--groups", nargs="+", metavar="PATTERN",
                    help="only these unit groups may lose units (fnmatch patterns over group names, as wt inspect "
                         "lists them), e.g. '*.mlp.fc1.out'")

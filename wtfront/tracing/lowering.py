@@ -131,7 +131,14 @@ class Lowering:
 
     # -- groups ----------------------------------------------------------------------------------
     def run(self, tp_groups: Sequence[Any], model_name: str) -> Structure:
-        entries = [self.lower_group(g) for g in tp_groups]
+        self.errors: list[UnloweredModule] = []  # every module that cannot be lowered, reported at once
+        entries = []
+        for g in tp_groups:
+            try:
+                entries.append(self.lower_group(g))
+            except TraceError:
+                if not self.errors:  # else a consequence of the items skipped: the modules named are the cause
+                    raise
         entries.sort(key=lambda e: e[0])
         groups: list[UnitGroup] = []
         used: set[str] = set()
@@ -144,6 +151,8 @@ class Lowering:
                 ug = UnitGroup(name, ug.kind, ug.size, ug.slices, ug.prunable, ug.root, ug.baseline_size, ug.reason)
             groups.append(ug)
         self.check_unknown_params()
+        if self.errors:
+            raise combined_error(self.errors)
         groups = mark_partial_coverage(groups, {n: tuple(t.shape) for n, t in self.tensors.items()})
         touched = {s.param for g in groups for s in g.slices}
         params = tuple(self.make_param(n) for n in self.tensors)
@@ -198,10 +207,10 @@ class Lowering:
             try:
                 raws = lower_item(target, name, out=out, pairs=pairs, pruning_dim=node.pruning_dim)
                 keyed = [(self.param_name(s, name), s) for s in raws]
-            except UnloweredModule:
-                if self.is_ignored(target):
-                    continue
-                raise
+            except UnloweredModule as e:
+                if not self.is_ignored(target):
+                    self.errors.append(e)
+                continue
             if isinstance(target, nn.Module):
                 self.lowered_modules[id(target)] = target
             for pname, s in keyed:
@@ -306,8 +315,22 @@ class Lowering:
             extra = [n for n, p in m._parameters.items() if p is not None and n.removesuffix("_orig") not in known]
             if extra:
                 name = self.module_name(m)
-                raise UnloweredModule(
+                self.errors.append(UnloweredModule(
                     f"module {name!r} ({type(m).__name__}) is coupled to a pruning group but has parameters "
                     f"{extra} that Torch-Pruning's {t.__name__ if t else ''} pruner does not prune; pass it in "
-                    f"ignore= (e.g. ignore=[{name!r}])"
-                )
+                    f"ignore= (e.g. ignore=[{name!r}])", (name,)
+                ))
+
+
+def combined_error(errors: Sequence[UnloweredModule]) -> UnloweredModule:
+    """One error naming every module that cannot be lowered (one line per distinct `ignore=` suggestion), and
+    the `ignore=` list that leaves them all out, so one re-run traces."""
+    seen: dict[tuple[str, ...], UnloweredModule] = {}
+    for e in errors:
+        seen.setdefault(e.ignore or (str(e),), e)
+    if len(seen) == 1:
+        return next(iter(seen.values()))
+    suggest = list(dict.fromkeys(n for e in seen.values() for n in e.ignore))
+    lines = "; ".join(f"({k}) {e}" for k, e in enumerate(seen.values(), 1))
+    return UnloweredModule(f"{len(seen)} modules cannot be lowered: {lines}. To trace, leave them all out: "
+                           f"ignore={suggest!r}", tuple(suggest))

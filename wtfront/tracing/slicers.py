@@ -24,7 +24,12 @@ __all__ = ["CONV1D_PARAMS", "KNOWN_PARAMS", "Pairs", "RawSlice", "UnloweredModul
 
 
 class UnloweredModule(TraceError):
-    """A module in a coupled group whose parameters wt cannot map to units (unsupported type or layout)."""
+    """A module in a coupled group whose parameters wt cannot map to units (unsupported type or layout).
+    `ignore`: the `trace(ignore=...)` entries that leave it out (module names or globs)."""
+
+    def __init__(self, message: str, ignore: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.ignore = ignore
 
 
 @dataclass
@@ -243,7 +248,7 @@ def lower_item(
         if rule is None:
             raise UnloweredModule(
                 f"module {name!r} ({type(target).__name__}) is coupled to a pruning group, but wt cannot map its "
-                f"parameters to units; pass it in ignore= (e.g. ignore=[{name!r}]) to leave it out"
+                f"parameters to units; pass it in ignore= (e.g. ignore=[{name!r}]) to leave it out", (name,)
             )
         slices = rule(target, out, pairs)
     checked: dict[tuple[int, int], bool] = {}  # (id of the positions array, axis length) -> in range
@@ -264,6 +269,6 @@ def lower_item(
             raise UnloweredModule(
                 f"Torch-Pruning couples channel {bad[0]} to {what} axis {s.axis}, which has only {s.length} entries: "
                 f"it mis-maps this layer, so wt cannot lower it; pass the module in ignore= (e.g. ignore=[{owner!r}]"
-                f"{also})"
+                f"{also})", (every,)
             )
     return slices

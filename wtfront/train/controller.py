@@ -26,9 +26,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from wtcore.errors import WtError
+from wtcore.errors import StaleProgramError, WtError
 from wtcore.ir import Structure
 from wtcore.masking import keep_from_removed, removed_by_group
+from wtcore.policy import DEFAULT_NORMALIZE, check_normalize
 from wtcore.solver import METRICS, TargetError, metric_ratio, solve
 
 from ..modules import effective_params
@@ -58,8 +59,9 @@ class ControllerConfig:
     `target`: the final cost as a fraction of the baseline (0.5 = half the MACs). `schedule`: when and how
     fast (its `final` sparsity is `1 - target`). `importance`: a per-unit score spec name (`unit_l2`,
     `unit_l1`, `unit_linf`, ...) or "random"; tensors of scores are passed to `step(scores=...)`. `scope`,
-    `max_fraction`, `round_to`, `groups`: as for the structured mask specs. `weight_bits`/`act_bits`: for
-    `metric="bops"`.
+    `normalize`, `max_fraction`, `round_to`, `groups`: as for the structured mask specs, with the defaults of
+    `wtcore.policy` (mean-normalized scores ranked globally, at most 90% of any group removed).
+    `weight_bits`/`act_bits`: for `metric="bops"`.
     """
 
     target: float
@@ -73,6 +75,7 @@ class ControllerConfig:
     seed: int = 0
     weight_bits: int = 32
     act_bits: int = 32
+    normalize: str | None = DEFAULT_NORMALIZE
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -91,6 +94,10 @@ class ControllerConfig:
                                   f"step(scores=...)), got {type(self.importance).__name__}")
         if isinstance(self.groups, list):
             object.__setattr__(self, "groups", tuple(self.groups))
+        try:
+            check_normalize(self.normalize, "controller")
+        except WtError as e:
+            raise ControllerError(str(e)) from None
 
     @classmethod
     def make(cls, target: float, *, kind: str = "cubic", start: int = 0, end: int = 0, every: int = 1,
@@ -107,7 +114,7 @@ class ControllerConfig:
         d = asdict(self)
         d["schedule"] = {k: v for k, v in self.schedule.to_dict().items() if k != "final"}
         d["groups"] = list(self.groups) if self.groups is not None else None
-        return {k: v for k, v in d.items() if v is not None}
+        return {k: v for k, v in d.items() if v is not None or k == "normalize"}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ControllerConfig:
@@ -234,6 +241,7 @@ class Controller:
         self.model: nn.Module | None = None
         self.structure: Structure | None = None
         self.fake: FakePruning | None = None
+        self._followers: list[Any] = []
 
     @classmethod
     def from_config(cls, source: str | os.PathLike[str] | Mapping[str, Any]) -> Controller:
@@ -256,6 +264,18 @@ class Controller:
         st.structure = structure.fingerprint
         keep = keep_from_removed(structure, st.removed) if st.removed else None
         self.fake = FakePruning(model, structure) if keep is None else apply_masks(model, structure, keep)
+        return self
+
+    def follow(self, *trackers: Any) -> Controller:
+        """`WeightTracker`s (or their `Regularizer`s) that `prune()` rebinds to the pruned structure, so their
+        numbers and losses are those of the pruned model."""
+        for t in trackers:
+            t = getattr(t, "owner", t)
+            if not callable(getattr(t, "rebind", None)):
+                raise ControllerError(f"controller.follow: {type(t).__name__} has no rebind(structure); pass "
+                                      "WeightTrackers or their regularizers")
+            if t not in self._followers:
+                self._followers.append(t)
         return self
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -302,6 +322,7 @@ class Controller:
                 st.last_t = t
             return StepReport(t, False, self.target_at(t), None, 0, total, st.done, self.physical_prune_due)
         assert self.structure is not None and self.model is not None
+        self._check_shapes()
         cfg = self.config
         # at the end, exactly the configured target (1 - (1 - target) may differ from it in the last bit)
         target = cfg.target if t >= self.schedule.end else max(self.target_at(t), cfg.target)
@@ -310,7 +331,8 @@ class Controller:
         try:
             sol = solve(self.structure, params, target=target, metric=cfg.metric, importance=importance,
                         scope=cfg.scope, max_fraction=cfg.max_fraction, round_to=cfg.round_to, seed=cfg.seed + t,
-                        groups=cfg.groups, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits)
+                        groups=cfg.groups, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits,
+                        normalize=cfg.normalize)
         except TargetError as e:
             raise TargetError(f"controller step t={t} (target {target:.4f}): {e}") from None
         before = int((~fake.keep).sum())
@@ -340,7 +362,24 @@ class Controller:
         fake.detach()  # only now: after a failure, training goes on with the masks enforced
         self._state.physically_pruned = True
         self.structure, self.fake = new, None
+        for t in self._followers:
+            t.rebind(new)
         return new
+
+    def _check_shapes(self) -> None:
+        """Refuse to decide on a model that was physically pruned behind the controller's back."""
+        assert self.model is not None and self.structure is not None
+        try:
+            got = {k: tuple(v.shape) for k, v in effective_params(self.model, self.structure).items()}
+        except WtError:
+            got = {}
+        bad = [p.name for p in self.structure.params if got.get(p.name) != tuple(p.shape)]
+        if bad:
+            raise StaleProgramError(
+                f"controller: the model no longer has the shapes of the structure it was bound to ({bad[:3]}; "
+                "physically pruned outside Controller.prune()?): build a new Controller and bind it to the "
+                "re-traced model"
+            )
 
     @property
     def history(self) -> list[dict[str, Any]]:

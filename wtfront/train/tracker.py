@@ -13,6 +13,12 @@ Method names follow the torch-weighttracker package (`create_tracker`, `track`, 
 `track()` evaluates ONE program (every registered tracker fused: shared reductions are computed once, one
 `index_add` in all) on the model's current effective parameters (through `nn.utils.prune` masks and
 parametrizations) and converts all values to floats with one device-to-host copy.
+
+The numbers follow the model: every evaluation first checks that the model still holds the parameter objects
+the tracker read (a handful of dict lookups). When physical pruning (or anything else) replaced them, the
+tracker re-reads them, and when their shapes changed it re-traces the model (baselines kept, so compression
+stays relative to the dense model) and recompiles every tracker and regularizer it made (`rebind`). If that
+re-trace fails it raises `StaleProgramError` naming what to rebuild: never the old numbers.
 """
 
 from __future__ import annotations
@@ -27,12 +33,12 @@ import torch
 import torch.nn as nn
 
 import wtcore
-from wtcore.errors import WtError
+from wtcore.errors import StaleProgramError, WtError
 from wtcore.ir import Structure
 from wtcore.spec import REGISTRY, Spec
 
 from ..costs.bits import BitsSpec, fake_quant_bits, resolve_bits
-from ..modules import effective_getters
+from ..modules import effective_getters, owner
 from ..tracing.entry import trace
 from .decay import ChannelDecay
 
@@ -127,6 +133,7 @@ class Tracker:
     spec: Spec
     keys: tuple[str, ...]
     _format: Callable[[Mapping[str, list[float]]], dict[str, float]] = field(repr=False)
+    _request: dict[str, Any] = field(default_factory=dict, repr=False)  # create_tracker's arguments, for rebind
 
     def track(self) -> dict[str, float]:
         """This tracker's metrics only (its own compiled program)."""
@@ -134,13 +141,17 @@ class Tracker:
 
 
 class Regularizer:
-    """A differentiable loss term: `reg()` evaluates its program on the model's current parameters."""
+    """A differentiable loss term: `reg()` evaluates its program on the model's current parameters (after a
+    physical prune, on the pruned ones: its tracker recompiles it)."""
 
-    def __init__(self, owner: WeightTracker, program: wtcore.Program, key: str) -> None:
+    def __init__(self, owner: WeightTracker, program: wtcore.Program, key: str,
+                 request: dict[str, Any] | None = None) -> None:
         self.owner, self.program, self.key = owner, program, key
+        self._request = request or {}
 
     def __call__(self) -> torch.Tensor:
-        return self.program(self.owner.params())[self.key]
+        params = self.owner.params()  # first: it may rebind (and recompile this regularizer)
+        return self.program(params)[self.key]
 
     def __repr__(self) -> str:
         return f"<wt Regularizer {self.key!r}>"
@@ -163,8 +174,10 @@ class WeightTracker:
         self.model = model
         self.example_inputs = example_inputs
         self.backend = backend
+        self.trace_opts = trace_opts
         self.structure = structure if structure is not None else trace(model, example_inputs, **trace_opts)
         self._trackers: list[Tracker] = []
+        self._regularizers: list[Regularizer] = []
         self._fused: wtcore.Program | None = None
         self._const_keys: frozenset[str] | None = None
         self._constants_sent = False
@@ -174,11 +187,68 @@ class WeightTracker:
     # ------------------------------------------------------------------------------ parameters
     def refresh(self) -> None:
         """Re-read the parameter objects of the model (after replacing a parameter or adding a
-        reparametrization); shapes must still match the structure (physically pruned: trace again)."""
-        self._getters = list(effective_getters(self.model, [p.name for p in self.structure.params]).items())
+        reparametrization). If their shapes no longer fit the structure (physically pruned), re-trace and
+        `rebind`; `StaleProgramError` if that fails."""
+        try:
+            getters = list(effective_getters(self.model, [p.name for p in self.structure.params]).items())
+            current = {n: tuple(g().shape) for n, g in getters}
+        except WtError:  # a parameter of the structure is gone: the model changed its layout
+            current = None
+        if current is None or any(current[p.name] != tuple(p.shape) for p in self.structure.params):
+            self._retrace()
+            return
+        self._getters = getters
+        self._watched = [(m, leaf, m._parameters.get(leaf)) for m, leaf in
+                         (owner(self.model, p.name) for p in self.structure.params)]
+
+    def _stale(self) -> bool:
+        """The model no longer holds the parameter objects the getters read."""
+        return any(m._parameters.get(leaf) is not obj for m, leaf, obj in self._watched)
+
+    def _retrace(self) -> None:
+        try:
+            new = trace(self.model, self.example_inputs, **self.trace_opts)
+        except Exception as e:
+            raise StaleProgramError(
+                f"the model's parameters no longer fit the structure this WeightTracker was built on (physically "
+                f"pruned?) and re-tracing failed ({type(e).__name__}: {e}); build a new WeightTracker and its "
+                "trackers and regularizers, or call rebind(structure) with the pruned model's structure"
+            ) from e
+        self.rebind(new.with_baseline(self.structure))
+
+    def rebind(self, structure: Structure) -> None:
+        """Follow the model to `structure` (e.g. the one `prune_units` returns): re-read the parameters and
+        recompile every tracker and regularizer made here, with the same arguments (keys unchanged)."""
+        if not structure.groups and not structure.params:
+            raise WtError("rebind: the structure is empty")
+        self.structure = structure
+        self._fq = None
+        self._fused = None
+        self._getters = list(effective_getters(self.model, [p.name for p in structure.params]).items())
+        self._watched = [(m, leaf, m._parameters.get(leaf)) for m, leaf in
+                         (owner(self.model, p.name) for p in structure.params)]
+        getters = dict(self._getters)
+        bad = [p.name for p in structure.params if tuple(getters[p.name]().shape) != tuple(p.shape)]
+        if bad:
+            raise StaleProgramError(f"rebind: the model's {bad[:3]} do not have the shapes of the structure given; "
+                                    "pass the structure of the model as it is now")
+        old, self._trackers = self._trackers, []
+        for t in old:
+            fresh = self.create_tracker(**t._request)
+            self._trackers.remove(fresh)
+            t.spec, t.keys, t._format = fresh.spec, fresh.keys, fresh._format
+            self._trackers.append(t)
+        regs, self._regularizers = self._regularizers, []
+        for r in regs:
+            fresh = self.create_regularizer(**r._request)
+            r.program, r.key = fresh.program, fresh.key
+        self._regularizers = regs
 
     def params(self) -> dict[str, torch.Tensor]:
-        """The model's effective parameters by canonical name (masks and parametrizations applied)."""
+        """The model's effective parameters by canonical name (masks and parametrizations applied); follows
+        the model when its parameters were replaced (see the module docstring)."""
+        if self._stale():
+            self.refresh()
         return {n: g() for n, g in self._getters}
 
     # ------------------------------------------------------------------------------ trackers
@@ -200,6 +270,8 @@ class WeightTracker:
         if isinstance(kinds, (list, tuple)):
             return [self.create_tracker(k, include, ignore, name=name, per_op=per_op, per_param=per_param,
                                         per_group=per_group, **opts) for k in kinds]
+        request = dict(kinds=kinds, include=include, ignore=ignore, name=name, per_op=per_op, per_param=per_param,
+                       per_group=per_group, **opts)
         kname = _kind_name(kinds)
         spec_name, extra = ALIASES.get(kname, (kname, {}))
         d = REGISTRY.get(spec_name)
@@ -230,7 +302,7 @@ class WeightTracker:
         if clash:
             raise WtError(f"tracker {kname!r} would produce keys that another tracker already produces "
                           f"({sorted(clash)[:3]}); pass name= to give it its own prefix")
-        tracker = Tracker(self, kname, spec, keys, fmt)
+        tracker = Tracker(self, kname, spec, keys, fmt, request)
         self._trackers.append(tracker)
         self._fused = None
         self._const_keys, self._constants_sent = None, False
@@ -292,10 +364,11 @@ class WeightTracker:
         return self._fused
 
     def _evaluate(self, trackers: Sequence[Tracker]) -> dict[str, float]:
+        params = self.params()  # first: it may rebind (and recompile the trackers)
         prog = self.program() if trackers is self._trackers else wtcore.compile(
             self.structure, [t.spec for t in trackers], backend=self.backend)
         with torch.no_grad():
-            flat = prog.flat(self.params()).tolist()  # one host sync for every metric
+            flat = prog.flat(params).tolist()  # one host sync for every metric
         values: dict[str, list[float]] = {}
         pos = 0
         for key, n in zip(prog.output_keys, prog.output_numels):
@@ -313,6 +386,7 @@ class WeightTracker:
 
         include/ignore decide which parameters' slices enter the per-unit norms (module instances, classes or
         name globs, resolved to module names). opts are the spec's options (`weighted=`, `groups=`)."""
+        request = dict(kind=kind, include=include, ignore=ignore, **opts)
         kname = _kind_name(kind)
         if kname not in REGISTRY:
             raise WtError(f"unknown regularizer {kname!r}; regularizers: {', '.join(REGULARIZERS)}")
@@ -325,7 +399,9 @@ class WeightTracker:
             raise WtError(f"regularizer {kname!r}: {e}") from e
         if len(prog.output_keys) != 1:
             raise WtError(f"regularizer {kname!r} has outputs {list(prog.output_keys)}; a regularizer is a scalar")
-        return Regularizer(self, prog, prog.output_keys[0])
+        reg = Regularizer(self, prog, prog.output_keys[0], request)
+        self._regularizers.append(reg)
+        return reg
 
     def create_channel_decay(self, reg: float = 1e-4, rule: str = "depgraph",
                              include: Iterable[Selector] | Selector | None = None,
