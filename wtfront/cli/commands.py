@@ -12,14 +12,13 @@ import argparse
 import ast
 import fnmatch
 import inspect
-import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .argtypes import int_at_least, nonnegative_float
 from .pruning import add_prune_options, choose_keep, save_pretrained_to, target_of
 
 __all__ = ["build_parser", "main", "parse_spec"]
@@ -353,40 +352,8 @@ def _model_options() -> argparse.ArgumentParser:
                         "(default: the trace's own choice)")
     g.add_argument("--ignore", nargs="+", metavar="NAME",
                    help="module names or fnmatch globs to leave out of the trace, e.g. 'head' 'blocks.*.attn'")
-    p.add_argument("--rows", type=_int_at_least(0), default=40, metavar="N", help="rows per table (0: all; default 40)")
+    p.add_argument("--rows", type=int_at_least(0), default=40, metavar="N", help="rows per table (0: all; default 40)")
     return p
-
-
-# ------------------------------------------------------------------------------------------ argument types
-def _finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
-
-
-def _nonnegative_float(text: str) -> float:
-    v = _finite_float(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return v
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return v
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -428,11 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "Lightning .ckpt files, Hugging Face Trainer output folders (checkpoint-N/), save_pruned "
                         "checkpoints, or whole pickled models (with --trust-pickle)")
     a.add_argument("--out", default="wt-analysis", metavar="DIR", help="output folder (default: wt-analysis)")
-    a.add_argument("--chunk", type=_int_at_least(1), default=8, metavar="N",
+    a.add_argument("--chunk", type=int_at_least(1), default=8, metavar="N",
                    help="checkpoints per vmapped evaluation; bounds memory to N copies of the weights (default 8)")
-    a.add_argument("--tolerance", type=_nonnegative_float, default=0.0,
+    a.add_argument("--tolerance", type=nonnegative_float, default=0.0,
                    help="|w| at or below it counts as zero for active units, MACs and sparsity (default 0)")
-    a.add_argument("--threshold", type=_nonnegative_float, default=1e-3,
+    a.add_argument("--threshold", type=nonnegative_float, default=1e-3,
                    help="a unit whose L2 norm is at or below it counts as ready to prune (default 1e-3)")
     a.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that are pickled objects (torch.save(model)); only for trusted files")
@@ -466,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "forward and forward+backward, against the floor sum(p.pow(2).sum() for p in params), as "
                     "medians over interleaved repetitions in one process. Ratios, not absolute times, compare.",
     )
-    b.add_argument("--reps", type=_int_at_least(1), default=15, help="interleaved repetitions (default 15)")
+    b.add_argument("--reps", type=int_at_least(1), default=15, help="interleaved repetitions (default 15)")
     b.add_argument("--spec", default="group_lasso",
                    help="the spec to time, any registered one with its options, e.g. active_macs or "
                         "ln_structured:amount=0.3 (default group_lasso)")

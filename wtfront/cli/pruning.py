@@ -13,6 +13,8 @@ import glob
 import sys
 from typing import Any
 
+from .argtypes import finite_float, int_at_least
+
 __all__ = ["IMPORTANCES", "KIND_RATIOS", "add_prune_options", "choose_keep", "save_pretrained_to", "target_of"]
 
 #: `--importance` choices → the per-unit score spec (or "random") the solver ranks by
@@ -37,23 +39,29 @@ def add_prune_options(r: argparse.ArgumentParser) -> None:
     t = r.add_argument_group("targets (a cost target, per-kind ratios, or both)")
     t.add_argument(
         "--target-macs",
-        type=float,
+        type=finite_float,
         metavar="FRACTION",
         help="keep at most this fraction of the MACs, e.g. 0.5 (1 MAC = one multiply-add)",
     )
-    t.add_argument("--target-params", type=float, metavar="FRACTION", help="keep at most this fraction of parameters")
+    t.add_argument(
+        "--target-params", type=finite_float, metavar="FRACTION", help="keep at most this fraction of parameters"
+    )
     t.add_argument(
         "--target-bops",
-        type=float,
+        type=finite_float,
         metavar="FRACTION",
         help="keep at most this fraction of the bit operations (MACs x weight bits x activation bits)",
     )
-    t.add_argument("--weight-bits", type=int, default=32, metavar="N", help="weight bits for --target-bops (32)")
-    t.add_argument("--act-bits", type=int, default=32, metavar="N", help="activation bits for --target-bops (32)")
+    t.add_argument(
+        "--weight-bits", type=int_at_least(1), default=32, metavar="N", help="weight bits for --target-bops (32)"
+    )
+    t.add_argument(
+        "--act-bits", type=int_at_least(1), default=32, metavar="N", help="activation bits for --target-bops (32)"
+    )
     for opt, kind in KIND_RATIOS.items():
         t.add_argument(
             f"--{opt.replace('_', '-')}",
-            type=float,
+            type=finite_float,
             metavar="F",
             help=f"remove this fraction of every {kind} group's units (ranked within the group)",
         )
@@ -82,12 +90,14 @@ def add_prune_options(r: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-fraction",
-        type=float,
+        type=finite_float,
         default=None,
         metavar="F",
         help="remove at most this fraction of any group's units (default 0.9 for global/isomorphic)",
     )
-    p.add_argument("--round-to", type=int, default=None, metavar="N", help="keep unit counts multiples of N")
+    p.add_argument(
+        "--round-to", type=int_at_least(1), default=None, metavar="N", help="keep unit counts multiples of N"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of --importance random (default 0)")
     r.add_argument(
         "--save-pretrained",
