@@ -71,11 +71,19 @@ def test_bilinear_upsampling_is_not_a_linear_layer():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build, size", [
-    (lambda: torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
-                                                                        num_classes=3), 64),
-    (lambda: torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=3), 32),
-], ids=["lraspp_mobilenet_v3_large", "fcn_resnet50"])
+@pytest.mark.parametrize(
+    "build, size",
+    [
+        (
+            lambda: torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+                weights=None, weights_backbone=None, num_classes=3
+            ),
+            64,
+        ),
+        (lambda: torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=3), 32),
+    ],
+    ids=["lraspp_mobilenet_v3_large", "fcn_resnet50"],
+)
 def test_segmentation_models_count_what_flop_counter_counts(build, size):
     model, x = build(), torch.randn(1, 3, size, size)
     s = trace(model, x)

@@ -25,6 +25,7 @@ def qualified(*packets: torch._ops.OpOverloadPacket) -> frozenset[str]:
     return frozenset(p._qualified_op_name for p in packets)
 
 
+# fmt: off
 # ops with multiply-adds (fvcore's convention) beyond those `macs` has a handle for: never silently zero
 MAC_OPS = qualified(
     _aten.convolution, _aten._convolution, _aten._convolution_mode, _aten.conv1d, _aten.conv2d, _aten.conv3d,
@@ -66,6 +67,7 @@ WEIGHT_READERS = qualified(
     _aten.amax, _aten.amin, _aten.masked_fill, _aten.where, _aten.dropout, _aten.feature_dropout, _aten.alias,
     _aten.lift_fresh, _aten.unfold, _aten.std, _aten.var, _aten.var_mean, _aten.std_mean,
 )
+# fmt: on
 
 
 @cache
