@@ -25,6 +25,11 @@ from .slicers import RawSlice, UnloweredModule, known_params, lower_item, rule_t
 
 __all__ = ["OUTPUT_REASON", "Lowering"]
 
+
+def _owned(param: str, boundary: str) -> bool:
+    """Whether `param` is the boundary parameter or belongs to the boundary module."""
+    return param == boundary or param.startswith(f"{boundary}.") or not boundary
+
 OUTPUT_REASON = "feeds the model output"
 
 
@@ -73,6 +78,7 @@ class Lowering:
         self.outputs = self._output_reaching_nodes()
         self.lowered_modules: dict[int, nn.Module] = {}
         self.names_by_id = {**self.module_names, **self.canonical}
+        self.boundaries: dict[str, str] = {}  # module -> why Torch-Pruning's mapping of it cannot be used
 
     # -- names -----------------------------------------------------------------------------------
     def module_name(self, m: Any) -> str:
@@ -101,7 +107,7 @@ class Lowering:
                 return canon
         raise UnloweredModule(
             f"parameter {qual!r} of {item_name!r} could not be matched to a parameter of the model with the same "
-            "shape (a parametrization that changes its shape?); pass the module in ignore="
+            "shape (a parametrization that changes its shape?)"
         )
 
     def is_ignored(self, target: Any) -> bool:
@@ -144,11 +150,46 @@ class Lowering:
                 ug = UnitGroup(name, ug.kind, ug.size, ug.slices, ug.prunable, ug.root, ug.baseline_size, ug.reason)
             groups.append(ug)
         self.check_unknown_params()
+        groups = self.apply_boundaries(groups)
         groups = mark_partial_coverage(groups, {n: tuple(t.shape) for n, t in self.tensors.items()})
         touched = {s.param for g in groups for s in g.slices}
         params = tuple(self.make_param(n) for n in self.tensors)
         uncoupled = tuple(sorted(n for n in self.tensors if n not in touched))
-        return Structure(params, tuple(groups), (), model_name, uncoupled)
+        for m in self.ignored_with_params():
+            self.boundaries.setdefault(m, "passed in ignore=")
+        boundaries = tuple(sorted(self.boundaries.items()))
+        return Structure(params, tuple(groups), (), model_name, uncoupled, boundaries)
+
+    # -- boundaries ------------------------------------------------------------------------------
+    def add_boundary(self, target: Any, name: str, why: str) -> None:
+        """Record the module (or unwrapped parameter) Torch-Pruning mis-maps as a boundary."""
+        if isinstance(target, torch.Tensor):
+            name = self.canonical.get(id(target), name)
+        self.boundaries.setdefault(name, f"Torch-Pruning mis-maps it, so it is left static: {why}")
+
+    def apply_boundaries(self, groups: list[UnitGroup]) -> list[UnitGroup]:
+        """Groups touching a boundary module lose its slices (its axes stay static) and are not prunable, since
+        removing their units would change the widths the module reads or writes; groups left with no slices go."""
+        if not self.boundaries:
+            return groups
+        out = []
+        for g in groups:
+            hit = [m for m in self.boundaries if any(_owned(sl.param, m) for sl in g.slices)]
+            if not hit:
+                out.append(g)
+                continue
+            slices = tuple(sl for sl in g.slices if not any(_owned(sl.param, m) for m in hit))
+            if not slices:
+                continue
+            why = f"coupled to {', '.join(repr(m) for m in hit[:3])}, which Torch-Pruning mis-maps (left static)"
+            out.append(UnitGroup(g.name, g.kind, g.size, slices, False, g.root, g.baseline_size,
+                                 "; ".join(r for r in (g.reason, why) if r)))
+        return out
+
+    def ignored_with_params(self) -> list[str]:
+        return [self.module_names[i] for i in self.ignored
+                if i in self.module_names and any(True for _ in self.modules_by_name[self.module_names[i]]
+                                                  .parameters(recurse=False))]
 
     def make_param(self, name: str) -> Param:
         t = self.tensors[name]
@@ -198,14 +239,17 @@ class Lowering:
             try:
                 raws = lower_item(target, name, out=out, pairs=pairs, pruning_dim=node.pruning_dim)
                 keyed = [(self.param_name(s, name), s) for s in raws]
-            except UnloweredModule:
-                if self.is_ignored(target):
-                    continue
-                raise
+            except UnloweredModule as e:
+                if not self.is_ignored(target):
+                    self.add_boundary(target, name, str(e))
+                continue
             if isinstance(target, nn.Module):
                 self.lowered_modules[id(target)] = target
-            for pname, s in keyed:
-                self.merge(accs, pname, s, root_name)
+            try:
+                for pname, s in keyed:
+                    self.merge(accs, pname, s, root_name)
+            except UnloweredModule as e:
+                self.add_boundary(target, name, f"in the group of {root_name!r}, {e}")
         slices = [
             Slice(p, axis, runs_from_list(a.index), a.groups, a.group_axis)
             for (p, axis), a in sorted(accs.items(), key=lambda kv: (self.param_order[kv[0][0]], kv[0][1]))
@@ -268,8 +312,8 @@ class Lowering:
                 acc.index[pos] = s.units
                 return
         elif (acc.length, acc.groups, acc.group_axis) != (s.length, s.groups, s.group_axis):
-            raise TraceError(
-                f"group of {root_name!r}: {pname!r} axis {s.axis} is reached twice with different layouts "
+            raise UnloweredModule(
+                f"{pname!r} axis {s.axis} is reached twice with different layouts "
                 f"({acc.length}/{acc.groups} vs {s.length}/{s.groups} entries/groups)"
             )
         have = acc.index[pos]
@@ -291,13 +335,13 @@ class Lowering:
         else:
             k = int(np.flatnonzero(clash)[0])
             clash_pos, have_u, new_u = int(s.positions[k]), int(have[k]), int(s.units[k])
-        raise TraceError(
-            f"group of {root_name!r}: entry {clash_pos} of {pname!r} axis {s.axis} is coupled to two different "
-            f"units ({have_u} and {new_u}); this structure is not supported, pass the module in ignore="
+        raise UnloweredModule(
+            f"entry {clash_pos} of {pname!r} axis {s.axis} is coupled to two different units ({have_u} and {new_u})"
         )
 
     def check_unknown_params(self) -> None:
-        """A module in a group with parameters its TP pruner never touches would be broken by pruning."""
+        """A module in a group with parameters its TP pruner never touches would be broken by pruning: it
+        becomes a boundary."""
         for m in self.lowered_modules.values():
             if id(m) in self.ignored:
                 continue
@@ -306,8 +350,5 @@ class Lowering:
             extra = [n for n, p in m._parameters.items() if p is not None and n.removesuffix("_orig") not in known]
             if extra:
                 name = self.module_name(m)
-                raise UnloweredModule(
-                    f"module {name!r} ({type(m).__name__}) is coupled to a pruning group but has parameters "
-                    f"{extra} that Torch-Pruning's {t.__name__ if t else ''} pruner does not prune; pass it in "
-                    f"ignore= (e.g. ignore=[{name!r}])"
-                )
+                self.add_boundary(m, name, f"module {name!r} ({type(m).__name__}) has parameters {extra} that "
+                                           f"Torch-Pruning's {t.__name__ if t else ''} pruner does not prune")

@@ -7,7 +7,6 @@ IR and physical pruning agree on what a unit is.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -243,7 +242,7 @@ def lower_item(
         if rule is None:
             raise UnloweredModule(
                 f"module {name!r} ({type(target).__name__}) is coupled to a pruning group, but wt cannot map its "
-                f"parameters to units; pass it in ignore= (e.g. ignore=[{name!r}]) to leave it out"
+                "parameters to units (no pruner for its type)"
             )
         slices = rule(target, out, pairs)
     checked: dict[tuple[int, int], bool] = {}  # (id of the positions array, axis length) -> in range
@@ -255,15 +254,10 @@ def lower_item(
             continue
         bad = s.positions[(s.positions < 0) | (s.positions >= s.length)]
         if bad.size:
+            what = f"{name!r} ({type(target).__name__}) {s.attr}"
             if isinstance(target, torch.Tensor):
-                what, owner = f"parameter {name!r}", name.rpartition(".")[0]
-            else:
-                what, owner = f"{name!r} ({type(target).__name__}) {s.attr}", name
-            every = re.sub(r"\.\d+(?=\.|$)", ".*", owner)  # the same module in every block
-            also = f" or, for every block, ignore=[{every!r}]" if every != owner else ""
+                what = f"parameter {name!r}"
             raise UnloweredModule(
-                f"Torch-Pruning couples channel {bad[0]} to {what} axis {s.axis}, which has only {s.length} entries: "
-                f"it mis-maps this layer, so wt cannot lower it; pass the module in ignore= (e.g. ignore=[{owner!r}]"
-                f"{also})"
+                f"Torch-Pruning couples channel {bad[0]} to {what} axis {s.axis}, which has only {s.length} entries"
             )
     return slices
