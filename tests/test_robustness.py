@@ -215,16 +215,18 @@ def test_fused_projections_root_no_group() -> None:
     assert sum(op.macs for op in s.ops) == llama_macs(SEQ)
 
 
-def test_head_norm_error_suggests_every_block() -> None:
+def test_head_norms_become_boundaries_as_if_ignored() -> None:
     """Qwen3's q_norm/k_norm normalize each head's head_dim with one shared weight: TP maps hidden channels
-    onto it; the error names the module and the glob for every block, and ignoring them traces."""
+    onto it; they become boundaries with the reason, which traces what ignoring them traces."""
     cfg = transformers.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=8, num_key_value_heads=2, head_dim=8)
     model = transformers.Qwen3ForCausalLM(cfg).eval()
     inputs = {"input_ids": torch.randint(0, 128, (1, SEQ))}
-    with pytest.raises(TraceError, match=r"_norm.weight.*ignore=\['model\.layers\.\*\.self_attn\.[qk]_norm'\]"):
-        trace(model, inputs)
+    with pytest.warns(UserWarning, match=r"self_attn.[qk]_norm.weight'.*mis-maps it"):
+        auto = trace(model, inputs)
+    assert {b for b, _ in auto.boundaries} == {f"model.layers.{i}.self_attn.{n}_norm.weight" for i in (0, 1) for n in "kq"}
     s = trace(model, inputs, ignore=["model.layers.*.self_attn.q_norm", "model.layers.*.self_attn.k_norm"])
+    assert auto.groups == s.groups and auto.uncoupled == s.uncoupled
     assert [g.name for g in s.groups if g.prunable] == [
         f"model.layers.{i}.{n}" for i in (0, 1) for n in ("self_attn.kv_heads", "mlp.gate_proj.out")]
     assert sorted(s.uncoupled) == [f"model.layers.{i}.self_attn.{n}_norm.weight" for i in (0, 1) for n in "kq"]

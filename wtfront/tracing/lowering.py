@@ -137,11 +137,14 @@ class Lowering:
 
     # -- groups ----------------------------------------------------------------------------------
     def run(self, tp_groups: Sequence[Any], model_name: str) -> Structure:
-        entries = [self.lower_group(g) for g in tp_groups]
+        self.members: list[set[str]] = []  # per lowered group: the modules/parameters its items reach
+        entries = [(*self.lower_group(g), i) for i, g in enumerate(tp_groups)]
         entries.sort(key=lambda e: e[0])
         groups: list[UnitGroup] = []
+        members: list[set[str]] = []
         used: set[str] = set()
-        for _, ug in entries:
+        for _, ug, i in entries:
+            members.append(self.members[i])
             name, k = ug.name, 2
             while name in used:
                 name, k = f"{ug.name}#{k}", k + 1
@@ -150,7 +153,7 @@ class Lowering:
                 ug = UnitGroup(name, ug.kind, ug.size, ug.slices, ug.prunable, ug.root, ug.baseline_size, ug.reason)
             groups.append(ug)
         self.check_unknown_params()
-        groups = self.apply_boundaries(groups)
+        groups = self.apply_boundaries(groups, members)
         groups = mark_partial_coverage(groups, {n: tuple(t.shape) for n, t in self.tensors.items()})
         touched = {s.param for g in groups for s in g.slices}
         params = tuple(self.make_param(n) for n in self.tensors)
@@ -167,14 +170,15 @@ class Lowering:
             name = self.canonical.get(id(target), name)
         self.boundaries.setdefault(name, f"Torch-Pruning mis-maps it, so it is left static: {why}")
 
-    def apply_boundaries(self, groups: list[UnitGroup]) -> list[UnitGroup]:
-        """Groups touching a boundary module lose its slices (its axes stay static) and are not prunable, since
+    def apply_boundaries(self, groups: list[UnitGroup], members: Sequence[set[str]]) -> list[UnitGroup]:
+        """Groups reaching a boundary module lose its slices (its axes stay static) and are not prunable, since
         removing their units would change the widths the module reads or writes; groups left with no slices go."""
         if not self.boundaries:
             return groups
         out = []
-        for g in groups:
-            hit = [m for m in self.boundaries if any(_owned(sl.param, m) for sl in g.slices)]
+        for g, reached in zip(groups, members):
+            hit = [m for m in self.boundaries
+                   if m in reached or any(_owned(sl.param, m) for sl in g.slices)]
             if not hit:
                 out.append(g)
                 continue
@@ -213,6 +217,8 @@ class Lowering:
         accs: dict[tuple[str, int], _Acc] = {}
         feeds_output = shuffled = rotary = False
         unrooted: list[str] = []
+        reached: set[str] = set()
+        self.members.append(reached)
         for node in getattr(group, "cut_at", ()):  # couplings a mapping dropped: name the modules next to them
             unrooted.extend(n for n in nearest_named(node, self.names_by_id) if n not in unrooted)
         for item in group:
@@ -226,6 +232,7 @@ class Lowering:
             if isinstance(target, TP_DUMMY):
                 continue
             name = self.module_name(target)
+            reached.add(name)
             units = item.root_idxs
             local = item.idxs
             if units.size and units.min() == NO_ROOT:  # e.g. repeat_kv of grouped-query attention: keep
