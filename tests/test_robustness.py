@@ -224,7 +224,8 @@ def test_head_norms_become_boundaries_as_if_ignored() -> None:
     inputs = {"input_ids": torch.randint(0, 128, (1, SEQ))}
     with pytest.warns(UserWarning, match=r"self_attn.[qk]_norm.weight'.*mis-maps it"):
         auto = trace(model, inputs)
-    assert {b for b, _ in auto.boundaries} == {f"model.layers.{i}.self_attn.{n}_norm.weight" for i in (0, 1) for n in "kq"}
+    norms = {f"model.layers.{i}.self_attn.{n}_norm.weight" for i in (0, 1) for n in "kq"}
+    assert {b for b, _ in auto.boundaries} == norms
     s = trace(model, inputs, ignore=["model.layers.*.self_attn.q_norm", "model.layers.*.self_attn.k_norm"])
     assert auto.groups == s.groups and auto.uncoupled == s.uncoupled
     assert [g.name for g in s.groups if g.prunable] == [

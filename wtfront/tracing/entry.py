@@ -16,10 +16,9 @@ embeddings' rotate_half. Hugging Face's `Conv1D` (GPT-2) gets a TP pruner (weigh
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-
-import warnings
 
 import torch.nn as nn
 
@@ -159,8 +158,8 @@ def _warn_outside(structure: Structure) -> None:
     """One warning listing the parameters outside every group and why (boundaries, nothing coupled)."""
     cov = coverage(structure)
     if cov.outside:
-        warnings.warn(f"{structure.model}: {len(cov.outside)} parameters are in no unit group, so pruning never changes "
-                      f"them. {cov.line()}", OutsideGroups, stacklevel=3)
+        warnings.warn(f"{structure.model}: {len(cov.outside)} parameters are in no unit group, so pruning never "
+                      f"changes them. {cov.line()}", OutsideGroups, stacklevel=3)
 
 
 def _diverged_error(model: nn.Module, dg: DependencyGraph, e: WalkDiverged) -> TraceError:
