@@ -124,7 +124,7 @@ def trace(
             budget.phase = "collecting pruning groups"
             try:
                 tp_groups = list(all_groups(dg, [*ignored, *fused_linears(dg)], roots, WalkLimits.for_model(model),
-                                             refresh_index_mapping=False))  # build_dependency just did
+                                             refresh_index_mapping=False, contain=True))  # graph just built
             except WalkDiverged as e:
                 raise _diverged_error(model, dg, e) from None
             budget.phase = "lowering pruning groups to the IR"

@@ -21,9 +21,22 @@ from .groups import NO_ROOT
 from .nodes import TP_DUMMY, nearest_named
 from .rotary import ROTARY_REASON
 from .shuffle import SHUFFLE_REASON
-from .slicers import RawSlice, UnloweredModule, known_params, lower_item, rule_type
+from .slicers import MisMapped, RawSlice, UnloweredModule, known_params, lower_item, rule_type
 
-__all__ = ["OUTPUT_REASON", "Lowering"]
+__all__ = ["OUTPUT_REASON", "Lowering", "diverged_reason", "mismapped_reason"]
+
+
+def mismapped_reason(modules: Sequence[str]) -> str:
+    """Why a group whose walk mis-mapped some layers (their slices dropped) is not prunable."""
+    shown = ", ".join(repr(m) for m in modules[:3]) + (f" (+{len(modules) - 3})" if len(modules) > 3 else "")
+    return f"Torch-Pruning mis-maps the channels of {shown} in this group, so its units are not closed"
+
+
+def diverged_reason(modules: Sequence[str]) -> str:
+    """Why a group whose walk diverged (and was stopped there) is not prunable."""
+    near = ", ".join(repr(m) for m in dict.fromkeys(modules[:3])) or "a parameter-free op"
+    return (f"Torch-Pruning's channel index mappings diverge next to {near} (e.g. a window partition or a "
+            "relative-position bias), so the walk was stopped there and the group is not closed")
 
 
 def _owned(param: str, boundary: str) -> bool:
@@ -79,6 +92,7 @@ class Lowering:
         self.lowered_modules: dict[int, nn.Module] = {}
         self.names_by_id = {**self.module_names, **self.canonical}
         self.boundaries: dict[str, str] = {}  # module -> why Torch-Pruning's mapping of it cannot be used
+        self.mismapped: dict[str, str] = {}  # module/parameter -> how one group's walk mis-mapped it
 
     # -- names -----------------------------------------------------------------------------------
     def module_name(self, m: Any) -> str:
@@ -138,12 +152,19 @@ class Lowering:
     # -- groups ----------------------------------------------------------------------------------
     def run(self, tp_groups: Sequence[Any], model_name: str) -> Structure:
         self.members: list[set[str]] = []  # per lowered group: the modules/parameters its items reach
+        self.untrusted: list[bool] = []  # per lowered group: its walk diverged or mis-mapped a layer
         entries = [(*self.lower_group(g), i) for i, g in enumerate(tp_groups)]
         entries.sort(key=lambda e: e[0])
         groups: list[UnitGroup] = []
         members: list[set[str]] = []
         used: set[str] = set()
+        untrusted: list[frozenset[tuple[str, int]]] = []
         for _, ug, i in entries:
+            if self.untrusted[i]:  # untrusted walks from several roots of one width: keep the first of each
+                axes = frozenset((sl.param, sl.axis) for sl in ug.slices)
+                if any(axes <= seen for seen in untrusted):
+                    continue
+                untrusted.append(axes)
             members.append(self.members[i])
             name, k = ug.name, 2
             while name in used:
@@ -160,6 +181,9 @@ class Lowering:
         uncoupled = tuple(sorted(n for n in self.tensors if n not in touched))
         for m in self.ignored_with_params():
             self.boundaries.setdefault(m, "passed in ignore=")
+        for m, why in self.mismapped.items():  # a reason for what ends in no group
+            if any(_owned(p, m) for p in uncoupled):
+                self.boundaries.setdefault(m, f"Torch-Pruning mis-maps it in every group that reaches it: {why}")
         boundaries = tuple(sorted(self.boundaries.items()))
         return Structure(params, tuple(groups), (), model_name, uncoupled, boundaries)
 
@@ -219,6 +243,8 @@ class Lowering:
         unrooted: list[str] = []
         reached: set[str] = set()
         self.members.append(reached)
+        mismapped: list[str] = []
+        diverged = [n for node in getattr(group, "diverged_at", ()) for n in nearest_named(node, self.names_by_id)]
         for node in getattr(group, "cut_at", ()):  # couplings a mapping dropped: name the modules next to them
             unrooted.extend(n for n in nearest_named(node, self.names_by_id) if n not in unrooted)
         for item in group:
@@ -246,6 +272,10 @@ class Lowering:
             try:
                 raws = lower_item(target, name, out=out, pairs=pairs, pruning_dim=node.pruning_dim)
                 keyed = [(self.param_name(s, name), s) for s in raws]
+            except MisMapped as e:  # the walk is wrong here, not the layer: this group is not closed
+                mismapped.append(name)
+                self.mismapped.setdefault(name, str(e))
+                continue
             except UnloweredModule as e:
                 if not self.is_ignored(target):
                     self.add_boundary(target, name, str(e))
@@ -255,22 +285,26 @@ class Lowering:
             try:
                 for pname, s in keyed:
                     self.merge(accs, pname, s, root_name)
-            except UnloweredModule as e:
-                self.add_boundary(target, name, f"in the group of {root_name!r}, {e}")
+            except MisMapped as e:
+                mismapped.append(name)
+                self.mismapped.setdefault(name, f"in the group of {root_name!r}, {e}")
         slices = [
             Slice(p, axis, runs_from_list(a.index), a.groups, a.group_axis)
             for (p, axis), a in sorted(accs.items(), key=lambda kv: (self.param_order[kv[0][0]], kv[0][1]))
         ]
+        self.untrusted.append(bool(diverged or mismapped))
         order = self.module_order.get(id(root), len(self.module_order))
         return order, UnitGroup(
             name=f"{root_name}.out" if root_name else "out",
             kind="channel" if isinstance(root, nn.modules.conv._ConvNd) else "feature",
             size=size,
             slices=tuple(slices),
-            prunable=not (feeds_output or shuffled or unrooted or rotary),
+            prunable=not (feeds_output or shuffled or unrooted or rotary or self.untrusted[-1]),
             root=root_name,
             reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (SHUFFLE_REASON, shuffled),
-                                             (ROTARY_REASON, rotary), (unrooted_reason(unrooted), unrooted)) if on),
+                                             (ROTARY_REASON, rotary), (unrooted_reason(unrooted), unrooted),
+                                             (diverged_reason(diverged), diverged),
+                                             (mismapped_reason(mismapped), mismapped)) if on),
         )
 
     def choose_root(self, group: Any) -> tuple[Any, np.ndarray]:
@@ -319,7 +353,7 @@ class Lowering:
                 acc.index[pos] = s.units
                 return
         elif (acc.length, acc.groups, acc.group_axis) != (s.length, s.groups, s.group_axis):
-            raise UnloweredModule(
+            raise MisMapped(
                 f"{pname!r} axis {s.axis} is reached twice with different layouts "
                 f"({acc.length}/{acc.groups} vs {s.length}/{s.groups} entries/groups)"
             )
@@ -342,7 +376,7 @@ class Lowering:
         else:
             k = int(np.flatnonzero(clash)[0])
             clash_pos, have_u, new_u = int(s.positions[k]), int(have[k]), int(s.units[k])
-        raise UnloweredModule(
+        raise MisMapped(
             f"entry {clash_pos} of {pname!r} axis {s.axis} is coupled to two different units ({have_u} and {new_u})"
         )
 

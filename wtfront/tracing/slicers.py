@@ -18,12 +18,17 @@ from wtcore.errors import TraceError
 
 from ..modules import is_hf_conv1d
 
-__all__ = ["CONV1D_PARAMS", "KNOWN_PARAMS", "Pairs", "RawSlice", "UnloweredModule", "is_depthwise", "known_params",
-           "lower_item", "rule_type"]
+__all__ = ["CONV1D_PARAMS", "KNOWN_PARAMS", "MisMapped", "Pairs", "RawSlice", "UnloweredModule", "is_depthwise",
+           "known_params", "lower_item", "rule_type"]
 
 
 class UnloweredModule(TraceError):
     """A module in a coupled group whose parameters wt cannot map to units (unsupported type or layout)."""
+
+
+class MisMapped(UnloweredModule):
+    """Torch-Pruning's walk of one group maps a layer's channels wrongly (indices out of range, one entry to
+    two units): the walk, not the layer, is at fault."""
 
 
 @dataclass
@@ -257,7 +262,7 @@ def lower_item(
             what = f"{name!r} ({type(target).__name__}) {s.attr}"
             if isinstance(target, torch.Tensor):
                 what = f"parameter {name!r}"
-            raise UnloweredModule(
+            raise MisMapped(
                 f"Torch-Pruning couples channel {bad[0]} to {what} axis {s.axis}, which has only {s.length} entries"
             )
     return slices
