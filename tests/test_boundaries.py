@@ -44,11 +44,11 @@ def hf(name: str) -> Callable[[], tuple[nn.Module, Any]]:
     return build
 
 
-# model, boundaries expected (fnmatch-free: exact names), the residual group that must keep its norms
+# model, the boundaries expected (None: not checked)
 CASES = {
     "beit": (beit, {f"blocks.{i}.attn.relative_position_bias_table" for i in (0, 1)}),
-    "mixer": (mixer, {f"blocks.{i}.mlp_tokens.fc{j}" for i in (0, 1) for j in (1, 2)}),
-    "gpt_neox": (hf("GPTNeoXForCausalLM"), {f"gpt_neox.layers.{i}.attention.dense" for i in (0, 1)}),
+    "mixer": (mixer, set()),
+    "gpt_neox": (hf("GPTNeoXForCausalLM"), set()),
     "hf_swin": (hf("SwinModel"), None),
     "hf_convnext": (hf("ConvNextModel"), set()),
 }
@@ -145,6 +145,6 @@ def test_hf_vision_encoders_build_and_run() -> None:
 
 
 def test_inspect_prints_the_coverage_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["inspect", "hf:GPTNeoXForCausalLM", "--rows", "2"]) == 0
+    assert main(["inspect", "hf:SwinModel", "--rows", "2"]) == 0
     out = capsys.readouterr().out
-    assert "Coverage: " in out and "'gpt_neox.layers.0.attention.dense.weight'" in out
+    assert "Coverage: " in out and "relative_position_bias_table': Torch-Pruning mis-maps it" in out

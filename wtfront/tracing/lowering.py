@@ -26,6 +26,19 @@ from .slicers import MisMapped, RawSlice, UnloweredModule, known_params, lower_i
 __all__ = ["OUTPUT_REASON", "Lowering", "diverged_reason", "mismapped_reason"]
 
 
+def _distrust_overlaps(groups: list[UnitGroup], names: set[str], untrusted: Sequence[frozenset]) -> list[UnitGroup]:
+    """Groups sharing a parameter axis with a group whose walk was not trusted are not prunable either: both
+    walked the same width, and only one of them can be right."""
+    shared = frozenset().union(*untrusted) if untrusted else frozenset()
+    out = []
+    for g in groups:
+        if g.prunable and g.name not in names and any((sl.param, sl.axis) in shared for sl in g.slices):
+            g = UnitGroup(g.name, g.kind, g.size, g.slices, False, g.root, g.baseline_size,
+                          "shares parameter axes with a group Torch-Pruning mis-maps, so its units may not be closed")
+        out.append(g)
+    return out
+
+
 def mismapped_reason(modules: Sequence[str]) -> str:
     """Why a group whose walk mis-mapped some layers (their slices dropped) is not prunable."""
     shown = ", ".join(repr(m) for m in modules[:3]) + (f" (+{len(modules) - 3})" if len(modules) > 3 else "")
@@ -159,12 +172,14 @@ class Lowering:
         members: list[set[str]] = []
         used: set[str] = set()
         untrusted: list[frozenset[tuple[str, int]]] = []
+        untrusted_names: set[str] = set()
         for _, ug, i in entries:
             if self.untrusted[i]:  # untrusted walks from several roots of one width: keep the first of each
                 axes = frozenset((sl.param, sl.axis) for sl in ug.slices)
                 if any(axes <= seen for seen in untrusted):
                     continue
                 untrusted.append(axes)
+                untrusted_names.add(ug.name)
             members.append(self.members[i])
             name, k = ug.name, 2
             while name in used:
@@ -173,6 +188,7 @@ class Lowering:
             if name != ug.name:
                 ug = UnitGroup(name, ug.kind, ug.size, ug.slices, ug.prunable, ug.root, ug.baseline_size, ug.reason)
             groups.append(ug)
+        groups = _distrust_overlaps(groups, untrusted_names, untrusted)
         self.check_unknown_params()
         groups = self.apply_boundaries(groups, members)
         groups = mark_partial_coverage(groups, {n: tuple(t.shape) for n, t in self.tensors.items()})
