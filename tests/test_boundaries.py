@@ -1,6 +1,7 @@
 """Modules Torch-Pruning mis-maps become boundaries: traced with defaults (no `ignore=`), their axes static, the
 groups they touch not prunable with the reason, everything else prunable; the coverage line and the warning
-list what is outside every group. End to end on BEiT, MLP-Mixer, GPT-NeoX and Hugging Face Swin/ConvNeXt:
+list what is outside every group. End to end on BEiT, MLP-Mixer, GPT-NeoX, Hugging Face Swin/ConvNeXt and a
+small torchvision Swin (whose walks diverge):
 MACs against `torch.utils.flop_counter` (attention matmuls aside) and fake -> physical pruning."""
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ def mixer() -> tuple[nn.Module, Any]:
     return MlpMixer(img_size=32, patch_size=8, num_blocks=2, embed_dim=64), torch.randn(1, 3, 32, 32)
 
 
+def torchvision_swin() -> tuple[nn.Module, Any]:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2],
+                            num_classes=10)
+    return model, torch.randn(1, 3, 32, 32)
+
+
 def hf(name: str) -> Callable[[], tuple[nn.Module, Any]]:
     def build() -> tuple[nn.Module, Any]:
         ref = load_model(f"hf:{name}")
@@ -51,6 +60,7 @@ CASES = {
     "gpt_neox": (hf("GPTNeoXForCausalLM"), set()),
     "hf_swin": (hf("SwinModel"), None),
     "hf_convnext": (hf("ConvNextModel"), set()),
+    "torchvision_swin": (torchvision_swin, {"features.1.0.attn.relative_position_bias_table"}),
 }
 
 
