@@ -158,3 +158,15 @@ def test_inspect_prints_the_coverage_line(capsys: pytest.CaptureFixture[str]) ->
     assert main(["inspect", "hf:SwinModel", "--rows", "2"]) == 0
     out = capsys.readouterr().out
     assert "Coverage: " in out and "relative_position_bias_table': Torch-Pruning mis-maps it" in out
+
+
+def test_coverage_counts_by_hand() -> None:
+    """Linear(3, 8) -> ReLU -> Linear(8, 2): the hidden features are prunable (0.weight, 0.bias, 2.weight's
+    columns), the logits not (2.weight's rows, 2.bias)."""
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    cov = coverage(trace(net, torch.randn(2, 3), costs=False))
+    assert cov.elements == (3 * 8 + 8 + 8 * 2, 2, 0)
+    assert cov.params == (3, 1, 0)
+    assert cov.axes == (3, 2)
+    assert cov.not_prunable == (("2.out", "feeds the model output"),) and cov.outside == ()
+    assert cov.line().startswith("Coverage: 96.0% of elements in prunable groups (48 elements, 3 params, 3 axes)")

@@ -179,7 +179,6 @@ class Lowering:
                 if any(axes <= seen for seen in untrusted):
                     continue
                 untrusted.append(axes)
-                untrusted_names.add(ug.name)
             members.append(self.members[i])
             name, k = ug.name, 2
             while name in used:
@@ -187,6 +186,8 @@ class Lowering:
             used.add(name)
             if name != ug.name:
                 ug = UnitGroup(name, ug.kind, ug.size, ug.slices, ug.prunable, ug.root, ug.baseline_size, ug.reason)
+            if self.untrusted[i]:
+                untrusted_names.add(name)
             groups.append(ug)
         groups = _distrust_overlaps(groups, untrusted_names, untrusted)
         self.check_unknown_params()
