@@ -431,16 +431,20 @@ class LSTMNet(nn.Module):
         return self.out(self.rnn(self.inp(x))[0])
 
 
-def test_unsupported_module_names_itself_and_can_be_ignored() -> None:
+def test_unsupported_module_is_a_named_boundary_and_can_be_ignored() -> None:
     x = torch.randn(2, 4, 3)
-    with pytest.raises(TraceError, match=r"'rnn' \(LSTM\).*ignore="):
-        trace(LSTMNet(), x)
+    with pytest.warns(UserWarning, match=r"'rnn.weight_ih_l0'.*'rnn' \(LSTM\).*no pruner for its type"):
+        s = trace(LSTMNet(), x)
+    assert dict(s.boundaries)["rnn"].startswith("Torch-Pruning mis-maps it")
+    assert not s.group_map["inp.out"].prunable and "'rnn'" in s.group_map["inp.out"].reason
+    assert all(n.startswith("rnn.") for n in s.uncoupled) and s.uncoupled
     s = trace(LSTMNet(), x, ignore=["rnn"])
     assert set(s.group_map) == {"inp.out", "out.out"}
     assert all(n.startswith("rnn.") for n in s.uncoupled) and s.uncoupled
+    assert dict(s.boundaries) == {"rnn": "passed in ignore="}
 
 
-def test_known_type_with_unknown_parameter_is_an_error() -> None:
+def test_known_type_with_unknown_parameter_is_a_boundary() -> None:
     class ScaledLinear(nn.Linear):
         def __init__(self, i: int, o: int) -> None:
             super().__init__(i, o)
@@ -450,8 +454,10 @@ def test_known_type_with_unknown_parameter_is_an_error() -> None:
             return super().forward(x) * self.scale
 
     net = nn.Sequential(ScaledLinear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(TraceError, match=r"'0' \(ScaledLinear\).*\['scale'\]"):
-        trace(net, torch.randn(2, 3))
+    with pytest.warns(UserWarning, match=r"'0' \(ScaledLinear\).*\['scale'\]"):
+        s = trace(net, torch.randn(2, 3))
+    assert set(s.uncoupled) == {"0.weight", "0.bias", "0.scale"}
+    assert not any(g.prunable for g in s.groups)
     s = trace(net, torch.randn(2, 3), ignore=["0"])
     assert "0.scale" in s.uncoupled
 

@@ -22,11 +22,13 @@ __all__ = [
     "AxisPart",
     "CostAxis",
     "CostOp",
+    "Coverage",
     "Param",
     "Run",
     "Slice",
     "Structure",
     "UnitGroup",
+    "coverage",
     "runs_from_list",
     "runs_length",
     "runs_to_array",
@@ -299,6 +301,8 @@ class Structure:
     ops: tuple[CostOp, ...] = ()
     model: str = ""
     uncoupled: tuple[str, ...] = field(default=())
+    # (module or parameter, reason): left static because their channels cannot be mapped to units (a boundary)
+    boundaries: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
         self.validate()
@@ -435,6 +439,7 @@ class Structure:
             ],
             "ops": [_op_to_dict(o) for o in self.ops],
             "uncoupled": list(self.uncoupled),
+            **({"boundaries": [list(b) for b in self.boundaries]} if self.boundaries else {}),
         }
 
     def to_json(self, indent: int | None = None) -> str:
@@ -466,7 +471,8 @@ class Structure:
             for g in d["groups"]
         )
         ops = tuple(_op_from_dict(o) for o in d["ops"])
-        return cls(params, groups, ops, d.get("model", ""), tuple(d.get("uncoupled", ())))
+        boundaries = tuple((str(m), str(r)) for m, r in d.get("boundaries", ()))
+        return cls(params, groups, ops, d.get("model", ""), tuple(d.get("uncoupled", ())), boundaries)
 
     @classmethod
     def from_json(cls, s: str) -> Structure:
@@ -578,7 +584,73 @@ def format_structure(s: Structure, max_rows: int | None = None) -> str:
         lines.append("")
         lines.append(f"Cost ops (1 MAC = one multiply-add), total {total:,} MACs")
         lines.append(_table(["op", "kind", "MACs", "share", "axes"], orows, right=(2, 3)))
+    lines.append("")
+    lines.append(coverage(s).line())
     if s.uncoupled:
-        lines.append("")
         lines.append(f"Parameters in no unit group ({len(s.uncoupled)}): " + ", ".join(s.uncoupled[:10]))
     return "\n".join(lines)
+
+
+NO_GROUP_REASON = "Torch-Pruning couples none of its axes to a layer that roots a group"
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a model pruning can reach: elements, parameters and sliced axes in prunable groups, in
+    groups that are not prunable only, and in no group, with why for the last two."""
+
+    elements: tuple[int, int, int]  # in a prunable group, in groups not prunable only, in no group
+    params: tuple[int, int, int]
+    axes: tuple[int, int]  # (parameter, axis) pairs sliced by a prunable group, by groups not prunable only
+    not_prunable: tuple[tuple[str, str], ...]  # (group, reason)
+    outside: tuple[tuple[str, str], ...]  # (parameter in no group, reason)
+
+    def line(self) -> str:
+        total = sum(self.elements) or 1
+        pe, ne, oe = self.elements
+        pp, np_, op = self.params
+        text = (f"Coverage: {100 * pe / total:.1f}% of elements in prunable groups ({pe:,} elements, {pp} params, "
+                f"{self.axes[0]} axes), {ne:,} in groups not prunable ({np_} params, {self.axes[1]} axes), "
+                f"{oe:,} in no group ({op} params)")
+        by_reason: dict[str, list[str]] = {}
+        for p, r in self.outside:
+            by_reason.setdefault(r, []).append(p)
+        if by_reason:
+            text += "; outside every group: " + "; ".join(
+                ", ".join(repr(p) for p in ps[:3]) + (f" (+{len(ps) - 3})" if len(ps) > 3 else "") + f": {r}"
+                for r, ps in by_reason.items()
+            )
+        return text
+
+
+def coverage(s: Structure) -> Coverage:
+    """Coverage of `s`; a parameter in no group gets the reason of the boundary module holding it (the
+    nearest enclosing one), else `NO_GROUP_REASON`."""
+    prunable: dict[str, set[int]] = {}
+    static: dict[str, set[int]] = {}
+    for g in s.groups:
+        for sl in g.slices:
+            (prunable if g.prunable else static).setdefault(sl.param, set()).add(sl.axis)
+    elements, params = [0, 0, 0], [0, 0, 0]
+    for p in s.params:
+        k = 0 if p.name in prunable else 1 if p.name in static else 2
+        elements[k] += p.numel
+        params[k] += 1
+    axes = (sum(len(a) for a in prunable.values()),
+            sum(len(a - prunable.get(n, set())) for n, a in static.items()))
+    bounds = dict(s.boundaries)
+
+    def reason(param: str) -> str:
+        if param in bounds:
+            return bounds[param]
+        mod = s.param_map[param].module if param in s.param_map else param.rpartition(".")[0]
+        while True:
+            if mod in bounds:
+                return bounds[mod]
+            if not mod:
+                return NO_GROUP_REASON
+            mod = mod.rpartition(".")[0]
+
+    outside = tuple((p.name, reason(p.name)) for p in s.params if p.name not in prunable and p.name not in static)
+    return Coverage(tuple(elements), tuple(params), axes,
+                    tuple((g.name, g.reason) for g in s.groups if not g.prunable), outside)

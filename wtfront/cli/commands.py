@@ -154,6 +154,7 @@ def _inspect(args: argparse.Namespace) -> int:
             f.write(structure.to_json(indent=1))
     con = _console()
     _text(con, report.summary_line(structure))
+    _text(con, wtcore.ir.coverage(structure).line())
     con.print(report.groups_table(structure, args.rows))
     for table in (report.heads_table(structure), report.ops_table(structure, args.rows)):
         if table is not None:

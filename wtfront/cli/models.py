@@ -50,6 +50,13 @@ HF_SMALL_CONFIG: dict[str, Any] = {
     "max_position_embeddings": 128,
     "image_size": 32,
     "patch_size": 8,
+    # hierarchical vision models (Swin, ConvNeXt): two stages; a key whose type differs from the config's
+    # (Swin's per-stage `num_heads` list vs the int above) is skipped, so the per-stage keys apply instead
+    "depths": [1, 1],
+    "hidden_sizes": [16, 32],
+    "embed_dim": 16,
+    "num_heads": [2, 2],
+    "window_size": 2,
 }
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id")
 _DEFAULT_TOKENS = 16
@@ -189,13 +196,20 @@ def _transformers() -> Any:
 
 def _config_kwargs(config_cls: type, wanted: Mapping[str, Any], strict: bool) -> dict[str, Any]:
     """Translate canonical keys (`hidden_size`) to the config's own (`n_embd` for GPT-2) and keep the ones its
-    constructor takes; with `strict`, an unknown key is an error (a typo would otherwise be ignored silently)."""
+    constructor takes; with `strict`, an unknown key is an error (a typo would otherwise be ignored silently).
+    Without `strict` (the small defaults), a key is kept only if the constructor takes it (not an attribute the
+    config derives, such as Swin's `hidden_size`) with a value of the default's kind (a list or not)."""
     amap = dict(getattr(config_cls, "attribute_map", {}) or {})
     accepted = set(inspect.signature(config_cls.__init__).parameters) - {"self", "kwargs"}
     defaults = config_cls()
     out: dict[str, Any] = {}
     for key, value in wanted.items():
         real = amap.get(key, key)
+        if not strict:
+            default = getattr(defaults, real, None)
+            if real in accepted and (default is None or isinstance(default, (list, tuple)) == isinstance(value, list)):
+                out[real] = value
+            continue
         if real in accepted or hasattr(defaults, real):
             out[real] = value
         elif strict:

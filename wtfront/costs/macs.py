@@ -23,7 +23,6 @@ counts on the physically pruned model. Counting adds exactly one forward pass (f
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,6 +38,7 @@ from wtcore.ir import AxisPart, CostAxis, CostOp, Param, Structure
 
 from ..modules import canonical_names
 from ..tracing.inputs import iter_tensors, split_inputs
+from .aten import MAC_OPS, RECURRENT_OPS, WEIGHT_READERS, is_pointwise, known_kinds
 
 __all__ = ["OpRecord", "add_costs", "cost_ops", "count_ops", "op_macs"]
 
@@ -205,8 +205,34 @@ _HANDLERS: dict[str, Callable[[_Resolver, list, list], list[OpRecord]]] = {
     "aten::_scaled_dot_product_flash_attention_for_cpu": _sdpa,
     "aten::_native_multi_head_attention": _native_mha,
 }
-# ops with multiply-adds that no handle counts: reported instead of silently missing from the total
-_MAC_LIKE = re.compile(r"conv|attention|linear|matmul|bmm|^aten::mm$|^aten::mv$|addm|einsum|transformer|_mha")
+
+
+class _Probe:
+    """Watches the ops no handle counts, by ATen identity (`wtfront.costs.aten`): multiply-add ops are missing
+    from the total (an error), other ops reading a weight matrix or kernel are ops wt does not know (reported
+    by name); element-wise ops and known weight readers (norms, lookups, views) cost nothing."""
+
+    def __init__(self, resolver: _Resolver, params: Mapping[int, str]) -> None:
+        self.resolver = resolver
+        self.params = params
+        self.unknown: dict[str, list[str]] = {}  # op kind -> the weights it reads
+
+    def handles(self) -> dict[str, Callable[[list, list], Counter]]:
+        skip = MAC_OPS | RECURRENT_OPS | WEIGHT_READERS
+        watched = [k for k in known_kinds() if k not in _HANDLERS and k not in skip]
+        return {k: self._watch(k) for k in watched if not is_pointwise(k)}
+
+    def _watch(self, kind: str) -> Callable[[list, list], Counter]:
+        def h(inputs: list, outputs: list) -> Counter:
+            for v in inputs:
+                w = self.resolver(v) if v.isCompleteTensor() else None
+                if w is not None and w.dim() >= 2:
+                    names = self.unknown.setdefault(kind, [])
+                    if self.params[id(w)] not in names:
+                        names.append(self.params[id(w)])
+            return Counter()
+
+        return h
 
 
 # ------------------------------------------------------------------------------------------ counting
@@ -255,6 +281,7 @@ def count_ops(model: nn.Module, example_inputs: Any) -> list[OpRecord]:
     params = {id(p): n for n, p in model.named_parameters()}
     records: list[OpRecord] = []
     resolver = _Resolver(wrapper, params)
+    probe = _Probe(resolver, params)
 
     def handle(fn: Callable[[_Resolver, list, list], list[OpRecord]]) -> Callable[[list, list], Counter]:
         def h(inputs: list, outputs: list) -> Counter:
@@ -274,7 +301,7 @@ def count_ops(model: nn.Module, example_inputs: Any) -> list[OpRecord]:
             fca = FlopCountAnalysis(wrapper, tensors)
             fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             fca.clear_op_handles()
-            fca.set_op_handle(**{k: handle(f) for k, f in _HANDLERS.items()})
+            fca.set_op_handle(**probe.handles(), **{k: handle(f) for k, f in _HANDLERS.items()})
             by_module = fca.by_module_and_operator()
             unsupported = fca.unsupported_ops()
         except Exception as e:
@@ -282,12 +309,20 @@ def count_ops(model: nn.Module, example_inputs: Any) -> list[OpRecord]:
                 f"counting MACs of {type(model).__name__} failed (fvcore's jit trace): {type(e).__name__}: {e}; "
                 "pass costs=False to trace without cost ops"
             ) from e
-    missing = sorted(k for k in unsupported if _MAC_LIKE.search(k))
+    missing = sorted(k for k in unsupported if k in MAC_OPS)
     if missing:
         raise TraceError(
             f"the forward pass of {type(model).__name__} runs {missing}, whose MACs wt cannot count; "
             "for nn.MultiheadAttention/TransformerEncoderLayer fast paths, make the parameters require grad "
             "while tracing, or pass costs=False"
+        )
+    custom = sorted(k for k in unsupported if k.startswith("prim::PythonOp") or k in RECURRENT_OPS)
+    if probe.unknown or custom:
+        listed = [f"{k} (reads {', '.join(repr(n) for n in names[:3])})" for k, names in sorted(probe.unknown.items())]
+        warnings.warn(
+            f"the forward pass of {type(model).__name__} runs ops whose MACs wt does not count (0 MACs): "
+            f"{', '.join(listed + custom)}; if they multiply-add, the cost model misses their MACs",
+            stacklevel=2,
         )
     # the scope of a node is the deepest module whose counter holds its key (fvcore adds it to all ancestors)
     scope: dict[str, str] = {}

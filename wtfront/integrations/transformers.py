@@ -117,11 +117,19 @@ def _update_config(model: nn.Module, cfg: Any) -> None:
         _set(cfg, "intermediate_size", inter)
         if hasattr(cfg, "n_inner") and cfg.n_inner != inter and (cfg.n_inner is not None or inter != 4 * cfg.n_embd):
             cfg.n_inner = inter  # GPT-2: None means 4 * n_embd
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    w = getattr(emb, "weight", None)
+    w = getattr(_input_embeddings(model), "weight", None)
     if isinstance(w, torch.Tensor) and w.dim() == 2:
         for attr in ("hidden_size", "n_embd"):
             _set(cfg, attr, int(w.shape[1]))
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The token embedding, or None for models without one: vision encoders (ConvNeXt) inherit a
+    `get_input_embeddings` that raises `NotImplementedError`."""
+    try:
+        return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def config_mismatches(model: nn.Module) -> list[str]:

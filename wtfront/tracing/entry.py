@@ -16,13 +16,14 @@ embeddings' rotate_half. Hugging Face's `Conv1D` (GPT-2) gets a TP pruner (weigh
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch.nn as nn
 
 from wtcore.errors import TraceError
-from wtcore.ir import Structure
+from wtcore.ir import Structure, coverage
 
 from ..costs.macs import add_costs
 from ..modules import is_hf_conv1d
@@ -37,7 +38,11 @@ from .state import gc_paused, tracing_state
 from .ties import merge_tied_groups
 from .units import DEFAULT_UNITS, apply_attention_costs, apply_attention_units
 
-__all__ = ["trace"]
+__all__ = ["OutsideGroups", "trace"]
+
+
+class OutsideGroups(UserWarning):
+    """Parameters of a traced model lie outside every unit group (listed with the reasons)."""
 
 
 def trace(
@@ -92,10 +97,16 @@ def trace(
     its slices from both modules are merged per axis. With `costs=True` (default) `Structure.ops` holds the
     cost ops of `wtfront.costs.macs` (one more forward pass); with `costs=False` it is empty.
 
+    A module (or unwrapped parameter) coupled to a group whose channels Torch-Pruning mis-maps — indices out
+    of range, one entry coupled to two units, parameters its pruner ignores, a type without a pruner — is a
+    *boundary*: its slices are dropped (its axes stay static), every group it touches is not prunable with the
+    reason, and `Structure.boundaries` records why. `trace` warns once (`OutsideGroups`) listing the
+    parameters outside every group with their reasons; `wtcore.ir.coverage` and `print(structure)` give the
+    coverage line.
+
     Raises:
         TraceError: inputs on another device, the budget spent, TP or the forward pass failing (with the
-            phase), or a module coupled to a group whose parameters cannot be mapped to units (with its name
-            and the advice to pass it in `ignore=`).
+            phase).
     """
     inputs = normalize_inputs(example_inputs)
     if check_device:
@@ -114,7 +125,7 @@ def trace(
             budget.phase = "collecting pruning groups"
             try:
                 tp_groups = list(all_groups(dg, [*ignored, *fused_linears(dg)], roots, WalkLimits.for_model(model),
-                                             refresh_index_mapping=False))  # build_dependency just did
+                                             refresh_index_mapping=False, contain=True))  # graph just built
             except WalkDiverged as e:
                 raise _diverged_error(model, dg, e) from None
             budget.phase = "lowering pruning groups to the IR"
@@ -128,6 +139,7 @@ def trace(
             budget.phase = "counting MACs (fvcore)"
             structure = add_costs(structure, model, inputs)
             structure = apply_attention_costs(structure, layouts, units)
+        _warn_outside(structure)
         return structure
     except BudgetExceeded:
         raise TraceError(
@@ -142,6 +154,14 @@ def trace(
         raise TraceError(
             f"tracing {model_name} failed while {budget.phase}: {type(e).__name__}: {e}"
         ) from e
+
+
+def _warn_outside(structure: Structure) -> None:
+    """One warning listing the parameters outside every group and why (boundaries, nothing coupled)."""
+    cov = coverage(structure)
+    if cov.outside:
+        warnings.warn(f"{structure.model}: {len(cov.outside)} parameters are in no unit group, so pruning never "
+                      f"changes them. {cov.line()}", OutsideGroups, stacklevel=3)
 
 
 def _diverged_error(model: nn.Module, dg: DependencyGraph, e: WalkDiverged) -> TraceError:

@@ -27,9 +27,11 @@ from torch_pruning.dependency import index_mapping as tp_im
 from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.pruner import function as tp_fn
 
-__all__ = ["Group", "GroupItem", "WalkDiverged", "WalkLimits", "all_groups", "pruning_group"]
+__all__ = ["MAX_CONTAINED", "Group", "GroupItem", "WalkDiverged", "WalkLimits", "all_groups", "in_range",
+           "pruning_group"]
 
 NO_ROOT = -1  # TP's root_idx=None (e.g. after a grouped-query-attention mapping)
+MAX_CONTAINED = 512  # diverging nodes a contained walk may stop at before giving up
 
 
 class Group(list):
@@ -38,10 +40,13 @@ class Group(list):
     everything that pruning a unit touches."""
 
     cut_at: list[Any]
+    diverged_at: list[Any]  # nodes where the walk diverged and was stopped (`all_groups(..., contain=True)`)
 
-    def __init__(self, items: Sequence[GroupItem] = (), cut_at: Sequence[Any] = ()) -> None:
+    def __init__(self, items: Sequence[GroupItem] = (), cut_at: Sequence[Any] = (),
+                 diverged_at: Sequence[Any] = ()) -> None:
         super().__init__(items)
         self.cut_at = list(cut_at)
+        self.diverged_at = list(diverged_at)
 
 
 @dataclass(frozen=True)
@@ -111,12 +116,13 @@ def _apply(mapping: Any, idx: np.ndarray, root: np.ndarray) -> tuple[np.ndarray,
 
 
 def pruning_group(
-    dg: Any, module: Any, pruning_fn: Any, n: int, limits: WalkLimits | None = None
+    dg: Any, module: Any, pruning_fn: Any, n: int, limits: WalkLimits | None = None, blocked: frozenset = frozenset()
 ) -> Group:
     """`DependencyGraph.get_pruning_group(module, pruning_fn, range(n))`, merged, with array indices.
 
     The caller must have run `index_mapping.update_index_mapping(dg)` once (TP does it on every call).
-    Raises `WalkDiverged` when an index set or the group outgrows `limits` (default `WalkLimits()`).
+    Raises `WalkDiverged` when an index set or the group outgrows `limits` (default `WalkLimits()`). The walk
+    does not enter `blocked` nodes.
     """
     limits = limits or WalkLimits()
     total = n
@@ -136,7 +142,7 @@ def pruning_group(
         node, fn = dep.target, dep.handler
         visited.add(node)
         for new_dep in node.dependencies:
-            if not new_dep.is_triggered_by(fn):
+            if not new_dep.is_triggered_by(fn) or new_dep.target in blocked:
                 continue
             nidx, nroot = cur, cur_root
             for mapping in new_dep.index_mapping:
@@ -192,16 +198,40 @@ def _merge(dg: Any, items: Sequence[tuple[Dependency, np.ndarray, np.ndarray]]) 
     return merged
 
 
+def in_range(dg: Any, item: GroupItem) -> bool:
+    """Whether an item's channel indices fit its layer (TP mis-maps a layer when they do not)."""
+    target = item.dep.target
+    m = target.module
+    if not item.idxs.size:
+        return True
+    if isinstance(m, nn.Parameter):
+        dim = getattr(target, "pruning_dim", -1)
+        n = m.shape[dim] if -m.dim() <= dim < m.dim() else None
+    else:
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None:
+            return True
+        try:
+            out = dg.is_out_channel_pruning_fn(item.dep.handler)
+            n = pruner.get_out_channels(m) if out else pruner.get_in_channels(m)
+        except Exception:  # TP's getters of unusual layers
+            return True
+    return n is None or int(item.idxs.max()) < int(n)
+
+
 def all_groups(
     dg: Any,
     ignored_layers: Sequence[Any] = (),
     root_module_types: tuple[type, ...] = (),
     limits: WalkLimits | None = None,
     refresh_index_mapping: bool = True,
+    contain: bool = False,
 ) -> Iterator[Group]:
     """`DependencyGraph.get_all_groups` with array indices (same roots, order and skipping rules); each walk
     bounded by `limits` (see `pruning_group`). `refresh_index_mapping=False` skips TP's index-mapping update
-    when the caller has just built the graph (`build_dependency` ends with it)."""
+    when the caller has just built the graph (`build_dependency` ends with it). With `contain`, a walk that
+    diverges is repeated without entering the node where it diverged (up to `MAX_CONTAINED` nodes per group),
+    and the group records those nodes in `diverged_at`; otherwise `WalkDiverged` propagates."""
     if refresh_index_mapping:
         tp_im.update_index_mapping(dg)
     ignored = {id(m) for m in [*ignored_layers, *dg.IGNORED_LAYERS_IN_TRACING]}
@@ -212,11 +242,25 @@ def all_groups(
         pruner = dg.get_pruner_of_module(m)
         if pruner is None or pruner.get_out_channels(m) is None or id(m) in visited:
             continue
-        group = pruning_group(dg, m, pruner.prune_out_channels, pruner.get_out_channels(m), limits)
+        blocked: set[Any] = set()
+        while True:
+            try:
+                group = pruning_group(dg, m, pruner.prune_out_channels, pruner.get_out_channels(m), limits,
+                                      frozenset(blocked))
+                break
+            except WalkDiverged as e:
+                if not contain or len(blocked) >= MAX_CONTAINED or e.node in blocked:
+                    raise
+                blocked.add(e.node)
+        group.diverged_at = list(blocked)
+        # a walk that diverged or mis-mapped a layer cannot be trusted: it claims no other root, whose own walk
+        # may well be right (an MLP inside a block whose residual walk crossed a window partition)
+        trusted = not blocked and (not contain or all(in_range(dg, item) for item in group))
         prunable = True
         for item in group:
             if dg.is_out_channel_pruning_fn(item.dep.handler):
-                visited.add(id(item.dep.target.module))
+                if trusted or item.dep.target.module is m:
+                    visited.add(id(item.dep.target.module))
                 if id(item.dep.target.module) in ignored:
                     prunable = False
         if prunable:

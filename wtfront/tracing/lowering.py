@@ -21,9 +21,40 @@ from .groups import NO_ROOT
 from .nodes import TP_DUMMY, nearest_named
 from .rotary import ROTARY_REASON
 from .shuffle import SHUFFLE_REASON
-from .slicers import RawSlice, UnloweredModule, known_params, lower_item, rule_type
+from .slicers import MisMapped, RawSlice, UnloweredModule, known_params, lower_item, rule_type
 
-__all__ = ["OUTPUT_REASON", "Lowering"]
+__all__ = ["OUTPUT_REASON", "Lowering", "diverged_reason", "mismapped_reason"]
+
+
+def _distrust_overlaps(groups: list[UnitGroup], names: set[str], untrusted: Sequence[frozenset]) -> list[UnitGroup]:
+    """Groups sharing a parameter axis with a group whose walk was not trusted are not prunable either: both
+    walked the same width, and only one of them can be right."""
+    shared = frozenset().union(*untrusted) if untrusted else frozenset()
+    out = []
+    for g in groups:
+        if g.prunable and g.name not in names and any((sl.param, sl.axis) in shared for sl in g.slices):
+            g = UnitGroup(g.name, g.kind, g.size, g.slices, False, g.root, g.baseline_size,
+                          "shares parameter axes with a group Torch-Pruning mis-maps, so its units may not be closed")
+        out.append(g)
+    return out
+
+
+def mismapped_reason(modules: Sequence[str]) -> str:
+    """Why a group whose walk mis-mapped some layers (their slices dropped) is not prunable."""
+    shown = ", ".join(repr(m) for m in modules[:3]) + (f" (+{len(modules) - 3})" if len(modules) > 3 else "")
+    return f"Torch-Pruning mis-maps the channels of {shown} in this group, so its units are not closed"
+
+
+def diverged_reason(modules: Sequence[str]) -> str:
+    """Why a group whose walk diverged (and was stopped there) is not prunable."""
+    near = ", ".join(repr(m) for m in dict.fromkeys(modules[:3])) or "a parameter-free op"
+    return (f"Torch-Pruning's channel index mappings diverge next to {near} (e.g. a window partition or a "
+            "relative-position bias), so the walk was stopped there and the group is not closed")
+
+
+def _owned(param: str, boundary: str) -> bool:
+    """Whether `param` is the boundary parameter or belongs to the boundary module."""
+    return param == boundary or param.startswith(f"{boundary}.") or not boundary
 
 OUTPUT_REASON = "feeds the model output"
 
@@ -73,6 +104,8 @@ class Lowering:
         self.outputs = self._output_reaching_nodes()
         self.lowered_modules: dict[int, nn.Module] = {}
         self.names_by_id = {**self.module_names, **self.canonical}
+        self.boundaries: dict[str, str] = {}  # module -> why Torch-Pruning's mapping of it cannot be used
+        self.mismapped: dict[str, str] = {}  # module/parameter -> how one group's walk mis-mapped it
 
     # -- names -----------------------------------------------------------------------------------
     def module_name(self, m: Any) -> str:
@@ -101,7 +134,7 @@ class Lowering:
                 return canon
         raise UnloweredModule(
             f"parameter {qual!r} of {item_name!r} could not be matched to a parameter of the model with the same "
-            "shape (a parametrization that changes its shape?); pass the module in ignore="
+            "shape (a parametrization that changes its shape?)"
         )
 
     def is_ignored(self, target: Any) -> bool:
@@ -131,33 +164,77 @@ class Lowering:
 
     # -- groups ----------------------------------------------------------------------------------
     def run(self, tp_groups: Sequence[Any], model_name: str) -> Structure:
-        self.errors: list[UnloweredModule] = []  # every module that cannot be lowered, reported at once
-        entries = []
-        for g in tp_groups:
-            try:
-                entries.append(self.lower_group(g))
-            except TraceError:
-                if not self.errors:  # else a consequence of the items skipped: the modules named are the cause
-                    raise
+        self.members: list[set[str]] = []  # per lowered group: the modules/parameters its items reach
+        self.untrusted: list[bool] = []  # per lowered group: its walk diverged or mis-mapped a layer
+        entries = [(*self.lower_group(g), i) for i, g in enumerate(tp_groups)]
         entries.sort(key=lambda e: e[0])
         groups: list[UnitGroup] = []
+        members: list[set[str]] = []
         used: set[str] = set()
-        for _, ug in entries:
+        untrusted: list[frozenset[tuple[str, int]]] = []
+        untrusted_names: set[str] = set()
+        for _, ug, i in entries:
+            if self.untrusted[i]:  # untrusted walks from several roots of one width: keep the first of each
+                axes = frozenset((sl.param, sl.axis) for sl in ug.slices)
+                if any(axes <= seen for seen in untrusted):
+                    continue
+                untrusted.append(axes)
+            members.append(self.members[i])
             name, k = ug.name, 2
             while name in used:
                 name, k = f"{ug.name}#{k}", k + 1
             used.add(name)
             if name != ug.name:
                 ug = UnitGroup(name, ug.kind, ug.size, ug.slices, ug.prunable, ug.root, ug.baseline_size, ug.reason)
+            if self.untrusted[i]:
+                untrusted_names.add(name)
             groups.append(ug)
+        groups = _distrust_overlaps(groups, untrusted_names, untrusted)
         self.check_unknown_params()
-        if self.errors:
-            raise combined_error(self.errors)
+        groups = self.apply_boundaries(groups, members)
         groups = mark_partial_coverage(groups, {n: tuple(t.shape) for n, t in self.tensors.items()})
         touched = {s.param for g in groups for s in g.slices}
         params = tuple(self.make_param(n) for n in self.tensors)
         uncoupled = tuple(sorted(n for n in self.tensors if n not in touched))
-        return Structure(params, tuple(groups), (), model_name, uncoupled)
+        for m in self.ignored_with_params():
+            self.boundaries.setdefault(m, "passed in ignore=")
+        for m, why in self.mismapped.items():  # a reason for what ends in no group
+            if any(_owned(p, m) for p in uncoupled):
+                self.boundaries.setdefault(m, f"Torch-Pruning mis-maps it in every group that reaches it: {why}")
+        boundaries = tuple(sorted(self.boundaries.items()))
+        return Structure(params, tuple(groups), (), model_name, uncoupled, boundaries)
+
+    # -- boundaries ------------------------------------------------------------------------------
+    def add_boundary(self, target: Any, name: str, why: str) -> None:
+        """Record the module (or unwrapped parameter) Torch-Pruning mis-maps as a boundary."""
+        if isinstance(target, torch.Tensor):
+            name = self.canonical.get(id(target), name)
+        self.boundaries.setdefault(name, f"Torch-Pruning mis-maps it, so it is left static: {why}")
+
+    def apply_boundaries(self, groups: list[UnitGroup], members: Sequence[set[str]]) -> list[UnitGroup]:
+        """Groups reaching a boundary module lose its slices (its axes stay static) and are not prunable, since
+        removing their units would change the widths the module reads or writes; groups left with no slices go."""
+        if not self.boundaries:
+            return groups
+        out = []
+        for g, reached in zip(groups, members):
+            hit = [m for m in self.boundaries
+                   if m in reached or any(_owned(sl.param, m) for sl in g.slices)]
+            if not hit:
+                out.append(g)
+                continue
+            slices = tuple(sl for sl in g.slices if not any(_owned(sl.param, m) for m in hit))
+            if not slices:
+                continue
+            why = f"coupled to {', '.join(repr(m) for m in hit[:3])}, which Torch-Pruning mis-maps (left static)"
+            out.append(UnitGroup(g.name, g.kind, g.size, slices, False, g.root, g.baseline_size,
+                                 "; ".join(r for r in (g.reason, why) if r)))
+        return out
+
+    def ignored_with_params(self) -> list[str]:
+        return [self.module_names[i] for i in self.ignored
+                if i in self.module_names and any(True for _ in self.modules_by_name[self.module_names[i]]
+                                                  .parameters(recurse=False))]
 
     def make_param(self, name: str) -> Param:
         t = self.tensors[name]
@@ -181,6 +258,10 @@ class Lowering:
         accs: dict[tuple[str, int], _Acc] = {}
         feeds_output = shuffled = rotary = False
         unrooted: list[str] = []
+        reached: set[str] = set()
+        self.members.append(reached)
+        mismapped: list[str] = []
+        diverged = [n for node in getattr(group, "diverged_at", ()) for n in nearest_named(node, self.names_by_id)]
         for node in getattr(group, "cut_at", ()):  # couplings a mapping dropped: name the modules next to them
             unrooted.extend(n for n in nearest_named(node, self.names_by_id) if n not in unrooted)
         for item in group:
@@ -194,6 +275,7 @@ class Lowering:
             if isinstance(target, TP_DUMMY):
                 continue
             name = self.module_name(target)
+            reached.add(name)
             units = item.root_idxs
             local = item.idxs
             if units.size and units.min() == NO_ROOT:  # e.g. repeat_kv of grouped-query attention: keep
@@ -207,28 +289,39 @@ class Lowering:
             try:
                 raws = lower_item(target, name, out=out, pairs=pairs, pruning_dim=node.pruning_dim)
                 keyed = [(self.param_name(s, name), s) for s in raws]
+            except MisMapped as e:  # the walk is wrong here, not the layer: this group is not closed
+                mismapped.append(name)
+                self.mismapped.setdefault(name, str(e))
+                continue
             except UnloweredModule as e:
                 if not self.is_ignored(target):
-                    self.errors.append(e)
+                    self.add_boundary(target, name, str(e))
                 continue
             if isinstance(target, nn.Module):
                 self.lowered_modules[id(target)] = target
-            for pname, s in keyed:
-                self.merge(accs, pname, s, root_name)
+            try:
+                for pname, s in keyed:
+                    self.merge(accs, pname, s, root_name)
+            except MisMapped as e:
+                mismapped.append(name)
+                self.mismapped.setdefault(name, f"in the group of {root_name!r}, {e}")
         slices = [
             Slice(p, axis, runs_from_list(a.index), a.groups, a.group_axis)
             for (p, axis), a in sorted(accs.items(), key=lambda kv: (self.param_order[kv[0][0]], kv[0][1]))
         ]
+        self.untrusted.append(bool(diverged or mismapped))
         order = self.module_order.get(id(root), len(self.module_order))
         return order, UnitGroup(
             name=f"{root_name}.out" if root_name else "out",
             kind="channel" if isinstance(root, nn.modules.conv._ConvNd) else "feature",
             size=size,
             slices=tuple(slices),
-            prunable=not (feeds_output or shuffled or unrooted or rotary),
+            prunable=not (feeds_output or shuffled or unrooted or rotary or self.untrusted[-1]),
             root=root_name,
             reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (SHUFFLE_REASON, shuffled),
-                                             (ROTARY_REASON, rotary), (unrooted_reason(unrooted), unrooted)) if on),
+                                             (ROTARY_REASON, rotary), (unrooted_reason(unrooted), unrooted),
+                                             (diverged_reason(diverged), diverged),
+                                             (mismapped_reason(mismapped), mismapped)) if on),
         )
 
     def choose_root(self, group: Any) -> tuple[Any, np.ndarray]:
@@ -277,8 +370,8 @@ class Lowering:
                 acc.index[pos] = s.units
                 return
         elif (acc.length, acc.groups, acc.group_axis) != (s.length, s.groups, s.group_axis):
-            raise TraceError(
-                f"group of {root_name!r}: {pname!r} axis {s.axis} is reached twice with different layouts "
+            raise MisMapped(
+                f"{pname!r} axis {s.axis} is reached twice with different layouts "
                 f"({acc.length}/{acc.groups} vs {s.length}/{s.groups} entries/groups)"
             )
         have = acc.index[pos]
@@ -300,13 +393,13 @@ class Lowering:
         else:
             k = int(np.flatnonzero(clash)[0])
             clash_pos, have_u, new_u = int(s.positions[k]), int(have[k]), int(s.units[k])
-        raise TraceError(
-            f"group of {root_name!r}: entry {clash_pos} of {pname!r} axis {s.axis} is coupled to two different "
-            f"units ({have_u} and {new_u}); this structure is not supported, pass the module in ignore="
+        raise MisMapped(
+            f"entry {clash_pos} of {pname!r} axis {s.axis} is coupled to two different units ({have_u} and {new_u})"
         )
 
     def check_unknown_params(self) -> None:
-        """A module in a group with parameters its TP pruner never touches would be broken by pruning."""
+        """A module in a group with parameters its TP pruner never touches would be broken by pruning: it
+        becomes a boundary."""
         for m in self.lowered_modules.values():
             if id(m) in self.ignored:
                 continue
@@ -315,22 +408,5 @@ class Lowering:
             extra = [n for n, p in m._parameters.items() if p is not None and n.removesuffix("_orig") not in known]
             if extra:
                 name = self.module_name(m)
-                self.errors.append(UnloweredModule(
-                    f"module {name!r} ({type(m).__name__}) is coupled to a pruning group but has parameters "
-                    f"{extra} that Torch-Pruning's {t.__name__ if t else ''} pruner does not prune; pass it in "
-                    f"ignore= (e.g. ignore=[{name!r}])", (name,)
-                ))
-
-
-def combined_error(errors: Sequence[UnloweredModule]) -> UnloweredModule:
-    """One error naming every module that cannot be lowered (one line per distinct `ignore=` suggestion), and
-    the `ignore=` list that leaves them all out, so one re-run traces."""
-    seen: dict[tuple[str, ...], UnloweredModule] = {}
-    for e in errors:
-        seen.setdefault(e.ignore or (str(e),), e)
-    if len(seen) == 1:
-        return next(iter(seen.values()))
-    suggest = list(dict.fromkeys(n for e in seen.values() for n in e.ignore))
-    lines = "; ".join(f"({k}) {e}" for k, e in enumerate(seen.values(), 1))
-    return UnloweredModule(f"{len(seen)} modules cannot be lowered: {lines}. To trace, leave them all out: "
-                           f"ignore={suggest!r}", tuple(suggest))
+                self.add_boundary(m, name, f"module {name!r} ({type(m).__name__}) has parameters {extra} that "
+                                           f"Torch-Pruning's {t.__name__ if t else ''} pruner does not prune")

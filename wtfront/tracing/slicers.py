@@ -7,7 +7,6 @@ IR and physical pruning agree on what a unit is.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,17 +18,17 @@ from wtcore.errors import TraceError
 
 from ..modules import is_hf_conv1d
 
-__all__ = ["CONV1D_PARAMS", "KNOWN_PARAMS", "Pairs", "RawSlice", "UnloweredModule", "is_depthwise", "known_params",
-           "lower_item", "rule_type"]
+__all__ = ["CONV1D_PARAMS", "KNOWN_PARAMS", "MisMapped", "Pairs", "RawSlice", "UnloweredModule", "is_depthwise",
+           "known_params", "lower_item", "rule_type"]
 
 
 class UnloweredModule(TraceError):
-    """A module in a coupled group whose parameters wt cannot map to units (unsupported type or layout).
-    `ignore`: the `trace(ignore=...)` entries that leave it out (module names or globs)."""
+    """A module in a coupled group whose parameters wt cannot map to units (unsupported type or layout)."""
 
-    def __init__(self, message: str, ignore: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
-        self.ignore = ignore
+
+class MisMapped(UnloweredModule):
+    """Torch-Pruning's walk of one group maps a layer's channels wrongly (indices out of range, one entry to
+    two units): the walk, not the layer, is at fault."""
 
 
 @dataclass
@@ -248,7 +247,7 @@ def lower_item(
         if rule is None:
             raise UnloweredModule(
                 f"module {name!r} ({type(target).__name__}) is coupled to a pruning group, but wt cannot map its "
-                f"parameters to units; pass it in ignore= (e.g. ignore=[{name!r}]) to leave it out", (name,)
+                "parameters to units (no pruner for its type)"
             )
         slices = rule(target, out, pairs)
     checked: dict[tuple[int, int], bool] = {}  # (id of the positions array, axis length) -> in range
@@ -260,15 +259,10 @@ def lower_item(
             continue
         bad = s.positions[(s.positions < 0) | (s.positions >= s.length)]
         if bad.size:
+            what = f"{name!r} ({type(target).__name__}) {s.attr}"
             if isinstance(target, torch.Tensor):
-                what, owner = f"parameter {name!r}", name.rpartition(".")[0]
-            else:
-                what, owner = f"{name!r} ({type(target).__name__}) {s.attr}", name
-            every = re.sub(r"\.\d+(?=\.|$)", ".*", owner)  # the same module in every block
-            also = f" or, for every block, ignore=[{every!r}]" if every != owner else ""
-            raise UnloweredModule(
-                f"Torch-Pruning couples channel {bad[0]} to {what} axis {s.axis}, which has only {s.length} entries: "
-                f"it mis-maps this layer, so wt cannot lower it; pass the module in ignore= (e.g. ignore=[{owner!r}]"
-                f"{also})", (every,)
+                what = f"parameter {name!r}"
+            raise MisMapped(
+                f"Torch-Pruning couples channel {bad[0]} to {what} axis {s.axis}, which has only {s.length} entries"
             )
     return slices
