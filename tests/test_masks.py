@@ -57,6 +57,12 @@ def ref_structured(structure, params, score, amount, scope="local", groups=None,
     import fnmatch
 
     vals = reference_unit_values(structure, params)
+    tie = ref_ties(structure)
+    members: dict[int, list[int]] = {}
+    for u, t in enumerate(tie):
+        members.setdefault(t, []).append(u)
+    score = [float(np.mean([score[m] for m in members[tie[u]]])) if len(members[tie[u]]) > 1 else score[u]
+             for u in range(structure.num_units)]
     keep = np.ones(structure.num_units, dtype=bool)
     info = {}
     for g in structure.groups:
@@ -65,7 +71,7 @@ def ref_structured(structure, params, score, amount, scope="local", groups=None,
             only is None or g.name in only)
         units = list(range(off, off + g.size))
         cls = {u: 2 if vals["count"][u] == 0 else (0 if vals["nnz"][u] == 0 else 1) for u in units}
-        order = sorted(units, key=lambda u: (cls[u], score[u], u))
+        order = sorted(units, key=lambda u: (cls[u], score[u], tie[u], u))
         dead = [u for u in units if cls[u] == 0]
         live = [u for u in order if cls[u] == 1]
         cap = min(math.floor(max_fraction * g.size + 1e-9), g.size - 1)
@@ -93,9 +99,9 @@ def ref_structured(structure, params, score, amount, scope="local", groups=None,
                     mean = sum(score[u] for u in d["live"]) / len(d["live"])
                     if mean > 0:
                         s = {u: score[u] / mean for u in d["live"]}
-                cands += [(s[u], u, n) for u in d["live"][:room]]
+                cands += [(s[u], tie[u], u, n) for u in d["live"][:room]]
             k = count(amount, total_live)
-            for _, _, n in sorted(cands)[:k]:
+            for *_, n in sorted(cands)[:k]:
                 new[n] += 1
     for n, d in info.items():
         if not d["eligible"]:
@@ -107,7 +113,38 @@ def ref_structured(structure, params, score, amount, scope="local", groups=None,
             new[n] = avail - min(up, avail)
         for u in d["dead"] + d["live"][: new[n]]:
             keep[u] = False
+    for ms in members.values():  # a tie goes only as a whole
+        if keep[ms].any():
+            keep[ms] = True
     return keep
+
+
+def ref_ties(structure: Structure) -> list[int]:
+    """The smallest unit each unit is tied to by a grouped (not depthwise) convolution: in every conv group,
+    the same in-group position of its inputs and of its outputs (plain loops and relabelling)."""
+    tie = list(range(structure.num_units))
+
+    def join(a: int, b: int) -> None:
+        old, new = max(tie[a], tie[b]), min(tie[a], tie[b])
+        for u in range(len(tie)):
+            if tie[u] == old:
+                tie[u] = new
+
+    grouped = {s.param: (s.groups, s.group_axis) for g in structure.groups for s in g.slices
+               if s.groups > 1 and structure.param_map[s.param].shape[s.group_axis] != s.groups}
+    for g in structure.groups:
+        off = structure.offsets[g.name]
+        for s in g.slices:
+            if s.param not in grouped or (s.groups == 1 and s.axis != grouped[s.param][1]):
+                continue
+            blocks = grouped[s.param][0]
+            ids = s.index_list()
+            per = len(ids) // blocks
+            for j in range(per):
+                col = [ids[k * per + j] + off for k in range(blocks) if ids[k * per + j] >= 0]
+                for u in col[1:]:
+                    join(col[0], u)
+    return tie
 
 
 def ref_unstructured_keep(w: torch.Tensor, amount, order_key) -> torch.Tensor:
@@ -202,6 +239,11 @@ def test_random_structured_and_importance_match_reference(case, seed, data):
 def test_custom_keeps_what_the_user_says_and_what_is_already_removed(case, seed):
     structure, params = case
     user = torch.rand(structure.num_units, generator=torch.Generator().manual_seed(seed)) > 0.3
+    tie = torch.tensor(ref_ties(structure))
+    if bool((user != user[tie]).any()):  # a tie cut apart cannot be pruned physically: refused up front
+        with pytest.raises(wtcore.SpecError, match="grouped convolution ties"):
+            wtcore.compile(structure, [wtcore.Spec("custom", keep=user)])
+        user = user[tie]
     got = wtcore.compile(structure, [wtcore.Spec("custom", keep=user)])(params)["custom"]
     vals = reference_unit_values(structure, params)
     prunable = np.concatenate([np.full(g.size, g.prunable) for g in structure.groups])

@@ -31,6 +31,7 @@ from .filters import DEFAULT_ROOT_TYPES, IgnoreSpec, resolve_ignored
 from .graph import DependencyGraph, fused_linears, release_graph
 from .groups import WalkDiverged, WalkLimits, all_groups
 from .inputs import check_devices, forward_outputs, normalize_inputs
+from .lossy import mark_lossy
 from .lowering import Lowering
 from .nodes import nearest_named
 from .state import gc_paused, tracing_state
@@ -121,6 +122,7 @@ def trace(
             budget.phase = "discovering attention heads"
             units = tuple(DEFAULT_UNITS if units is None else units)
             structure, layouts = apply_attention_units(structure, model, units, heads)
+            structure = mark_lossy(structure, model)
             release_graph(dg)
         if costs:  # one more forward pass (fvcore's jit trace), outside TP's hooks: cost ops and baseline MACs
             budget.phase = "counting MACs (fvcore)"
