@@ -58,6 +58,13 @@ def ref_structured(structure, params, score, amount, scope="local", groups=None,
 
     vals = reference_unit_values(structure, params)
     tie = ref_ties(structure)
+    floor: dict[str, int] = {}  # a grouped conv keeps two output channels per conv group
+    for g in structure.groups:
+        for sl in g.slices:
+            conv = [x for h in structure.groups for x in h.slices if x.param == sl.param and x.groups > 1
+                    and structure.param_map[x.param].shape[x.group_axis] != x.groups]
+            if conv and sl.groups == 1 and sl.axis == conv[0].group_axis:
+                floor[g.name] = max(floor.get(g.name, 1), 2 * conv[0].groups)
     members: dict[int, list[int]] = {}
     for u, t in enumerate(tie):
         members.setdefault(t, []).append(u)
@@ -74,7 +81,7 @@ def ref_structured(structure, params, score, amount, scope="local", groups=None,
         order = sorted(units, key=lambda u: (cls[u], score[u], tie[u], u))
         dead = [u for u in units if cls[u] == 0]
         live = [u for u in order if cls[u] == 1]
-        cap = min(math.floor(max_fraction * g.size + 1e-9), g.size - 1)
+        cap = max(0, min(math.floor(max_fraction * g.size + 1e-9), g.size - floor.get(g.name, 1)))
         info[g.name] = dict(eligible=eligible, dead=dead, live=live, order=order, cap=cap, size=g.size)
     new = {n: 0 for n in info}
     if scope == "local":

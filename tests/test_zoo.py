@@ -135,3 +135,44 @@ def test_zoo_generated_code_equals_the_interpreter(ref: str) -> None:
     assert list(out) == list(ref_out)
     for k in out:
         torch.testing.assert_close(out[k], ref_out[k], rtol=0, atol=0, msg=k)
+
+
+PHYSICAL = ["torchvision:resnext50_32x4d", "torchvision:regnet_y_400mf", "timm:convnext_atto"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ref", PHYSICAL)
+def test_zoo_global_mask_prunes_physically_to_the_same_function(ref: str) -> None:
+    """A 30% global L2 mask picks only what physical pruning carries out: grouped convs lose the same in-group
+    positions in every conv group, LayerNorm widths are left alone; the pruned model equals the fake-pruned one."""
+    from wtcore.specs.masks import unit_ties
+    from wtfront import apply_masks, load_model, prune_zero_units
+
+    torch.manual_seed(0)
+    m = load_model(ref, input_shape=(1, 3, 64, 64))
+    model, x = m.model.eval(), m.example_inputs
+    with torch.no_grad():  # O(1) norm affines and layer scales, so every unit matters in the comparison
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    structure = trace(model, x)
+    ties = unit_ties(structure)
+    assert bool((ties != torch.arange(structure.num_units)).any()) == ("convnext" not in ref)
+    keep = wtcore.compile(structure, [wtcore.Spec("ln_structured", amount=0.3, scope="global")])(
+        {k: v.detach() for k, v in model.named_parameters()})["ln_structured"]
+    assert torch.equal(keep, keep[ties])  # ties go whole
+    lossy = [g for g in structure.groups if g.lossy]
+    assert bool(lossy) == ("convnext" in ref)
+    for g in lossy:
+        o = structure.offsets[g.name]
+        assert bool(keep[o: o + g.size].all()), g.name
+    apply_masks(model, structure, keep)
+    with torch.no_grad():
+        y_fake = model(x)
+    n_before = sum(p.numel() for p in model.parameters())
+    prune_zero_units(model, structure, x)
+    with torch.no_grad():
+        y_phys = model(x)
+    assert y_phys.shape == y_fake.shape
+    assert sum(p.numel() for p in model.parameters()) < 0.9 * n_before
+    assert float((y_phys - y_fake).abs().max()) <= 1e-5 * float(y_fake.abs().max())

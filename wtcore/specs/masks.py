@@ -32,7 +32,7 @@ from ..lang import Var
 from ..masking import as_unit_vector, slice_lookup, validate_amount
 from ..spec import Context, define_spec
 
-__all__ = ["SCOPES", "isomorphism_key", "unit_ties"]
+__all__ = ["SCOPES", "isomorphism_key", "min_kept", "unit_ties"]
 
 SCOPES = ("local", "global", "isomorphic")
 
@@ -114,6 +114,20 @@ def unit_ties(structure: Structure) -> torch.Tensor:
     return torch.from_numpy(roots)
 
 
+def min_kept(structure: Structure) -> dict[str, int]:
+    """Units a group must keep beyond the one every group keeps: two output channels per conv group of a
+    grouped convolution (one per group would make it depthwise-shaped, `groups == out_channels`, which
+    Torch-Pruning then couples as a depthwise conv)."""
+    grouped = {s.param: (s.groups, s.group_axis) for g in structure.groups for s in g.slices
+               if s.groups > 1 and structure.param_map[s.param].shape[s.group_axis] != s.groups}
+    out: dict[str, int] = {}
+    for g in structure.groups:
+        for s in g.slices:
+            if s.param in grouped and s.groups == 1 and s.axis == grouped[s.param][1]:
+                out[g.name] = max(out.get(g.name, 1), 2 * grouped[s.param][0])
+    return out
+
+
 def mask_outputs(per_param: bool = False, **_: Any) -> str | dict[str, str]:
     """A structured mask's outputs: the unit keep-vector, and with `per_param` every parameter's element mask."""
     return {"units": "unit", "*": "elements"} if per_param else "unit"
@@ -153,8 +167,9 @@ class _Groups:
                 "its units is not what removing them computes and physical pruning refuses them; pass lossy=True to "
                 "mask them anyway (and prune_units(..., strict=False), which changes the output)"
             )
+        floor = min_kept(st)
         self.caps = [
-            min(math.floor(max_fraction * g.size + 1e-9), g.size - 1) if e else 0
+            max(0, min(math.floor(max_fraction * g.size + 1e-9), g.size - floor.get(g.name, 1))) if e else 0
             for g, e in zip(st.groups, self.eligible)
         ]
         if scope == "local":
