@@ -176,3 +176,52 @@ def test_zoo_global_mask_prunes_physically_to_the_same_function(ref: str) -> Non
     assert y_phys.shape == y_fake.shape
     assert sum(p.numel() for p in model.parameters()) < 0.9 * n_before
     assert float((y_phys - y_fake).abs().max()) <= 1e-5 * float(y_fake.abs().max())
+
+
+@pytest.mark.slow
+def test_distilbert_q_lin_k_lin_v_lin_are_heads_that_prune_to_the_same_function() -> None:
+    from wtcore.masking import keep_from_removed
+    from wtfront import apply_masks, load_model, prune_units
+
+    torch.manual_seed(0)
+    m = load_model("hf:DistilBertModel")
+    model, x = m.model.eval(), m.example_inputs
+    structure = trace(model, x)
+    heads = [g for g in structure.groups if g.kind == "head"]
+    assert [g.name for g in heads] == [f"transformer.layer.{i}.attention.heads" for i in range(2)]
+    assert all(g.prunable and g.size == 4 for g in heads)
+    assert not any(g.name.endswith("q_lin.out") for g in structure.groups)  # no row-level group left to break it
+    keep = keep_from_removed(structure, {heads[0].name: [1], heads[1].name: [0, 3]})
+    apply_masks(model, structure, keep)
+    with torch.no_grad():
+        y_fake = model(**x).last_hidden_state
+    prune_units(model, structure, x, keep)
+    with torch.no_grad():
+        y_phys = model(**x).last_hidden_state
+    assert y_phys.shape == y_fake.shape
+    torch.testing.assert_close(y_phys, y_fake, rtol=1e-5, atol=1e-5)
+    assert [model.transformer.layer[i].attention.n_heads for i in range(2)] == [3, 2]
+    assert model.transformer.layer[1].attention.q_lin.out_features == 32
+
+
+@pytest.mark.slow
+def test_phi3_fused_qkv_proj_and_gate_up_proj_are_units_marked_not_prunable() -> None:
+    from wtfront import load_model
+
+    m = load_model("hf:Phi3Model")
+    structure = trace(m.model, m.example_inputs)
+    by = structure.group_map
+    for i in range(2):
+        attn, mlp = by[f"layers.{i}.self_attn.kv_heads"], by[f"layers.{i}.mlp.gate_up_proj.out"]
+        assert not attn.prunable and "qkv_proj" in attn.reason and attn.size == 2
+        assert not mlp.prunable and "gate and up" in mlp.reason and mlp.size == 128
+        # a unit is row i of the gate part and row i of the up part, and column i of down_proj
+        gate_up = next(s for s in mlp.slices if s.param.endswith("gate_up_proj.weight"))
+        assert gate_up.index_list() == [*range(128), *range(128)]
+        assert any(s.param.endswith("down_proj.weight") and s.axis == 1 for s in mlp.slices)
+    axes = {(s.param, s.axis) for g in structure.groups for s in g.slices}
+    for p in structure.params:  # both axes of every Linear weight in some group
+        if p.module_type == "Linear" and p.name.endswith("weight"):
+            assert {(p.name, 0), (p.name, 1)} <= axes, p.name
+    prog = wtcore.compile(structure, ["group_lasso", "unit_active"])
+    assert prog(dict(m.model.named_parameters()))["unit_active"].shape == (structure.num_units,)

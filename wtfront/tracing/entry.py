@@ -27,6 +27,7 @@ from wtcore.ir import Structure
 from ..costs.macs import add_costs
 from ..modules import is_hf_conv1d
 from .budget import Budget, BudgetExceeded
+from .fused import add_fused_groups
 from .filters import DEFAULT_ROOT_TYPES, IgnoreSpec, resolve_ignored
 from .graph import DependencyGraph, fused_linears, release_graph
 from .groups import WalkDiverged, WalkLimits, all_groups
@@ -113,7 +114,8 @@ def trace(
             dg.build_dependency(model, example_inputs=inputs, forward_fn=forward_outputs, verbose=False)
             budget.phase = "collecting pruning groups"
             try:
-                tp_groups = list(all_groups(dg, [*ignored, *fused_linears(dg)], roots, WalkLimits.for_model(model),
+                fused = fused_linears(dg)
+                tp_groups = list(all_groups(dg, [*ignored, *fused], roots, WalkLimits.for_model(model),
                                              refresh_index_mapping=False))  # build_dependency just did
             except WalkDiverged as e:
                 raise _diverged_error(model, dg, e) from None
@@ -122,7 +124,7 @@ def trace(
             budget.phase = "discovering attention heads"
             units = tuple(DEFAULT_UNITS if units is None else units)
             structure, layouts = apply_attention_units(structure, model, units, heads)
-            structure = mark_lossy(structure, model)
+            structure = mark_lossy(add_fused_groups(structure, model, fused), model)
             release_graph(dg)
         if costs:  # one more forward pass (fvcore's jit trace), outside TP's hooks: cost ops and baseline MACs
             budget.phase = "counting MACs (fvcore)"
