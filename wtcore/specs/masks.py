@@ -301,7 +301,7 @@ class _Ties:
         self.any = bool((ties != torch.arange(n)).any())
         if not self.any:
             return
-        roots, seg, sizes = torch.unique(ties, return_inverse=True, return_counts=True)
+        _, seg, sizes = torch.unique(ties, return_inverse=True, return_counts=True)
         b = self.b
         self.order = b.const(torch.argsort(ties, stable=True), "units by tie")
         self.ends = b.const(torch.cumsum(sizes, 0), "tie ends")

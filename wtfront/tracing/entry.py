@@ -27,8 +27,8 @@ from wtcore.ir import Structure
 from ..costs.macs import add_costs
 from ..modules import is_hf_conv1d
 from .budget import Budget, BudgetExceeded
-from .fused import add_fused_groups
 from .filters import DEFAULT_ROOT_TYPES, IgnoreSpec, resolve_ignored
+from .fused import add_fused_groups
 from .graph import DependencyGraph, fused_linears, release_graph
 from .groups import WalkDiverged, WalkLimits, all_groups
 from .inputs import check_devices, forward_outputs, normalize_inputs

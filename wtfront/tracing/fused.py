@@ -18,8 +18,10 @@ from wtcore.ir import Slice, Structure, UnitGroup, runs_from_list
 
 __all__ = ["FUSED_REASON", "add_fused_groups"]
 
-FUSED_REASON = ("fused projection {name!r}: its output is split into parts ({parts}) and a unit is one feature of "
-                "each part, which Torch-Pruning cannot cut; wt keeps it whole")
+FUSED_REASON = (
+    "fused projection {name!r}: its output is split into parts ({parts}) and a unit is one feature of "
+    "each part, which Torch-Pruning cannot cut; wt keeps it whole"
+)
 
 
 def _param(structure: Structure, module: str, leaf: str) -> str | None:
@@ -58,11 +60,25 @@ def add_fused_groups(structure: Structure, model: nn.Module, fused: Sequence[nn.
             size, parts, kind = rows, "parts", "feature"
             idx = runs_from_list(list(range(rows)))
             slices = [Slice(w, 0, idx)] + ([Slice(b, 0, idx)] if b else [])
-        groups.append(UnitGroup(f"{name}.out", kind, size, tuple(slices), prunable=False, root=name,
-                                reason=FUSED_REASON.format(name=name, parts=parts)))
+        groups.append(
+            UnitGroup(
+                f"{name}.out",
+                kind,
+                size,
+                tuple(slices),
+                prunable=False,
+                root=name,
+                reason=FUSED_REASON.format(name=name, parts=parts),
+            )
+        )
         covered |= {(s.param, s.axis) for s in slices}
     if len(groups) == len(structure.groups):
         return structure
     touched = {s.param for g in groups for s in g.slices}
-    return Structure(structure.params, tuple(groups), structure.ops, structure.model,
-                     tuple(p for p in structure.uncoupled if p not in touched))
+    return Structure(
+        structure.params,
+        tuple(groups),
+        structure.ops,
+        structure.model,
+        tuple(p for p in structure.uncoupled if p not in touched),
+    )

@@ -23,15 +23,19 @@ __all__ = ["mark_lossy", "normalized_reason"]
 def normalized_reason(module: nn.Module, name: str, param: str) -> str | None:
     """Why a unit axis through `module` (parameter `param` of it) is mixed by a normalization, or None."""
     if isinstance(module, nn.LayerNorm):
-        return (f"{type(module).__name__} {name!r} normalizes over its units (zeroing a unit changes the mean and "
-                "variance of the others; removing it does not)")
+        return (
+            f"{type(module).__name__} {name!r} normalizes over its units (zeroing a unit changes the mean and "
+            "variance of the others; removing it does not)"
+        )
     if isinstance(module, nn.GroupNorm):
         return f"GroupNorm {name!r} normalizes over groups of its units"
     if isinstance(module, nn.RMSNorm) or type(module).__name__.endswith("RMSNorm"):  # LlamaRMSNorm, ...
-        return (f"{type(module).__name__} {name!r} normalizes over its units (zeroing a unit changes the root mean "
-                "square of the others; removing it does not)")
+        return (
+            f"{type(module).__name__} {name!r} normalizes over its units (zeroing a unit changes the root mean "
+            "square of the others; removing it does not)"
+        )
     if isinstance(module, nn.MultiheadAttention) and param.endswith("in_proj_weight"):
-        return f"MultiheadAttention {name!r}: its scaling follows head_dim, which pruning its embedding dimension changes"
+        return f"MultiheadAttention {name!r}: its scaling follows head_dim, which pruning its embedding width changes"
     return None
 
 
