@@ -364,8 +364,8 @@ E2E_XFAIL: dict[str, str] = {
     "instead of making it a boundary (issue 17, item 1)",
     "timm:edgenext_xx_small": "Torch-Pruning mis-maps EdgeNeXt's split convs (blocks.*.convs.*) and wt refuses the "
     "model instead of making them a boundary (issue 17, item 1)",
-    "timm:pvt_v2_b0": "physical pruning: Torch-Pruning and the IR disagree about the shape of attn.q (spatial-reduction "
-    "attention; issue 17, item 4)",
+    "timm:pvt_v2_b0": "physical pruning: Torch-Pruning and the IR disagree about the shape of attn.q (spatial "
+    "reduction attention; issue 17, item 4)",
     "timm:beit_base_patch16_224": "Torch-Pruning mis-maps the relative-position bias table and wt refuses the model "
     "instead of making it a boundary (issue 17, item 1)",
     "timm:eva02_tiny_patch14_224": "the attention's input columns (the residual width) of blocks.*.attn.qkv are in no "
