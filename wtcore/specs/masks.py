@@ -115,9 +115,9 @@ def unit_ties(structure: Structure) -> torch.Tensor:
 
 
 def min_kept(structure: Structure) -> dict[str, int]:
-    """Units a group must keep beyond the one every group keeps: two output channels per conv group of a
-    grouped convolution (one per group would make it depthwise-shaped, `groups == out_channels`, which
-    Torch-Pruning then couples as a depthwise conv)."""
+    """The fewest units a structured mask leaves in a group, for groups where that is more than one: two
+    output channels per conv group of a grouped convolution (one per group would make it depthwise-shaped,
+    `groups == out_channels`, which Torch-Pruning then couples as a depthwise conv)."""
     grouped = {s.param: (s.groups, s.group_axis) for g in structure.groups for s in g.slices
                if s.groups > 1 and structure.param_map[s.param].shape[s.group_axis] != s.groups}
     out: dict[str, int] = {}
