@@ -559,3 +559,69 @@ def test_pruned_shapes_follow_every_slice() -> None:
     assert pruned_shapes(s, keep) == {"a.weight": (2, 3), "b.weight": (5, 2), "g.weight": (6, 1, 3, 3)}
     assert set(param_masks(s, keep)) == {"a.weight", "b.weight", "g.weight"}
     assert param_masks(s, torch.ones(4, dtype=torch.bool)) == {}  # nothing removed: no mask at all
+
+
+# ------------------------------------------------------------------------------ masks physical pruning can do
+class GroupedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)  # 4 inputs and 4 outputs per conv group
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.g(torch.relu(self.a(x))))).mean((2, 3))
+
+
+def test_grouped_conv_units_are_tied_and_masks_remove_whole_ties() -> None:
+    from wtcore.specs.masks import min_kept, unit_ties
+    from wtfront import apply_masks, prune_zero_units, trace
+
+    torch.manual_seed(0)
+    net, x = GroupedNet().eval(), torch.randn(1, 3, 8, 8)
+    s = trace(net, x)
+    ties = unit_ties(s)
+    for gname in ("a.out", "g.out"):  # input / output channel j of conv group 0 goes with j + 4 of group 1
+        off = s.offsets[gname]
+        assert ties[off: off + 8].tolist() == [off + j for j in (0, 1, 2, 3, 0, 1, 2, 3)]
+    assert min_kept(s) == {"g.out": 4}
+    keep = wtcore.compile(s, [wtcore.Spec("ln_structured", amount=0.5, groups="a.out")])(
+        dict(net.named_parameters()))["ln_structured"]
+    off = s.offsets["a.out"]
+    assert int((~keep).sum()) == 4 and torch.equal(keep[off: off + 4], keep[off + 4: off + 8])
+    apply_masks(net, s, keep)
+    y = net(x)
+    prune_zero_units(net, s, x)
+    assert net.g.in_channels == 4 and net.g.groups == 2
+    torch.testing.assert_close(net(x), y, rtol=1e-5, atol=1e-6)
+    with pytest.raises(wtcore.SpecError, match="grouped convolution ties"):
+        wtcore.compile(s, [wtcore.Spec("custom", keep=(("a.out", (False,) + (True,) * 7),))])
+
+
+class NormedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.norm = nn.Linear(4, 8), nn.LayerNorm(8)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.head(h + self.fc2(torch.relu(self.fc1(self.norm(h)))))
+
+
+def test_masks_leave_normalized_widths_alone_unless_asked() -> None:
+    from wtfront import trace
+
+    torch.manual_seed(0)
+    net = NormedNet()
+    s = trace(net, torch.randn(2, 4))
+    assert "LayerNorm 'norm'" in s.group_map["inp.out"].lossy and not s.group_map["fc1.out"].lossy
+    assert wtcore.Structure.from_json(s.to_json()) == s
+    params = dict(net.named_parameters())
+    keep = wtcore.compile(s, [wtcore.Spec("ln_structured", amount=0.5, scope="global")])(params)["ln_structured"]
+    off = s.offsets["inp.out"]
+    assert bool(keep[off: off + 8].all()) and int((~keep).sum()) == 8  # half of fc1's 16 features
+    with pytest.raises(wtcore.SpecError, match=r"normalization.*inp\.out.*lossy=True"):
+        wtcore.compile(s, [wtcore.Spec("ln_structured", amount=0.5, groups="inp.out")])
+    keep = wtcore.compile(s, [wtcore.Spec("ln_structured", amount=0.5, groups="inp.out", lossy=True)])(params)
+    assert int((~keep["ln_structured"][off: off + 8]).sum()) == 4
