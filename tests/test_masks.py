@@ -57,6 +57,19 @@ def ref_structured(structure, params, score, amount, scope="local", groups=None,
     import fnmatch
 
     vals = reference_unit_values(structure, params)
+    tie = ref_ties(structure)
+    floor: dict[str, int] = {}  # a grouped conv keeps two output channels per conv group
+    for g in structure.groups:
+        for sl in g.slices:
+            conv = [x for h in structure.groups for x in h.slices if x.param == sl.param and x.groups > 1
+                    and structure.param_map[x.param].shape[x.group_axis] != x.groups]
+            if conv and sl.groups == 1 and sl.axis == conv[0].group_axis:
+                floor[g.name] = max(floor.get(g.name, 1), 2 * conv[0].groups)
+    members: dict[int, list[int]] = {}
+    for u, t in enumerate(tie):
+        members.setdefault(t, []).append(u)
+    score = [float(np.mean([score[m] for m in members[tie[u]]])) if len(members[tie[u]]) > 1 else score[u]
+             for u in range(structure.num_units)]
     keep = np.ones(structure.num_units, dtype=bool)
     info = {}
     for g in structure.groups:
@@ -65,10 +78,10 @@ def ref_structured(structure, params, score, amount, scope="local", groups=None,
             only is None or g.name in only)
         units = list(range(off, off + g.size))
         cls = {u: 2 if vals["count"][u] == 0 else (0 if vals["nnz"][u] == 0 else 1) for u in units}
-        order = sorted(units, key=lambda u: (cls[u], score[u], u))
+        order = sorted(units, key=lambda u: (cls[u], score[u], tie[u], u))
         dead = [u for u in units if cls[u] == 0]
         live = [u for u in order if cls[u] == 1]
-        cap = min(math.floor(max_fraction * g.size + 1e-9), g.size - 1)
+        cap = max(0, min(math.floor(max_fraction * g.size + 1e-9), g.size - floor.get(g.name, 1)))
         info[g.name] = dict(eligible=eligible, dead=dead, live=live, order=order, cap=cap, size=g.size)
     new = {n: 0 for n in info}
     if scope == "local":
@@ -93,9 +106,9 @@ def ref_structured(structure, params, score, amount, scope="local", groups=None,
                     mean = sum(score[u] for u in d["live"]) / len(d["live"])
                     if mean > 0:
                         s = {u: score[u] / mean for u in d["live"]}
-                cands += [(s[u], u, n) for u in d["live"][:room]]
+                cands += [(s[u], tie[u], u, n) for u in d["live"][:room]]
             k = count(amount, total_live)
-            for _, _, n in sorted(cands)[:k]:
+            for *_, n in sorted(cands)[:k]:
                 new[n] += 1
     for n, d in info.items():
         if not d["eligible"]:
@@ -107,7 +120,38 @@ def ref_structured(structure, params, score, amount, scope="local", groups=None,
             new[n] = avail - min(up, avail)
         for u in d["dead"] + d["live"][: new[n]]:
             keep[u] = False
+    for ms in members.values():  # a tie goes only as a whole
+        if keep[ms].any():
+            keep[ms] = True
     return keep
+
+
+def ref_ties(structure: Structure) -> list[int]:
+    """The smallest unit each unit is tied to by a grouped (not depthwise) convolution: in every conv group,
+    the same in-group position of its inputs and of its outputs (plain loops and relabelling)."""
+    tie = list(range(structure.num_units))
+
+    def join(a: int, b: int) -> None:
+        old, new = max(tie[a], tie[b]), min(tie[a], tie[b])
+        for u in range(len(tie)):
+            if tie[u] == old:
+                tie[u] = new
+
+    grouped = {s.param: (s.groups, s.group_axis) for g in structure.groups for s in g.slices
+               if s.groups > 1 and structure.param_map[s.param].shape[s.group_axis] != s.groups}
+    for g in structure.groups:
+        off = structure.offsets[g.name]
+        for s in g.slices:
+            if s.param not in grouped or (s.groups == 1 and s.axis != grouped[s.param][1]):
+                continue
+            blocks = grouped[s.param][0]
+            ids = s.index_list()
+            per = len(ids) // blocks
+            for j in range(per):
+                col = [ids[k * per + j] + off for k in range(blocks) if ids[k * per + j] >= 0]
+                for u in col[1:]:
+                    join(col[0], u)
+    return tie
 
 
 def ref_unstructured_keep(w: torch.Tensor, amount, order_key) -> torch.Tensor:
@@ -202,6 +246,11 @@ def test_random_structured_and_importance_match_reference(case, seed, data):
 def test_custom_keeps_what_the_user_says_and_what_is_already_removed(case, seed):
     structure, params = case
     user = torch.rand(structure.num_units, generator=torch.Generator().manual_seed(seed)) > 0.3
+    tie = torch.tensor(ref_ties(structure))
+    if bool((user != user[tie]).any()):  # a tie cut apart cannot be pruned physically: refused up front
+        with pytest.raises(wtcore.SpecError, match="grouped convolution ties"):
+            wtcore.compile(structure, [wtcore.Spec("custom", keep=user)])
+        user = user[tie]
     got = wtcore.compile(structure, [wtcore.Spec("custom", keep=user)])(params)["custom"]
     vals = reference_unit_values(structure, params)
     prunable = np.concatenate([np.full(g.size, g.prunable) for g in structure.groups])
@@ -510,3 +559,69 @@ def test_pruned_shapes_follow_every_slice() -> None:
     assert pruned_shapes(s, keep) == {"a.weight": (2, 3), "b.weight": (5, 2), "g.weight": (6, 1, 3, 3)}
     assert set(param_masks(s, keep)) == {"a.weight", "b.weight", "g.weight"}
     assert param_masks(s, torch.ones(4, dtype=torch.bool)) == {}  # nothing removed: no mask at all
+
+
+# ------------------------------------------------------------------------------ masks physical pruning can do
+class GroupedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)  # 4 inputs and 4 outputs per conv group
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.g(torch.relu(self.a(x))))).mean((2, 3))
+
+
+def test_grouped_conv_units_are_tied_and_masks_remove_whole_ties() -> None:
+    from wtcore.specs.masks import min_kept, unit_ties
+    from wtfront import apply_masks, prune_zero_units, trace
+
+    torch.manual_seed(0)
+    net, x = GroupedNet().eval(), torch.randn(1, 3, 8, 8)
+    s = trace(net, x)
+    ties = unit_ties(s)
+    for gname in ("a.out", "g.out"):  # input / output channel j of conv group 0 goes with j + 4 of group 1
+        off = s.offsets[gname]
+        assert ties[off: off + 8].tolist() == [off + j for j in (0, 1, 2, 3, 0, 1, 2, 3)]
+    assert min_kept(s) == {"g.out": 4}
+    keep = wtcore.compile(s, [wtcore.Spec("ln_structured", amount=0.5, groups="a.out")])(
+        dict(net.named_parameters()))["ln_structured"]
+    off = s.offsets["a.out"]
+    assert int((~keep).sum()) == 4 and torch.equal(keep[off: off + 4], keep[off + 4: off + 8])
+    apply_masks(net, s, keep)
+    y = net(x)
+    prune_zero_units(net, s, x)
+    assert net.g.in_channels == 4 and net.g.groups == 2
+    torch.testing.assert_close(net(x), y, rtol=1e-5, atol=1e-6)
+    with pytest.raises(wtcore.SpecError, match="grouped convolution ties"):
+        wtcore.compile(s, [wtcore.Spec("custom", keep=(("a.out", (False,) + (True,) * 7),))])
+
+
+class NormedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.norm = nn.Linear(4, 8), nn.LayerNorm(8)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.head(h + self.fc2(torch.relu(self.fc1(self.norm(h)))))
+
+
+def test_masks_leave_normalized_widths_alone_unless_asked() -> None:
+    from wtfront import trace
+
+    torch.manual_seed(0)
+    net = NormedNet()
+    s = trace(net, torch.randn(2, 4))
+    assert "LayerNorm 'norm'" in s.group_map["inp.out"].lossy and not s.group_map["fc1.out"].lossy
+    assert wtcore.Structure.from_json(s.to_json()) == s
+    params = dict(net.named_parameters())
+    keep = wtcore.compile(s, [wtcore.Spec("ln_structured", amount=0.5, scope="global")])(params)["ln_structured"]
+    off = s.offsets["inp.out"]
+    assert bool(keep[off: off + 8].all()) and int((~keep).sum()) == 8  # half of fc1's 16 features
+    with pytest.raises(wtcore.SpecError, match=r"normalization.*inp\.out.*lossy=True"):
+        wtcore.compile(s, [wtcore.Spec("ln_structured", amount=0.5, groups="inp.out")])
+    keep = wtcore.compile(s, [wtcore.Spec("ln_structured", amount=0.5, groups="inp.out", lossy=True)])(params)
+    assert int((~keep["ln_structured"][off: off + 8]).sum()) == 4

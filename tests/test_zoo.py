@@ -135,3 +135,250 @@ def test_zoo_generated_code_equals_the_interpreter(ref: str) -> None:
     assert list(out) == list(ref_out)
     for k in out:
         torch.testing.assert_close(out[k], ref_out[k], rtol=0, atol=0, msg=k)
+
+
+PHYSICAL = ["torchvision:resnext50_32x4d", "torchvision:regnet_y_400mf", "timm:convnext_atto"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ref", PHYSICAL)
+def test_zoo_global_mask_prunes_physically_to_the_same_function(ref: str) -> None:
+    """A 30% global L2 mask picks only what physical pruning carries out: grouped convs lose the same in-group
+    positions in every conv group, LayerNorm widths are left alone; the pruned model equals the fake-pruned one."""
+    from wtcore.specs.masks import unit_ties
+    from wtfront import apply_masks, load_model, prune_zero_units
+
+    torch.manual_seed(0)
+    m = load_model(ref, input_shape=(1, 3, 64, 64))
+    model, x = m.model.eval(), m.example_inputs
+    with torch.no_grad():  # O(1) norm affines and layer scales, so every unit matters in the comparison
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    structure = trace(model, x)
+    ties = unit_ties(structure)
+    assert bool((ties != torch.arange(structure.num_units)).any()) == ("convnext" not in ref)
+    keep = wtcore.compile(structure, [wtcore.Spec("ln_structured", amount=0.3, scope="global")])(
+        {k: v.detach() for k, v in model.named_parameters()})["ln_structured"]
+    assert torch.equal(keep, keep[ties])  # ties go whole
+    lossy = [g for g in structure.groups if g.lossy]
+    assert bool(lossy) == ("convnext" in ref)
+    for g in lossy:
+        o = structure.offsets[g.name]
+        assert bool(keep[o: o + g.size].all()), g.name
+    apply_masks(model, structure, keep)
+    with torch.no_grad():
+        y_fake = model(x)
+    n_before = sum(p.numel() for p in model.parameters())
+    prune_zero_units(model, structure, x)
+    with torch.no_grad():
+        y_phys = model(x)
+    assert y_phys.shape == y_fake.shape
+    assert sum(p.numel() for p in model.parameters()) < 0.9 * n_before
+    assert float((y_phys - y_fake).abs().max()) <= 1e-5 * float(y_fake.abs().max())
+
+
+@pytest.mark.slow
+def test_distilbert_q_lin_k_lin_v_lin_are_heads_that_prune_to_the_same_function() -> None:
+    from wtcore.masking import keep_from_removed
+    from wtfront import apply_masks, load_model, prune_units
+
+    torch.manual_seed(0)
+    m = load_model("hf:DistilBertModel")
+    model, x = m.model.eval(), m.example_inputs
+    structure = trace(model, x)
+    heads = [g for g in structure.groups if g.kind == "head"]
+    assert [g.name for g in heads] == [f"transformer.layer.{i}.attention.heads" for i in range(2)]
+    assert all(g.prunable and g.size == 4 for g in heads)
+    assert not any(g.name.endswith("q_lin.out") for g in structure.groups)  # no row-level group left to break it
+    keep = keep_from_removed(structure, {heads[0].name: [1], heads[1].name: [0, 3]})
+    apply_masks(model, structure, keep)
+    with torch.no_grad():
+        y_fake = model(**x).last_hidden_state
+    prune_units(model, structure, x, keep)
+    with torch.no_grad():
+        y_phys = model(**x).last_hidden_state
+    assert y_phys.shape == y_fake.shape
+    torch.testing.assert_close(y_phys, y_fake, rtol=1e-5, atol=1e-5)
+    assert [model.transformer.layer[i].attention.n_heads for i in range(2)] == [3, 2]
+    assert model.transformer.layer[1].attention.q_lin.out_features == 32
+
+
+@pytest.mark.slow
+def test_phi3_fused_qkv_proj_and_gate_up_proj_are_units_marked_not_prunable() -> None:
+    from wtfront import load_model
+
+    m = load_model("hf:Phi3Model")
+    structure = trace(m.model, m.example_inputs)
+    by = structure.group_map
+    for i in range(2):
+        attn, mlp = by[f"layers.{i}.self_attn.kv_heads"], by[f"layers.{i}.mlp.gate_up_proj.out"]
+        assert not attn.prunable and "qkv_proj" in attn.reason and attn.size == 2
+        assert not mlp.prunable and "gate and up" in mlp.reason and mlp.size == 128
+        # a unit is row i of the gate part and row i of the up part, and column i of down_proj
+        gate_up = next(s for s in mlp.slices if s.param.endswith("gate_up_proj.weight"))
+        assert gate_up.index_list() == [*range(128), *range(128)]
+        assert any(s.param.endswith("down_proj.weight") and s.axis == 1 for s in mlp.slices)
+    axes = {(s.param, s.axis) for g in structure.groups for s in g.slices}
+    for p in structure.params:  # both axes of every Linear weight in some group
+        if p.module_type == "Linear" and p.name.endswith("weight"):
+            assert {(p.name, 0), (p.name, 1)} <= axes, p.name
+    prog = wtcore.compile(structure, ["group_lasso", "unit_active"])
+    assert prog(dict(m.model.named_parameters()))["unit_active"].shape == (structure.num_units,)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+#: ref -> (input shape for image models, constructor/config overrides). Small inputs and configs keep each
+#: model to a few seconds; docs/zoo.md has the table with every model's status.
+E2E: dict[str, tuple[tuple[int, ...] | None, dict]] = {
+    "torchvision:resnet18": ((1, 3, 32, 32), {}),
+    "torchvision:resnet50": ((1, 3, 32, 32), {}),
+    "torchvision:resnext50_32x4d": ((1, 3, 32, 32), {}),
+    "torchvision:wide_resnet50_2": ((1, 3, 32, 32), {}),
+    "torchvision:mobilenet_v2": ((1, 3, 32, 32), {}),
+    "torchvision:mobilenet_v3_small": ((1, 3, 32, 32), {}),
+    "torchvision:mobilenet_v3_large": ((1, 3, 32, 32), {}),
+    "torchvision:mnasnet0_5": ((1, 3, 32, 32), {}),
+    "torchvision:efficientnet_b0": ((1, 3, 32, 32), {}),
+    "torchvision:densenet121": ((1, 3, 32, 32), {}),
+    "torchvision:convnext_tiny": ((1, 3, 32, 32), {}),
+    "torchvision:regnet_x_400mf": ((1, 3, 32, 32), {}),
+    "torchvision:regnet_y_400mf": ((1, 3, 32, 32), {}),
+    "torchvision:squeezenet1_1": ((1, 3, 64, 64), {}),
+    "torchvision:shufflenet_v2_x0_5": ((1, 3, 32, 32), {}),
+    "torchvision:googlenet": ((1, 3, 32, 32), {"aux_logits": False, "init_weights": False}),
+    "torchvision:alexnet": ((1, 3, 64, 64), {}),
+    "torchvision:vgg11_bn": ((1, 3, 32, 32), {}),
+    "torchvision:vit_b_16": ((1, 3, 32, 32), {"image_size": 32}),
+    "torchvision:swin_t": ((1, 3, 64, 64), {}),
+    "torchvision:maxvit_t": ((1, 3, 224, 224), {}),
+    "timm:resnet10t": ((1, 3, 32, 32), {}),
+    "timm:resnext26ts": ((1, 3, 32, 32), {}),
+    "timm:regnety_002": ((1, 3, 32, 32), {}),
+    "timm:efficientnet_b0": ((1, 3, 32, 32), {}),
+    "timm:mobilenetv3_small_050": ((1, 3, 32, 32), {}),
+    "timm:ghostnet_100": ((1, 3, 32, 32), {}),
+    "timm:dla34": ((1, 3, 32, 32), {}),
+    "timm:convnext_atto": ((1, 3, 32, 32), {}),
+    "timm:vit_tiny_patch16_224": ((1, 3, 32, 32), {"img_size": 32}),
+    "timm:deit_tiny_patch16_224": ((1, 3, 32, 32), {"img_size": 32}),
+    "timm:poolformer_s12": ((1, 3, 32, 32), {}),
+    "timm:mixer_s16_224": ((1, 3, 32, 32), {"img_size": 32}),
+    "timm:edgenext_xx_small": ((1, 3, 64, 64), {}),
+    "timm:fastvit_t8": ((1, 3, 64, 64), {}),
+    "timm:pvt_v2_b0": ((1, 3, 64, 64), {}),
+    "timm:mobilevit_xxs": ((1, 3, 64, 64), {}),
+    "timm:beit_base_patch16_224": ((1, 3, 32, 32), {"img_size": 32, "depth": 2}),
+    "timm:eva02_tiny_patch14_224": ((1, 3, 28, 28), {"img_size": 28}),
+    "hf:BertModel": (None, {}),
+    "hf:DistilBertModel": (None, {}),
+    "hf:RobertaModel": (None, {}),
+    "hf:GPT2Model": (None, {}),
+    "hf:LlamaModel": (None, {}),
+    "hf:MistralModel": (None, {}),
+    "hf:Qwen2Model": (None, {}),
+    "hf:Phi3Model": (None, {}),
+    "hf:GPTNeoXModel": (None, {}),
+    "hf:OPTModel": (None, {}),
+    "hf:ViTModel": (None, {}),
+}
+
+
+def _out(model: nn.Module, x) -> torch.Tensor:
+    with torch.no_grad():
+        y = model(**x) if isinstance(x, dict) else model(x)
+    if isinstance(y, torch.Tensor):
+        return y
+    return y[0] if isinstance(y, tuple) else next(v for v in y.values() if isinstance(v, torch.Tensor))
+
+
+def end_to_end(ref: str) -> None:
+    """Trace with defaults; every Conv/Linear weight axis in a group; the group lasso reaches every weight of a
+    prunable group; MACs equal fvcore's per module; a 30% global mask prunes physically to the same output."""
+    import warnings
+
+    from wtfront import apply_masks, load_model, prune_zero_units
+
+    torch.manual_seed(0)
+    shape, config = E2E[ref]
+    m = load_model(ref, input_shape=shape, config=config)
+    model, x = m.model.eval(), m.example_inputs
+    with torch.no_grad():  # O(1) norm affines and layer scales, so every unit shows in the outputs
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    structure = trace(model, x)
+
+    axes = {(s.param, s.axis) for g in structure.groups for s in g.slices}
+    canon = {id(p): n for n, p in model.named_parameters()}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+            w = canon[id(mod.weight)]
+            stem = isinstance(mod, nn.modules.conv._ConvNd) and mod.in_channels == 3
+            want = {(w, 0)} | ({(w, 1)} if mod.weight.shape[1] > 1 and not stem else set())  # RGB: no unit
+            assert want <= axes, f"{name}.weight: axes {sorted(a for _, a in want - axes)} in no group"
+
+    in_prunable = {s.param for g in structure.groups if g.prunable for s in g.slices}
+    leaves = {k: torch.randn_like(v).requires_grad_(True) for k, v in model.named_parameters()}
+    wtcore.compile(structure, ["group_lasso"])(leaves)["group_lasso"].backward()
+    for p in in_prunable:
+        g = leaves[p].grad
+        assert g is not None and bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0, p
+
+    if not isinstance(x, dict):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from fvcore.nn import FlopCountAnalysis
+
+            fv = FlopCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            by_module = dict(fv.by_module())
+        mha = tuple(f"{n}." for n, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention))
+        for op in structure.ops:  # nn.MultiheadAttention calls its out_proj functionally: fvcore sees no module
+            if op.name == op.module and op.kind in ("conv", "linear") and not op.module.startswith(mha or ("\0",)):
+                assert op.macs == by_module[op.module], f"{op.name}: {op.macs} MACs, fvcore {by_module[op.module]}"
+
+    keep = wtcore.compile(structure, [wtcore.Spec("ln_structured", amount=0.3, scope="global")])(
+        {k: v.detach() for k, v in model.named_parameters()})["ln_structured"]
+    apply_masks(model, structure, keep)
+    y_fake = _out(model, x)
+    n_before = sum(p.numel() for p in model.parameters())
+    prune_zero_units(model, structure, x)
+    y_phys = _out(model, x)
+    assert y_phys.shape == y_fake.shape
+    if bool((~keep).any()):
+        assert sum(p.numel() for p in model.parameters()) < n_before
+    assert float((y_phys - y_fake).abs().max()) <= 1e-5 * max(float(y_fake.abs().max()), 1e-12)
+
+
+#: models that are not clean end to end yet, with the precise reason (docs/zoo.md keeps the table)
+E2E_XFAIL: dict[str, str] = {
+    "torchvision:shufflenet_v2_x0_5": "channel shuffle: the input axis of each branch's first conv is coupled only "
+    "through the shuffle permutation, which Torch-Pruning does not model, so it is in no group",
+    "torchvision:swin_t": "Torch-Pruning's index walk diverges at the window partition and relative-position bias; "
+    "wt refuses with a TraceError (issue 17, item 2)",
+    "torchvision:maxvit_t": "MaxViT's fused to_qkv attention is not discovered: the merge projection's input columns "
+    "(its heads) are in no group (issue 17, item 3)",
+    "timm:ghostnet_100": "physical pruning: Torch-Pruning and the IR disagree about the shape of ghost1.primary_conv "
+    "(GhostNet concatenates the primary and cheap convs and slices the result to out_chs)",
+    "timm:mixer_s16_224": "Torch-Pruning mis-maps the token-mixing MLP (mlp_tokens.fc2) and wt refuses the model "
+    "instead of making it a boundary (issue 17, item 1)",
+    "timm:edgenext_xx_small": "Torch-Pruning mis-maps EdgeNeXt's split convs (blocks.*.convs.*) and wt refuses the "
+    "model instead of making them a boundary (issue 17, item 1)",
+    "timm:pvt_v2_b0": "physical pruning: Torch-Pruning and the IR disagree about the shape of attn.q (spatial "
+    "reduction attention; issue 17, item 4)",
+    "timm:beit_base_patch16_224": "Torch-Pruning mis-maps the relative-position bias table and wt refuses the model "
+    "instead of making it a boundary (issue 17, item 1)",
+    "timm:eva02_tiny_patch14_224": "the attention's input columns (the residual width) of blocks.*.attn.qkv are in no "
+    "group (rotary attention with a fused SwiGLU MLP; issue 17, item 3)",
+    "hf:GPTNeoXModel": "Torch-Pruning mis-maps the attention's dense projection and wt refuses the model instead of "
+    "making it a boundary (issue 17, item 1)",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "ref",
+    [pytest.param(r, marks=pytest.mark.xfail(reason=E2E_XFAIL[r], strict=True)) if r in E2E_XFAIL else r for r in E2E],
+)
+def test_zoo_end_to_end(ref: str) -> None:
+    end_to_end(ref)

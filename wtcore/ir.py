@@ -189,6 +189,9 @@ class UnitGroup:
     root: str = ""
     baseline_size: int = -1
     reason: str = ""
+    # why removing a unit is not the same function as zeroing it (a norm over the units), "" when it is: masks
+    # leave such groups alone unless asked, as physical pruning refuses them unless strict=False
+    lossy: str = ""
 
     def __post_init__(self) -> None:
         if self.baseline_size < 0:
@@ -423,7 +426,7 @@ class Structure:
             "params": [_param_to_dict(p) for p in self.params],
             "groups": [
                 {
-                    **_shallow(g, skip="slices"),
+                    **{k: v for k, v in _shallow(g, skip="slices").items() if k != "lossy" or v},
                     "slices": [
                         {
                             "param": s.param,
@@ -467,6 +470,7 @@ class Structure:
                 root=g["root"],
                 baseline_size=g["baseline_size"],
                 reason=g["reason"],
+                lossy=g.get("lossy", ""),
             )
             for g in d["groups"]
         )

@@ -23,6 +23,7 @@ import fnmatch
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import SpecError, StructureError
@@ -32,7 +33,7 @@ from ..masking import as_unit_vector, slice_lookup, validate_amount
 from ..policy import DEFAULT_NORMALIZE, check_normalize, default_max_fraction
 from ..spec import Context, define_spec
 
-__all__ = ["SCOPES", "isomorphism_key"]
+__all__ = ["SCOPES", "isomorphism_key", "min_kept", "unit_ties"]
 
 SCOPES = ("local", "global", "isomorphic")
 
@@ -68,6 +69,66 @@ def isomorphism_key(structure: Structure, group_name: str) -> tuple[Any, ...]:
     )
 
 
+def unit_ties(structure: Structure) -> torch.Tensor:
+    """For every unit, the smallest unit it must be removed with, `[num_units]` int64 (itself when free).
+
+    Physical pruning of a grouped (not depthwise) convolution keeps the *same* in-group positions in every
+    conv group (Torch-Pruning slices one weight shared by all groups): its input channels `g * per_group + j`
+    of every group `g` go together, and so, to keep the groups equal in size, do its output channels. Units
+    tied this way are ranked and removed as one (a structured mask removes a tie only when all of it is
+    selected), so every mask is one that physical pruning carries out with the same output.
+    """
+    n = structure.num_units
+    parent = np.arange(n)
+
+    def find(u: int) -> int:
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = int(parent[u])
+        return u
+
+    def tie(ids: np.ndarray, blocks: int) -> None:
+        cols = ids.reshape(blocks, -1)
+        for j in range(cols.shape[1]):
+            us = [int(u) for u in cols[:, j] if u >= 0]
+            for u in us[1:]:
+                a, b = find(us[0]), find(u)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+
+    grouped: dict[str, tuple[int, int]] = {}  # weight -> (conv groups, axis the groups split)
+    for g in structure.groups:
+        for s in g.slices:
+            shape = structure.param_map[s.param].shape
+            if s.groups > 1 and shape[s.group_axis] != s.groups:  # grouped, not depthwise
+                grouped[s.param] = (s.groups, s.group_axis)
+    for g in structure.groups:
+        off = structure.offsets[g.name]
+        for s in g.slices:
+            if s.param not in grouped:
+                continue
+            blocks, gaxis = grouped[s.param]
+            ids = s.unit_ids(off, -1)
+            if s.groups > 1 or s.axis == gaxis:  # an input slice (over the full input count) or the output rows
+                tie(ids, blocks)
+    roots = np.array([find(u) for u in range(n)], dtype=np.int64)
+    return torch.from_numpy(roots)
+
+
+def min_kept(structure: Structure) -> dict[str, int]:
+    """The fewest units a structured mask leaves in a group, for groups where that is more than one: two
+    output channels per conv group of a grouped convolution (one per group would make it depthwise-shaped,
+    `groups == out_channels`, which Torch-Pruning then couples as a depthwise conv)."""
+    grouped = {s.param: (s.groups, s.group_axis) for g in structure.groups for s in g.slices
+               if s.groups > 1 and structure.param_map[s.param].shape[s.group_axis] != s.groups}
+    out: dict[str, int] = {}
+    for g in structure.groups:
+        for s in g.slices:
+            if s.param in grouped and s.groups == 1 and s.axis == grouped[s.param][1]:
+                out[g.name] = max(out.get(g.name, 1), 2 * grouped[s.param][0])
+    return out
+
+
 def mask_outputs(per_param: bool = False, **_: Any) -> str | dict[str, str]:
     """A structured mask's outputs: the unit keep-vector, and with `per_param` every parameter's element mask."""
     return {"units": "unit", "*": "elements"} if per_param else "unit"
@@ -79,7 +140,7 @@ class _Groups:
 
     def __init__(
         self, ctx: Context, groups: tuple[str, ...] | None, scope: str, max_fraction: float, spec: str,
-        only: set[str] | None = None,
+        only: set[str] | None = None, lossy: bool = False,
     ) -> None:
         st = ctx.structure
         self.sizes = [g.size for g in st.groups]
@@ -93,14 +154,23 @@ class _Groups:
                     f"{spec}: groups={groups!r} matches only groups that are not prunable ({unprunable[:3]}: "
                     f"{st.group_map[unprunable[0]].reason}); masks never remove their units"
                 )
-        self.eligible = [
+        wanted = [
             g.prunable
             and (groups is None or any(fnmatch.fnmatchcase(g.name, p) for p in groups))
             and (only is None or g.name in only)
             for g in st.groups
         ]
+        self.eligible = [w and (lossy or not g.lossy) for g, w in zip(st.groups, wanted)]
+        if any(wanted) and not any(self.eligible):
+            g = next(g for g, w in zip(st.groups, wanted) if w)
+            raise SpecError(
+                f"{spec}: every group it may prune is mixed by a normalization ({g.name!r}: {g.lossy}), so zeroing "
+                "its units is not what removing them computes and physical pruning refuses them; pass lossy=True to "
+                "mask them anyway (and prune_units(..., strict=False), which changes the output)"
+            )
+        floor = min_kept(st)
         self.caps = [
-            min(math.floor(max_fraction * g.size + 1e-9), g.size - 1) if e else 0
+            max(0, min(math.floor(max_fraction * g.size + 1e-9), g.size - floor.get(g.name, 1))) if e else 0
             for g, e in zip(st.groups, self.eligible)
         ]
         if scope == "local":
@@ -126,9 +196,13 @@ class _Groups:
         return out
 
 
-def _rank(b: Any, score: Var, key: Var) -> Var:
-    """Position of every entry in the order (key, score, index): two stable argsorts of constant length."""
-    p1 = b.emit("argsort", score, dim=0)
+def _rank(b: Any, score: Var, key: Var, first: Var | None = None) -> Var:
+    """Position of every entry in the order (key, score, index): two stable argsorts of constant length.
+    `first`: a constant order that replaces the index as the last key (to keep tied units together)."""
+    if first is None:
+        p1 = b.emit("argsort", score, dim=0)
+    else:
+        p1 = b.take(first, b.emit("argsort", b.take(score, first), dim=0))
     p = b.take(p1, b.emit("argsort", b.take(key, p1), dim=0))
     return b.emit("argsort", p, dim=0)
 
@@ -142,7 +216,7 @@ def _count(b: Any, live: Var, amount: int | float) -> Var:
 
 def _structured_keep(
     ctx: Context, score: Var, spec: str, *, amount: Any, scope: str, groups: Any, max_fraction: float | None,
-    round_to: int, normalize: str | None, only: set[str] | None = None,
+    round_to: int, normalize: str | None, only: set[str] | None = None, lossy: bool = False,
 ) -> Var:
     """The keep-vector of a structured mask ranking units by `score` (lowest removed first)."""
     amount = _need_amount(amount, spec)
@@ -156,7 +230,9 @@ def _structured_keep(
         raise SpecError(f"{spec}: round_to must be a positive int, got {round_to!r}")
     check_normalize(normalize, spec)
     st = ctx.structure
-    info = _Groups(ctx, name_patterns(groups, f"{spec}: groups"), scope, float(max_fraction), spec, only)
+    if not isinstance(lossy, bool):
+        raise SpecError(f"{spec}: lossy must be a bool, got {lossy!r}")
+    info = _Groups(ctx, name_patterns(groups, f"{spec}: groups"), scope, float(max_fraction), spec, only, lossy)
     b = ctx.b
     if not any(info.eligible):  # nothing may be removed (e.g. a model whose only group is its output)
         return b.const(torch.ones(st.num_units, dtype=torch.bool), "keep all")
@@ -166,6 +242,9 @@ def _structured_keep(
                 where = {"local": f"group {st.groups[info.domain.index(d)].name!r}", "global": "all eligible groups",
                          "isomorphic": f"isomorphic class of {st.groups[info.domain.index(d)].name!r}"}[scope]
                 raise SpecError(f"{spec}: amount={amount} should be smaller than the number of units in {where} ({n})")
+    ties = _Ties(ctx)
+    if ties.any:
+        score = ties.shared_score(score)
     gid = b.const(info.gid, "unit_group_ids")
     ends = ctx.group_ends()
     elig_g = b.const(torch.tensor(info.eligible, dtype=torch.bool), "eligible_groups")
@@ -175,7 +254,8 @@ def _structured_keep(
     has = b.logical_and(b.gt(count, 0), b.logical_not(b.emit("ne", score, score)))
     dead = b.logical_and(has, b.eq(b.unit_reduce("nnz", 0.0), 0))
     cls = b.where(has, b.where(dead, 0, 1), 2)  # 0 already pruned, 1 live, 2 no element (after filters) or NaN: kept
-    r = b.sub(_rank(b, score, b.add(b.mul(gid, 3), cls)), b.const(info.unit_start, "unit_group_start"))
+    first = ties.order if ties.any else None
+    r = b.sub(_rank(b, score, b.add(b.mul(gid, 3), cls), first), b.const(info.unit_start, "unit_group_start"))
     live = b.eq(cls, 1)
     live_g = b.segment_sum_sorted(b.to_long(live), ends)
     dead_g = b.segment_sum_sorted(b.to_long(dead), ends)
@@ -201,7 +281,7 @@ def _structured_keep(
         dom_u = b.const(dom_g[info.gid], "unit_domain")
         units_per_dom = torch.bincount(dom_g[info.gid], minlength=n_dom)
         dom_start = (torch.cumsum(units_per_dom, 0) - units_per_dom)[dom_g[info.gid]]
-        rd = b.sub(_rank(b, score, b.add(b.mul(dom_u, 2), b.to_long(b.logical_not(cand)))),
+        rd = b.sub(_rank(b, score, b.add(b.mul(dom_u, 2), b.to_long(b.logical_not(cand))), first),
                    b.const(dom_start, "unit_domain_start"))
         sel = b.logical_and(cand, b.lt(rd, b.take(_count(b, live_d, amount), dom_u)))
         new_g = b.segment_sum_sorted(b.to_long(sel), ends)
@@ -211,7 +291,41 @@ def _structured_keep(
         up = b.mul(b.to_long(b.emit("ceil", b.div(b.to_float64(left), float(round_to)))), round_to)
         new_g = b.sub(avail, b.emit("minimum", up, avail))
     pruned = b.logical_and(elig_u, b.lt(r, b.take(b.add(dead_g, new_g), gid)))
+    if ties.any:
+        pruned = ties.whole(pruned)
     return b.logical_not(pruned)
+
+
+class _Ties:
+    """Compile-time constants of `unit_ties`: units sorted by tie, the ties' segment ends and sizes."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.b = ctx.b
+        ties = unit_ties(ctx.structure)
+        n = ties.numel()
+        self.any = bool((ties != torch.arange(n)).any())
+        if not self.any:
+            return
+        _, seg, sizes = torch.unique(ties, return_inverse=True, return_counts=True)
+        b = self.b
+        self.order = b.const(torch.argsort(ties, stable=True), "units by tie")
+        self.ends = b.const(torch.cumsum(sizes, 0), "tie ends")
+        self.sizes = b.const(sizes, "tie sizes")
+        self.seg = b.const(seg, "tie of unit")
+        self.tied = b.const(sizes[seg] > 1, "tied units")
+
+    def shared_score(self, score: Var) -> Var:
+        """Each tied unit scored by its tie's mean (float64), free units by their own score."""
+        b = self.b
+        total = b.segment_sum_sorted(b.take(b.to_float64(score), self.order), self.ends)
+        mean = b.take(b.div(total, b.to_float64(self.sizes)), self.seg)
+        return b.where(self.tied, mean, b.to_float64(score))
+
+    def whole(self, pruned: Var) -> Var:
+        """Units pruned only where their whole tie is (a tie cut by a count stays)."""
+        b = self.b
+        hits = b.segment_sum_sorted(b.to_long(b.take(pruned, self.order)), self.ends)
+        return b.take(b.eq(hits, self.sizes), self.seg)
 
 
 def _param_outputs(ctx: Context, keep: Var) -> dict[str, Var]:
@@ -334,7 +448,12 @@ _STRUCTURED_DOC = """
     or isomorphic scope, 1.0 for local). `round_to`: the units a group keeps are rounded *up* to a multiple of
     `round_to` (where its live units allow). `normalize="mean"` (the default; None ranks raw scores) divides
     scores by their group's mean over live units before a global/isomorphic ranking. `per_param=True` also outputs
-    the element mask of every parameter, keyed by name, next to `"units"`."""
+    the element mask of every parameter, keyed by name, next to `"units"`.
+
+    Masks are ones physical pruning carries out with the same output: units tied by a grouped convolution
+    (`unit_ties`) are ranked by their mean score and removed together (a tie cut by the count stays, so
+    counts round down to whole ties), and groups whose units a normalization mixes (`UnitGroup.lossy`: a
+    LayerNorm/RMSNorm/GroupNorm over them) are left alone unless `lossy=True`."""
 
 
 # ------------------------------------------------------------------------------------ structured
@@ -342,12 +461,12 @@ _STRUCTURED_DOC = """
 def ln_structured(
     ctx: Context, amount: Any = None, n: Any = 2, scope: str = "local", groups: Any = None,
     max_fraction: float | None = None, round_to: int = 1, normalize: str | None = DEFAULT_NORMALIZE,
-    per_param: bool = False,
+    per_param: bool = False, lossy: bool = False,
 ) -> Var | dict[str, Var]:
     """Keep-mask removing the units of smallest L`n` norm (over every coupled slice), `[num_units]` bool."""
     keep = _structured_keep(
         ctx, norm_score(ctx, n, "ln_structured"), "ln_structured", amount=amount, scope=scope, groups=groups,
-        max_fraction=max_fraction, round_to=round_to, normalize=normalize,
+        max_fraction=max_fraction, round_to=round_to, normalize=normalize, lossy=lossy,
     )
     return _with_params(ctx, keep, per_param, "ln_structured")
 
@@ -355,7 +474,7 @@ def ln_structured(
 @define_spec("random_structured", outputs=mask_outputs)
 def random_structured(
     ctx: Context, amount: Any = None, seed: int = 0, scope: str = "local", groups: Any = None,
-    max_fraction: float | None = None, round_to: int = 1, per_param: bool = False,
+    max_fraction: float | None = None, round_to: int = 1, per_param: bool = False, lossy: bool = False,
 ) -> Var | dict[str, Var]:
     """Keep-mask removing units at random: each unit gets `torch.rand` from a generator seeded with `seed`
     (fixed at compile time, so every call gives the same mask) and the lowest go, like torch's
@@ -366,7 +485,7 @@ def random_structured(
     score = ctx.b.const(torch.rand(ctx.structure.num_units, generator=gen), f"random scores (seed {seed})")
     keep = _structured_keep(
         ctx, score, "random_structured", amount=amount, scope=scope, groups=groups, max_fraction=max_fraction,
-        round_to=round_to, normalize=None,
+        round_to=round_to, normalize=None, lossy=lossy,
     )
     return _with_params(ctx, keep, per_param, "random_structured")
 
@@ -375,7 +494,7 @@ def random_structured(
 def importance(
     ctx: Context, scores: Any = None, amount: Any = None, scope: str = "local", groups: Any = None,
     max_fraction: float | None = None, round_to: int = 1, normalize: str | None = DEFAULT_NORMALIZE,
-    per_param: bool = False,
+    per_param: bool = False, lossy: bool = False,
 ) -> Var | dict[str, Var]:
     """Keep-mask from user scores per unit (lowest removed first): `scores` is a `[num_units]` tensor or
     `(group, values)` pairs (groups left out are not considered). A dict must be passed as hashable pairs,
@@ -386,7 +505,7 @@ def importance(
     only = None if isinstance(scores, torch.Tensor) else {name for name, _ in _pairs(scores)}
     keep = _structured_keep(
         ctx, ctx.b.const(vec, "importance scores"), "importance", amount=amount, scope=scope, groups=groups,
-        max_fraction=max_fraction, round_to=round_to, normalize=normalize, only=only,
+        max_fraction=max_fraction, round_to=round_to, normalize=normalize, only=only, lossy=lossy,
     )
     return _with_params(ctx, keep, per_param, "importance")
 
@@ -403,7 +522,19 @@ def custom(ctx: Context, keep: Any = None, per_param: bool = False) -> Var | dic
     if keep is None:
         raise SpecError("custom needs keep= (a [num_units] bool tensor or (group, bools) pairs)")
     b = ctx.b
-    user = b.const(as_unit_vector(ctx.structure, keep, torch.bool, fill=True, what="custom: keep"), "user mask")
+    vec = as_unit_vector(ctx.structure, keep, torch.bool, fill=True, what="custom: keep")
+    ties = unit_ties(ctx.structure)
+    split = (vec != vec[ties]).nonzero().flatten()
+    if split.numel():
+        u = int(split[0])
+        g = next(g for g in ctx.structure.groups if ctx.structure.offsets[g.name] <= u < ctx.structure.offsets[g.name]
+                 + g.size)
+        raise SpecError(
+            f"custom: keep removes unit {u - ctx.structure.offsets[g.name]} of group {g.name!r} but not the units "
+            "a grouped convolution ties to it (the same in-group position in every conv group, which physical "
+            "pruning removes together); remove whole ties (wtcore.specs.masks.unit_ties)"
+        )
+    user = b.const(vec, "user mask")
     dead = b.logical_and(b.gt(ctx.params_per_unit(), 0), b.eq(b.unit_reduce("nnz", 0.0), 0))
     out = b.logical_and(user, b.logical_not(b.logical_and(dead, ctx.prunable_units())))
     return _with_params(ctx, out, per_param, "custom")

@@ -48,7 +48,7 @@ def sync_attention(m: nn.Module) -> None:
         if not isinstance(hd, int) or hd <= 0 or q.out_features % hd or k.out_features % hd:
             return
         nh, nkv = q.out_features // hd, k.out_features // hd
-        for attr in ("num_attention_heads", "num_heads"):
+        for attr in ("num_attention_heads", "num_heads", "n_heads"):  # n_heads: DistilBERT
             _set(m, attr, nh)
         _set(m, "num_key_value_heads", nkv)
         _set(m, "all_head_size", nh * hd)

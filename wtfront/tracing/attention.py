@@ -96,9 +96,9 @@ def _int_attr(m: nn.Module, *names: str) -> int | None:
 
 
 def hf_parts(m: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | None:
-    """The separate q, k and v projections of a Hugging Face attention module (`q_proj`/`k_proj`/`v_proj` or
-    `query`/`key`/`value`), or None."""
-    for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
+    """The separate q, k and v projections of a Hugging Face attention module (`q_proj`/`k_proj`/`v_proj`,
+    `query`/`key`/`value` or DistilBERT's `q_lin`/`k_lin`/`v_lin`), or None."""
+    for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_lin", "k_lin", "v_lin")):
         mods = [getattr(m, n, None) for n in names]
         if all(isinstance(x, nn.Linear) for x in mods):
             return mods[0], mods[1], mods[2]
@@ -108,7 +108,7 @@ def hf_parts(m: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | None:
 def _hf_out(model: nn.Module, name: str, m: nn.Module, inner: int) -> tuple[str, nn.Linear] | None:
     """The output projection of a separate-q/k/v attention: `o_proj`/`out_proj`/`dense` on the module, or
     (BERT) the sibling `output.dense` of the parent `BertAttention`."""
-    for n in ("o_proj", "out_proj", "dense"):
+    for n in ("o_proj", "out_proj", "dense", "out_lin"):
         o = getattr(m, n, None)
         if isinstance(o, nn.Linear) and o.in_features == inner:
             return f"{name}.{n}" if name else n, o
@@ -153,7 +153,7 @@ def _heads_from(name: str, rows: int, head_dim: int | None, override: HeadOverri
 
 
 #: a child module every recognized attention layout has (fused timm `qkv`, GPT-2 `c_attn`, HF `q_proj`/`query`)
-_ATTENTION_CHILDREN = frozenset({"qkv", "c_attn", "q_proj", "query"})
+_ATTENTION_CHILDREN = frozenset({"qkv", "c_attn", "q_proj", "query", "q_lin", "qkv_proj"})
 
 
 def _may_be_attention(m: nn.Module) -> bool:
@@ -190,6 +190,9 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
         blocked = f"MultiheadAttention {name!r} has bias_k/bias_v" if m.bias_k is not None else ""
         return AttentionLayout(name, "torch_mha", nh, nkv, hd, tuple(segs), ((_pname(canon, m.in_proj_weight), 1),),
                                blocked)
+    fused = _fused_qkv_proj(name, m, canon, override)
+    if fused is not None:
+        return fused
     c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
     if is_hf_conv1d(c_attn) and (isinstance(c_proj, nn.Linear) or is_hf_conv1d(c_proj)):
         if getattr(m, "is_cross_attention", False):
@@ -205,7 +208,7 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
     q, k, v = parts
     hd = _int_attr(m, "head_dim", "attention_head_size")
     cfg = getattr(m, "config", None)
-    default = _int_attr(m, "num_heads", "num_attention_heads") or (
+    default = _int_attr(m, "num_heads", "num_attention_heads", "n_heads") or (
         _int_attr(cfg, "num_attention_heads") if cfg is not None else None)
     nh, nkv, hd = _heads_from(name, q.out_features, hd, override, default, k.out_features)
     if v.out_features != k.out_features:
@@ -219,11 +222,43 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
     blocked = ""
     extra = [n for n, p in m.named_parameters() if _pname(canon, p) not in {s.param for s in segs}
              and not any(n.startswith(f"{x}.") for x in ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key",
-                                                         "value", "out_proj", "dense"))]
+                                                         "value", "out_proj", "dense", "q_lin", "k_lin", "v_lin",
+                                                         "out_lin"))]
     if extra:  # e.g. Qwen3's per-head-dim q_norm/k_norm are fine for heads, anything else is unknown
         if not all(n.split(".")[0] in ("q_norm", "k_norm") for n in extra):
             blocked = f"attention {name!r} has parameters {extra[:3]} that wt does not map to heads"
     return AttentionLayout(name, "hf", nh, nkv, hd, tuple(segs), ((_pname(canon, q.weight), 1),), blocked)
+
+
+def _fused_qkv_proj(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
+                    ) -> AttentionLayout | None:
+    """Phi-3's fused `qkv_proj` (q rows, then k, then v) and `o_proj`. Its forward splits the fused output at
+    `config.num_attention_heads * head_dim`, a count every layer shares: pruning one layer's heads would move
+    the split, so the heads are units of the IR but not prunable."""
+    qkv, o = getattr(m, "qkv_proj", None), getattr(m, "o_proj", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(o, nn.Linear)):
+        return None
+    cfg = getattr(m, "config", None)
+    hd = _int_attr(m, "head_dim")
+    nh = _int_attr(cfg, "num_attention_heads") if cfg is not None else None
+    nkv = _int_attr(m, "num_key_value_heads") or (_int_attr(cfg, "num_key_value_heads") if cfg is not None else None)
+    if hd is None or nh is None:
+        return None
+    nkv = nkv or nh
+    nh, nkv, hd = _heads_from(name, o.in_features, hd, override, nh, nkv * hd)
+    if qkv.out_features != (nh + 2 * nkv) * hd:
+        return None
+    segs = []
+    for off, r in ((0, "q"), (nh * hd, "k"), ((nh + nkv) * hd, "v")):
+        for t in (qkv.weight, qkv.bias):
+            p = _pname(canon, t)
+            if p is not None:
+                segs.append(Segment(p, 0, off, r))
+    p = _pname(canon, o.weight)
+    segs += [Segment(p, 1, 0, "o")] if p is not None else []
+    blocked = (f"attention {name!r} splits its fused qkv_proj at config.num_attention_heads * head_dim, a count "
+               "every layer shares: pruning one layer's heads would misplace the split, so its heads stay whole")
+    return AttentionLayout(name, "hf_fused", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),), blocked)
 
 
 def discover_attention(model: nn.Module, heads: Mapping[str, HeadOverride] | None = None) -> list[AttentionLayout]:

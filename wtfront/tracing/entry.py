@@ -29,9 +29,11 @@ from ..costs.macs import add_costs
 from ..modules import is_hf_conv1d
 from .budget import Budget, BudgetExceeded
 from .filters import DEFAULT_ROOT_TYPES, IgnoreSpec, resolve_ignored
+from .fused import add_fused_groups
 from .graph import DependencyGraph, fused_linears, release_graph
 from .groups import WalkDiverged, WalkLimits, all_groups
 from .inputs import check_devices, forward_outputs, normalize_inputs
+from .lossy import mark_lossy
 from .lowering import Lowering
 from .nodes import nearest_named
 from .state import gc_paused, tracing_state
@@ -124,7 +126,8 @@ def trace(
             dg.build_dependency(model, example_inputs=inputs, forward_fn=forward_outputs, verbose=False)
             budget.phase = "collecting pruning groups"
             try:
-                tp_groups = list(all_groups(dg, [*ignored, *fused_linears(dg)], roots, WalkLimits.for_model(model),
+                fused = fused_linears(dg)
+                tp_groups = list(all_groups(dg, [*ignored, *fused], roots, WalkLimits.for_model(model),
                                              refresh_index_mapping=False, contain=True))  # graph just built
             except WalkDiverged as e:
                 raise _diverged_error(model, dg, e) from None
@@ -133,7 +136,8 @@ def trace(
             budget.phase = "discovering attention heads"
             units = tuple(DEFAULT_UNITS if units is None else units)
             structure, layouts = apply_attention_units(structure, model, units, heads)
-            structure = merge_tied_groups(structure)  # one tied tensor axis in two groups: one group
+            structure = merge_tied_groups(add_fused_groups(structure, model, fused))  # a tied axis: one group
+            structure = mark_lossy(structure, model)
             release_graph(dg)
         if costs:  # one more forward pass (fvcore's jit trace), outside TP's hooks: cost ops and baseline MACs
             budget.phase = "counting MACs (fvcore)"
