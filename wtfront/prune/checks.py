@@ -14,6 +14,7 @@ import torch.nn as nn
 from wtcore.errors import WtError
 from wtcore.ir import Structure, UnitGroup
 
+from ..modules import is_hf_conv1d
 from ..tracing.budget import Budget, BudgetExceeded
 from ..tracing.graph import DependencyGraph
 from ..tracing.inputs import forward_outputs, normalize_inputs
@@ -53,7 +54,22 @@ def tp_group(dg: DependencyGraph, model: nn.Module, g: UnitGroup, idxs: list[int
     pruner = dg.get_pruner_of_module(root)
     if pruner is None:
         raise PruneError(f"group {g.name!r}: Torch-Pruning has no pruning function for its root {g.root!r}")
-    return dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
+    return dg.get_pruning_group(root, pruner.prune_out_channels, _root_channels(g, root, pruner, idxs))
+
+
+def _root_channels(g: UnitGroup, root: Any, pruner: Any, units: list[int]) -> list[int]:
+    """The root's out-channels of `units`: the units themselves, unless several root channels form one unit
+    (`tracing.lowering`), which the root's out-axis slice maps."""
+    n = pruner.get_out_channels(root) if isinstance(root, nn.Module) else None
+    if n is None or n == g.size:
+        return list(units)
+    axis = 1 if (isinstance(root, nn.modules.conv._ConvNd) and root.transposed) or is_hf_conv1d(root) else 0
+    out = next((s for s in g.slices if s.param.rpartition(".")[0] == g.root and s.param.endswith("weight")
+                and s.axis == axis and s.groups == 1), None)
+    if out is None:
+        raise PruneError(f"group {g.name!r}: {g.size} units over {n} out-channels of its root {g.root!r}, but the "
+                         "root's out-axis is not in the group; re-trace the model")
+    return np.flatnonzero(np.isin(out.unit_ids(), np.asarray(units, dtype=np.int64))).tolist()
 
 
 def tied_tp_groups(dg: DependencyGraph, structure: Structure, model: nn.Module, g: UnitGroup, idxs: list[int],

@@ -41,12 +41,15 @@ class Group(list):
 
     cut_at: list[Any]
     diverged_at: list[Any]  # nodes where the walk diverged and was stopped (`all_groups(..., contain=True)`)
+    # (a, b) root-index arrays: unit a[k] and unit b[k] reach one channel of some layer, so they are one unit
+    same_units: list[tuple[np.ndarray, np.ndarray]]
 
     def __init__(self, items: Sequence[GroupItem] = (), cut_at: Sequence[Any] = (),
-                 diverged_at: Sequence[Any] = ()) -> None:
+                 diverged_at: Sequence[Any] = (), same_units: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> None:
         super().__init__(items)
         self.cut_at = list(cut_at)
         self.diverged_at = list(diverged_at)
+        self.same_units = list(same_units)
 
 
 @dataclass(frozen=True)
@@ -167,11 +170,17 @@ def pruning_group(
                 raise WalkDiverged(module, new_dep.target, "index entries of the group", total, limits.max_total)
             items.append((new_dep, nidx, nroot))
             stack.append((new_dep, nidx, nroot))
-    return Group(_merge(dg, items), cut_at)
+    same: list[tuple[np.ndarray, np.ndarray]] = []
+    return Group(_merge(dg, items, same), cut_at, same_units=same)
 
 
-def _merge(dg: Any, items: Sequence[tuple[Dependency, np.ndarray, np.ndarray]]) -> list[GroupItem]:
-    """`Group.add_and_merge`: one item per (target, handler), indices de-duplicated, first occurrence wins."""
+def _merge(dg: Any, items: Sequence[tuple[Dependency, np.ndarray, np.ndarray]],
+           same: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[GroupItem]:
+    """`Group.add_and_merge`: one item per (target, handler), indices de-duplicated, first occurrence wins.
+
+    A channel reached with two different root indices (GhostNet's primary conv feeds both halves of a
+    concatenation, directly and through a depthwise conv) is pruned whenever either root index is: TP's
+    group for one root index also cuts the other's channels. Those pairs go to `same` (the units are one)."""
     order: list[tuple[Any, Any]] = []
     parts: dict[tuple[Any, Any], list[tuple[Dependency, np.ndarray, np.ndarray]]] = {}
     ignored_params = getattr(dg, "ignored_params", [])
@@ -192,7 +201,11 @@ def _merge(dg: Any, items: Sequence[tuple[Dependency, np.ndarray, np.ndarray]]) 
             continue
         idx = np.concatenate([g[1] for g in group])
         root = np.concatenate([g[2] for g in group])
-        _, first = np.unique(idx, return_index=True)
+        _, first, inverse = np.unique(idx, return_index=True, return_inverse=True)
+        if same is not None:
+            other = root != root[first][inverse]
+            if other.any():
+                same.append((root[first][inverse][other], root[other]))
         first.sort()
         merged.append(GroupItem(group[0][0], idx[first], root[first]))
     return merged

@@ -59,6 +59,30 @@ def _owned(param: str, boundary: str) -> bool:
 OUTPUT_REASON = "feeds the model output"
 
 
+def _join_units(relabel: np.ndarray, same: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, int]:
+    """(unit of each TP root index, number of units): root indices that reach one channel of some layer are one
+    unit, numbered in order of their first root channel; without such pairs, one unit per root channel."""
+    size = len(relabel)
+    if not any(a.size for a, _ in same):
+        return relabel, size
+    parent = np.arange(size)
+
+    def find(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = int(parent[k])
+        return k
+
+    for a, b in same:
+        for x, y in zip(relabel[a[(a != NO_ROOT) & (b != NO_ROOT)]], relabel[b[(a != NO_ROOT) & (b != NO_ROOT)]]):
+            rx, ry = find(int(x)), find(int(y))
+            if rx != ry:
+                parent[max(rx, ry)] = min(rx, ry)
+    rep = np.array([find(k) for k in range(size)])
+    reps, unit = np.unique(rep, return_inverse=True)  # a representative is its class's smallest root channel
+    return unit[relabel], len(reps)
+
+
 @dataclass
 class _Acc:
     """Index entries of one (param, axis) in one group, merged over every item that touches it."""
@@ -254,7 +278,7 @@ class Lowering:
         dg = self.dg
         root, relabel = self.choose_root(group)
         root_name = self.module_name(root)
-        size = len(group[0].idxs)
+        relabel, size = _join_units(relabel, getattr(group, "same_units", ()))
         accs: dict[tuple[str, int], _Acc] = {}
         feeds_output = shuffled = rotary = False
         unrooted: list[str] = []
