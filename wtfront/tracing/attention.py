@@ -153,7 +153,7 @@ def _heads_from(name: str, rows: int, head_dim: int | None, override: HeadOverri
 
 
 #: a child module every recognized attention layout has (fused timm `qkv`, GPT-2 `c_attn`, HF `q_proj`/`query`)
-_ATTENTION_CHILDREN = frozenset({"qkv", "c_attn", "q_proj", "query", "q_lin", "qkv_proj"})
+_ATTENTION_CHILDREN = frozenset({"qkv", "c_attn", "q_proj", "query", "q_lin", "qkv_proj", "kv"})
 
 
 def _may_be_attention(m: nn.Module) -> bool:
@@ -190,7 +190,7 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
         blocked = f"MultiheadAttention {name!r} has bias_k/bias_v" if m.bias_k is not None else ""
         return AttentionLayout(name, "torch_mha", nh, nkv, hd, tuple(segs), ((_pname(canon, m.in_proj_weight), 1),),
                                blocked)
-    fused = _fused_qkv_proj(name, m, canon, override)
+    fused = _fused_qkv_proj(name, m, canon, override) or _q_and_fused_kv(name, m, canon, override)
     if fused is not None:
         return fused
     c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
@@ -259,6 +259,32 @@ def _fused_qkv_proj(name: str, m: nn.Module, canon: Mapping[int, str], override:
     blocked = (f"attention {name!r} splits its fused qkv_proj at config.num_attention_heads * head_dim, a count "
                "every layer shares: pruning one layer's heads would misplace the split, so its heads stay whole")
     return AttentionLayout(name, "hf_fused", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),), blocked)
+
+
+def _q_and_fused_kv(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
+                    ) -> AttentionLayout | None:
+    """A query projection `q` and a fused key/value projection `kv` (k rows, then v rows) with output `proj`, as
+    in spatial-reduction attention (timm's PVT-v2, Twins): `kv` may read a reduced input (`sr` conv and norm).
+    Such forwards reshape the heads' output back to the *input* width (`reshape(B, N, C)`) and split `kv` by the
+    recorded `head_dim`, so removing heads would break them: the heads are units of the IR, not prunable."""
+    q, kv, proj = getattr(m, "q", None), getattr(m, "kv", None), getattr(m, "proj", None)
+    if not (isinstance(q, nn.Linear) and isinstance(kv, nn.Linear) and isinstance(proj, nn.Linear)):
+        return None
+    if kv.out_features != 2 * q.out_features or proj.in_features != q.out_features:
+        return None
+    nh, nkv, hd = _heads_from(name, q.out_features, _int_attr(m, "head_dim"), override, _int_attr(m, "num_heads"))
+    if nkv != nh:
+        return None
+    a = nh * hd
+    segs = []
+    for t, off, r in ((q.weight, 0, "q"), (q.bias, 0, "q"), (kv.weight, 0, "k"), (kv.bias, 0, "k"),
+                      (kv.weight, a, "v"), (kv.bias, a, "v"), (proj.weight, 0, "o")):
+        p = _pname(canon, t)
+        if p is not None:
+            segs.append(Segment(p, 1 if r == "o" else 0, off, r))
+    blocked = (f"attention {name!r} (separate q, fused kv) reshapes its heads' output to its input width and "
+               "splits kv by its recorded head_dim, so removing heads would break its forward: its heads stay whole")
+    return AttentionLayout(name, "q_kv", nh, nkv, hd, tuple(segs), ((_pname(canon, q.weight), 1),), blocked)
 
 
 def discover_attention(model: nn.Module, heads: Mapping[str, HeadOverride] | None = None) -> list[AttentionLayout]:

@@ -166,6 +166,11 @@ def apply_attention_units(
             if mha and not why:
                 why = (f"nn.MultiheadAttention {mha[0]!r} ties its q/k/v width to embed_dim, which Torch-Pruning "
                        f"prunes with the hidden width; trace with heads={{{mha[0]!r}: None}} to prune the hidden width")
+            sized = [lay.module for lay in layouts if lay.family == "q_kv"
+                     and any((sl.param, sl.axis) in set(lay.inputs) for sl in g.slices)]
+            if sized and not why:
+                why = (f"attention {sized[0]!r} reshapes its heads' output to its input width, so the heads' width "
+                       "(which stays whole) must equal the hidden width")
             reason = "; ".join(r for r in (g.reason, why) if r)
             g = replace(g, kind="hidden", prunable=g.prunable and not why, reason=reason)
         elif g.kind == "feature" and g.prunable:
