@@ -14,9 +14,11 @@ from torch_pruning.dependency.node import Node
 
 from ..modules import is_hf_conv1d
 from .budget import Budget
+from .constant import recording_constant_inputs
 from .nodes import UNSIGNED_WRAP, saved_dim, saved_sizes
 from .rotary import rotate_half_nodes
 from .shuffle import cut_channel_shuffles
+from .splits import fix_split_sizes
 
 __all__ = ["DependencyGraph", "HFConv1DPruner", "fused_linears", "normalized_dim", "release_graph"]
 
@@ -68,6 +70,8 @@ class DependencyGraph(tp.DependencyGraph):
         self._budget = budget
         self.barriers: set[Node] = set()
         self.rotary: set[Node] = set()
+        self.splits: set[Node] = set()
+        self.constant_inputs: set[nn.Module] = set()  # layers reading neither a parameter nor a model input
 
     def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> DependencyGraph:
         """TP's, with a pruner for Hugging Face's `Conv1D` (GPT-2). Without one TP treats its weight and bias
@@ -79,7 +83,8 @@ class DependencyGraph(tp.DependencyGraph):
 
     def _trace(self, model: nn.Module, example_inputs: Any, forward_fn: Any, output_transform: Any) -> dict:
         self._budget.phase = "running the example forward pass and reading its autograd graph"
-        module2node = super()._trace(model, example_inputs, forward_fn, output_transform)
+        with recording_constant_inputs(model, example_inputs, self.constant_inputs):
+            module2node = super()._trace(model, example_inputs, forward_fn, output_transform)
         for node in module2node.values():
             if node.type in (tp_ops.OPTYPE.CONCAT, tp_ops.OPTYPE.SPLIT, tp_ops.OPTYPE.UNBIND, tp_ops.OPTYPE.SLICE):
                 dim = normalized_dim(node)
@@ -89,6 +94,7 @@ class DependencyGraph(tp.DependencyGraph):
                         node.module.dim = dim
         self.barriers = cut_channel_shuffles(module2node)
         self.rotary = rotate_half_nodes(module2node)
+        self.splits = fix_split_sizes(module2node)
         self._budget.phase = "building dependencies and index mappings (Torch-Pruning)"
         return module2node
 

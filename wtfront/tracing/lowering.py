@@ -15,6 +15,7 @@ from torch_pruning.dependency.node import Node
 from wtcore.errors import TraceError
 from wtcore.ir import Param, Slice, Structure, UnitGroup, runs_from_list
 
+from .constant import constant_input_groups
 from .coverage import mark_partial_coverage, unrooted_reason
 from .graph import DependencyGraph
 from .groups import NO_ROOT
@@ -22,6 +23,7 @@ from .nodes import TP_DUMMY, nearest_named
 from .rotary import ROTARY_REASON
 from .shuffle import SHUFFLE_REASON
 from .slicers import MisMapped, RawSlice, UnloweredModule, known_params, lower_item, rule_type
+from .splits import SPLIT_REASON
 
 __all__ = ["OUTPUT_REASON", "Lowering", "diverged_reason", "mismapped_reason"]
 
@@ -217,6 +219,11 @@ class Lowering:
         self.check_unknown_params()
         groups = self.apply_boundaries(groups, members)
         groups = mark_partial_coverage(groups, {n: tuple(t.shape) for n, t in self.tensors.items()})
+        extra = constant_input_groups(self.dg.constant_inputs, self.module_names, self.canonical, groups)
+        if extra:  # in named_modules() order of their roots, like every group
+            last = len(self.module_order)
+            groups = sorted([*groups, *extra], key=lambda g: self.module_order.get(
+                id(self.modules_by_name.get(g.root)), last))
         touched = {s.param for g in groups for s in g.slices}
         params = tuple(self.make_param(n) for n in self.tensors)
         uncoupled = tuple(sorted(n for n in self.tensors if n not in touched))
@@ -280,7 +287,7 @@ class Lowering:
         root_name = self.module_name(root)
         relabel, size = _join_units(relabel, getattr(group, "same_units", ()))
         accs: dict[tuple[str, int], _Acc] = {}
-        feeds_output = shuffled = rotary = False
+        feeds_output = shuffled = rotary = split = False
         unrooted: list[str] = []
         reached: set[str] = set()
         self.members.append(reached)
@@ -296,6 +303,7 @@ class Lowering:
                 feeds_output = True
             shuffled = shuffled or node in dg.barriers
             rotary = rotary or node in dg.rotary
+            split = split or node in dg.splits
             if isinstance(target, TP_DUMMY):
                 continue
             name = self.module_name(target)
@@ -340,10 +348,11 @@ class Lowering:
             kind="channel" if isinstance(root, nn.modules.conv._ConvNd) else "feature",
             size=size,
             slices=tuple(slices),
-            prunable=not (feeds_output or shuffled or unrooted or rotary or self.untrusted[-1]),
+            prunable=not (feeds_output or shuffled or unrooted or rotary or split or self.untrusted[-1]),
             root=root_name,
             reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (SHUFFLE_REASON, shuffled),
-                                             (ROTARY_REASON, rotary), (unrooted_reason(unrooted), unrooted),
+                                             (ROTARY_REASON, rotary), (SPLIT_REASON, split),
+                                             (unrooted_reason(unrooted), unrooted),
                                              (diverged_reason(diverged), diverged),
                                              (mismapped_reason(mismapped), mismapped)) if on),
         )
