@@ -19,8 +19,8 @@ from torch_pruning.dependency.node import Node
 
 __all__ = ["SPLIT_REASON", "fix_split_sizes"]
 
-SPLIT_REASON = ("its channels pass through a channel split (chunk or split), whose parts the forward derives from "
-                "the width or fixes in code: removing units would move the split, so they stay whole")
+SPLIT_REASON = ("its channels pass through a channel split or slice (chunk, split, x[:, :n]), whose parts the "
+                "forward derives from the width or fixes in code: removing units would move them, so they stay whole")
 
 
 class _SplitSizesView:
@@ -52,12 +52,29 @@ def _part_sizes(fn: Any) -> list[int] | None:
     return [min(size, total - start) for start in range(0, total, size)]
 
 
+def _narrows(node: Node) -> bool:
+    """A slice of the channel dim that drops channels (GhostNet's `cat(...)[:, :out]` with an odd `out`)."""
+    sizes, m = getattr(node.grad_fn, "_saved_self_sym_sizes", None), node.module
+    if sizes is None or len(sizes) not in (2, 3, 4):
+        return False
+    channels = 2 if len(sizes) == 3 else 1  # the dim TP maps as channels: [B, C], [B, N, C], [B, C, H, W]
+    if getattr(m, "dim", None) != channels:
+        return False
+    start, end, step = (getattr(m, a, None) for a in ("start", "end", "step"))
+    if not all(isinstance(v, int) for v in (start, end, step)):
+        return True  # a slice TP could not read: assume it moves
+    return start > 0 or step > 1 or end < int(sizes[channels])
+
+
 def fix_split_sizes(module2node: Mapping[Any, Node]) -> set[Node]:
     """Give every `chunk`-like split node of the channel dim whose parts each feed exactly one node its part
     sizes, and order its outputs by part; other splits are left to TP (a walk that mis-maps them is then not
-    trusted). Returns every split node of the channel dim: a group through one is not prunable (`SPLIT_REASON`)."""
+    trusted). Returns every split node of the channel dim and every slice that narrows it: a group through one is
+    not prunable (`SPLIT_REASON`)."""
     found: set[Node] = set()
     for node in module2node.values():
+        if node.type == tp_ops.OPTYPE.SLICE and _narrows(node):
+            found.add(node)
         if node.type != tp_ops.OPTYPE.SPLIT or getattr(node.grad_fn, "_saved_dim", None) != 1:
             continue
         found.add(node)
