@@ -4,7 +4,6 @@ layer reading a parameter-free, input-free tensor (EdgeNeXt's positional encodin
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -23,8 +22,9 @@ class Ghost(nn.Module):
         self.out = out
         init = (out + 1) // 2
         self.primary = nn.Sequential(nn.Conv2d(cin, init, 1, bias=False), nn.BatchNorm2d(init), nn.ReLU())
-        self.cheap = nn.Sequential(nn.Conv2d(init, init, 3, padding=1, groups=init, bias=False),
-                                   nn.BatchNorm2d(init), nn.ReLU())
+        self.cheap = nn.Sequential(
+            nn.Conv2d(init, init, 3, padding=1, groups=init, bias=False), nn.BatchNorm2d(init), nn.ReLU()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1 = self.primary(x)

@@ -21,8 +21,10 @@ from .inputs import iter_tensors
 
 __all__ = ["CONSTANT_INPUT_REASON", "constant_input_groups", "recording_constant_inputs"]
 
-CONSTANT_INPUT_REASON = ("its input is computed from no parameter and no model input (e.g. a positional "
-                         "encoding): no layer upstream can be pruned with these channels")
+CONSTANT_INPUT_REASON = (
+    "its input is computed from no parameter and no model input (e.g. a positional "
+    "encoding): no layer upstream can be pruned with these channels"
+)
 
 
 @contextmanager
@@ -37,8 +39,11 @@ def recording_constant_inputs(model: nn.Module, example_inputs: Any, found: set[
         if isinstance(x, torch.Tensor) and x.grad_fn is None and not x.requires_grad and id(x) not in model_inputs:
             found.add(m)
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    handles = [
+        m.register_forward_pre_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+    ]
     try:
         yield
     finally:
@@ -46,8 +51,9 @@ def recording_constant_inputs(model: nn.Module, example_inputs: Any, found: set[
             h.remove()
 
 
-def constant_input_groups(modules: set[nn.Module], names: Mapping[int, str], canonical: Mapping[int, str],
-                          groups: list[UnitGroup]) -> list[UnitGroup]:
+def constant_input_groups(
+    modules: set[nn.Module], names: Mapping[int, str], canonical: Mapping[int, str], groups: list[UnitGroup]
+) -> list[UnitGroup]:
     """One group per layer of `modules` whose input-channel axis no group holds: every channel a unit, not
     prunable (`CONSTANT_INPUT_REASON`). Grouped convs and transposed convs are left alone."""
     held = {(s.param, s.axis) for g in groups for s in g.slices}
@@ -62,6 +68,15 @@ def constant_input_groups(modules: set[nn.Module], names: Mapping[int, str], can
         if (w, 1) in held or n < 2:
             continue
         kind = "channel" if isinstance(m, nn.modules.conv._ConvNd) else "feature"
-        out.append(UnitGroup(f"{name}.in", kind, n, (Slice(w, 1, runs_from_list(list(range(n)))),), prunable=False,
-                             root=name, reason=CONSTANT_INPUT_REASON))
+        out.append(
+            UnitGroup(
+                f"{name}.in",
+                kind,
+                n,
+                (Slice(w, 1, runs_from_list(list(range(n)))),),
+                prunable=False,
+                root=name,
+                reason=CONSTANT_INPUT_REASON,
+            )
+        )
     return out

@@ -19,8 +19,10 @@ from torch_pruning.dependency.node import Node
 
 __all__ = ["SPLIT_REASON", "fix_split_sizes"]
 
-SPLIT_REASON = ("its channels pass through a channel split or slice (chunk, split, x[:, :n]), whose parts the "
-                "forward derives from the width or fixes in code: removing units would move them, so they stay whole")
+SPLIT_REASON = (
+    "its channels pass through a channel split or slice (chunk, split, x[:, :n]), whose parts the "
+    "forward derives from the width or fixes in code: removing units would move them, so they stay whole"
+)
 
 
 class _SplitSizesView:
