@@ -581,9 +581,10 @@ def test_zoo_fake_equals_physical_and_checkpoints(name: str, tmp_path: Any) -> N
 def test_vit_hidden_width_is_lossy_and_qkv_features_are_refused() -> None:
     """What the zoo test leaves out on ViTs, and why: the residual width is LayerNorm'ed (it must be selected
     with units=(..., "hidden"), and pruning it needs strict=False and changes the output); timm's fused q/k/v
-    rows are heads (tests/test_attention.py). Left to Torch-Pruning's row-level groups (heads={...: None}), the
-    q/k/v features are coupled per head triplet while the IR has one unit per row: the shape check refuses
-    instead of building a wrong model."""
+    rows are heads (tests/test_attention.py). Left to Torch-Pruning's row-level groups (heads={...: None}), a
+    unit is row i of q, k and v (one channel reached from three root rows is one unit), but the forward reshapes
+    qkv by the recorded head_dim: re-tracing the pruned model fails, and pruning refuses instead of building a
+    wrong model."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
@@ -595,7 +596,7 @@ def test_vit_hidden_width_is_lossy_and_qkv_features_are_refused() -> None:
     before = state(model)
     with pytest.raises(PruneError, match=r"LayerNorm 'blocks\.0\.norm1'"):
         prune_units(model, s, x, {"patch_embed.proj.out": [0, 1]})
-    with pytest.raises(PruneError, match=r"blocks.0.attn.qkv.weight' has shape .* the model was restored"):
+    with pytest.raises(PruneError, match=r"re-tracing the pruned model: .* is invalid .* the model was restored"):
         prune_units(model, s, x, {"blocks.0.attn.qkv.out": [0, 1, 2]})
     assert_identical(model, before)
     prune_units(model, s, x, {"patch_embed.proj.out": [0, 1]}, strict=False)

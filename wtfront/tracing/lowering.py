@@ -65,24 +65,23 @@ def _join_units(relabel: np.ndarray, same: Sequence[tuple[np.ndarray, np.ndarray
     """(unit of each TP root index, number of units): root indices that reach one channel of some layer are one
     unit, numbered in order of their first root channel; without such pairs, one unit per root channel."""
     size = len(relabel)
-    if not any(a.size for a, _ in same):
+    pairs = [(a[ok], b[ok]) for a, b in same if (ok := (a != NO_ROOT) & (b != NO_ROOT)).any()]
+    if not pairs:
         return relabel, size
-    parent = np.arange(size)
-
-    def find(k: int) -> int:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = int(parent[k])
-        return k
-
-    for a, b in same:
-        for x, y in zip(relabel[a[(a != NO_ROOT) & (b != NO_ROOT)]], relabel[b[(a != NO_ROOT) & (b != NO_ROOT)]]):
-            rx, ry = find(int(x)), find(int(y))
-            if rx != ry:
-                parent[max(rx, ry)] = min(rx, ry)
-    rep = np.array([find(k) for k in range(size)])
-    reps, unit = np.unique(rep, return_inverse=True)  # a representative is its class's smallest root channel
-    return unit[relabel], len(reps)
+    code = np.unique(np.concatenate([relabel[a] * size + relabel[b] for a, b in pairs]))
+    x, y = code // size, code % size
+    label = np.arange(size)
+    while True:  # smallest label over each connected set of root channels: propagate along edges, then jump
+        low = np.minimum(label[x], label[y])
+        new = label.copy()
+        np.minimum.at(new, x, low)
+        np.minimum.at(new, y, low)
+        new = new[new]
+        if np.array_equal(new, label):
+            break
+        label = new
+    _, unit = np.unique(label, return_inverse=True)  # a set's label is its smallest root channel
+    return unit[relabel], int(unit.max()) + 1
 
 
 @dataclass
@@ -285,7 +284,10 @@ class Lowering:
         dg = self.dg
         root, relabel = self.choose_root(group)
         root_name = self.module_name(root)
-        relabel, size = _join_units(relabel, getattr(group, "same_units", ()))
+        if not getattr(group, "diverged_at", ()):  # a diverged walk's couplings mean nothing (not prunable anyway)
+            relabel, size = _join_units(relabel, getattr(group, "same_units", ()))
+        else:
+            size = len(relabel)
         accs: dict[tuple[str, int], _Acc] = {}
         feeds_output = shuffled = rotary = split = False
         unrooted: list[str] = []
