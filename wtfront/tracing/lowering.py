@@ -1,5 +1,6 @@
-"""Torch-Pruning's groups lowered to `UnitGroup`s: a unit per root channel, and per parameter axis a `Slice`
-whose `index[i]` is the unit of entry `i`, under the model's canonical parameter names."""
+"""Torch-Pruning's groups lowered to `UnitGroup`s: a unit per root channel (root channels that reach one channel
+of some layer are one unit), and per parameter axis a `Slice` whose `index[i]` is the unit of entry `i`, under the
+model's canonical parameter names."""
 
 from __future__ import annotations
 
