@@ -1,4 +1,5 @@
-"""Channel splits (`chunk`, `split`) with the sizes and order the forward used.
+"""Channel splits (`chunk`, `split`) with the sizes and order the forward used; channel splits and slices that
+make a group not prunable.
 
 Torch-Pruning reads a split's part sizes from `_saved_split_sizes` or `_saved_self_sizes`; `chunk`'s
 `SplitBackward0` saves neither (it has `_saved_split_size` and `_saved_self_sym_sizes`), so TP infers each
@@ -7,6 +8,10 @@ convs (`x.chunk(2, dim=1)`: part 0 through a depthwise conv, part 1 straight to 
 [0, 48, 72] for 48 channels: the `cat` counted as a 48-channel part, the conv as the second. `fix_split_sizes`
 gives such nodes their real part sizes and orders their outputs by part (the autograd edge's `output_nr`),
 so TP's split index mappings follow the forward.
+
+The forward re-splits by `chunk(n)` (parts from the width) or by sizes fixed in code, and slices to a fixed
+end (GhostNet's `cat(...)[:, :out]`): removing channels would move the parts, so a group through a channel
+split, or a slice that drops channels, is not prunable (`SPLIT_REASON`).
 """
 
 from __future__ import annotations
