@@ -4,8 +4,8 @@ Torch-Pruning couples a transformer's q/k/v rows and output-projection columns r
 that `head_dim` consecutive rows of q, k and v form one head, nor that under grouped-query attention one
 KV head serves `n_rep` query heads. `discover_attention` reads the layout from the modules (timm `Attention`
 with a fused `qkv`, `nn.MultiheadAttention`, Hugging Face self-attention with separate `q_proj/k_proj/v_proj`
-or `query/key/value`, GPT-2's fused `Conv1D` `c_attn`, a separate `q` with a fused `kv` as in PVT-v2): where each head's rows and columns are, and how many
-query and KV heads there are. `wtfront.tracing.units` makes them the IR's units.
+or `query/key/value`, GPT-2's fused `Conv1D` `c_attn`, a separate `q` with a fused `kv` as in PVT-v2): where
+each head's rows and columns are, and how many query and KV heads there are. `wtfront.tracing.units` makes them the IR's units.
 """
 
 from __future__ import annotations
@@ -312,7 +312,8 @@ def discover_attention(model: nn.Module, heads: Mapping[str, HeadOverride] | Non
         if lay is None:
             if name in heads:
                 raise TraceError(f"heads= names {name!r} ({type(m).__name__}), but wt does not recognize its q/k/v "
-                                 "layout (fused qkv, nn.MultiheadAttention, q_proj/k_proj/v_proj, query/key/value, q with kv)")
+                                 "layout (fused qkv, nn.MultiheadAttention, q_proj/k_proj/v_proj, query/key/value, "
+                                 "q with kv)")
             continue
         keys = {(s.param, s.axis) for s in lay.segments}
         if keys & taken:  # e.g. an outer wrapper seeing the same projections: the innermost module wins
