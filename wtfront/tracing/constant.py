@@ -1,9 +1,10 @@
-"""Layers whose input depends on no parameter and on no model input: their input channels get a group of their
-own, not prunable, so the axis is accounted for instead of silently in no group.
+"""Layers whose input is computed from no parameter: their input channels get a group of their own, not
+prunable, so the axis is accounted for instead of silently in no group.
 
 EdgeNeXt's `PositionalEncodingFourier` computes a 64-channel Fourier encoding from the feature map's size alone
 and projects it with a 1x1 conv: Torch-Pruning's graph has nothing upstream of that conv, so no walk reaches its
-input channels. A layer reading a model input (an RGB stem) keeps its input axis out of every group, as before.
+input channels. A layer reading a model input tensor itself (an RGB stem) keeps its input axis out of every
+group, as before; one reading a parameter-free function of it (`x.flatten(1)` before an MLP) gets the group.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from .inputs import iter_tensors
 __all__ = ["CONSTANT_INPUT_REASON", "constant_input_groups", "recording_constant_inputs"]
 
 CONSTANT_INPUT_REASON = (
-    "its input is computed from no parameter and no model input (e.g. a positional "
-    "encoding): no layer upstream can be pruned with these channels"
+    "its input is computed from no parameter (a constant such as a positional encoding, or the model's input): "
+    "no layer upstream can be pruned with these channels"
 )
 
 
 @contextmanager
 def recording_constant_inputs(model: nn.Module, example_inputs: Any, found: set[nn.Module]) -> Iterator[None]:
     """While active, every Conv/Linear called on a tensor outside autograd's graph (no grad_fn, not requiring
-    grad) that is not one of `example_inputs` is added to `found`. Parameters must require grad (as during
+    grad) that is not itself one of `example_inputs` is added to `found`. Parameters must require grad (as during
     Torch-Pruning's trace), so anything computed from them has a grad_fn."""
     model_inputs = {id(t) for t in iter_tensors(example_inputs)}
 
