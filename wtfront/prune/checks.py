@@ -17,11 +17,12 @@ from wtcore.ir import Structure, UnitGroup
 from ..tracing.budget import Budget, BudgetExceeded
 from ..tracing.graph import DependencyGraph
 from ..tracing.inputs import forward_outputs, normalize_inputs
+from ..tracing.lossy import group_lossy_reason, normalized_reason
 from ..tracing.state import tracing_state
-from .surgery import ir_lossy_reason, ir_surgery_groups
+from .surgery import ir_surgery_groups
 
-__all__ = ["PruneError", "check_fresh", "check_grouped_convs", "dependency_graph", "lossy_groups", "tied_tp_groups",
-           "tp_group", "tp_lossy_reason"]
+__all__ = ["PruneError", "check_fresh", "check_grouped_convs", "dependency_graph", "lossy_groups",
+           "removal_lossy_reason", "tied_tp_groups", "tp_group", "tp_lossy_reason"]
 
 
 class PruneError(WtError):
@@ -87,27 +88,30 @@ def tied_tp_groups(dg: DependencyGraph, structure: Structure, model: nn.Module, 
     return out
 
 
-_LOSSY_TYPES: tuple[tuple[type, str], ...] = (
-    (nn.LayerNorm, "LayerNorm {name!r} normalizes over its units (zeroing a unit changes the mean and variance "
-                   "of the others; removing it does not)"),
-    (nn.GroupNorm, "GroupNorm {name!r} normalizes over groups of its units"),
-    (nn.MultiheadAttention, "MultiheadAttention {name!r}: its scaling follows head_dim, which pruning its "
-                            "embedding dimension changes"),
-)
-
-
 def tp_lossy_reason(group: Any, names: Mapping[int, str]) -> str | None:
     """Why removing the channels of a Torch-Pruning group is not the same function as zeroing them (a norm
     over them, attention scaling), or None."""
     for item in group:
         mod = item.dep.target.module
-        for t, msg in _LOSSY_TYPES:
-            if isinstance(mod, t):
-                return msg.format(name=names.get(id(mod), type(mod).__name__))
-        if isinstance(mod, nn.Module) and type(mod).__name__.endswith("RMSNorm"):  # nn.RMSNorm, LlamaRMSNorm, ...
-            return (f"{type(mod).__name__} {names.get(id(mod), '?')!r} normalizes over its units (zeroing a unit "
-                    "changes the root mean square of the others; removing it does not)")
+        if isinstance(mod, nn.Module):
+            why = normalized_reason(mod, names.get(id(mod), type(mod).__name__))
+            if why:
+                return why
     return None
+
+
+def removal_lossy_reason(
+    model: nn.Module, structure: Structure, dg: DependencyGraph, names: Mapping[int, str], gname: str,
+    idxs: list[int], ir_cut: bool,
+) -> str | None:
+    """Why removing units `idxs` of group `gname` is not the same function as zeroing them, or None; groups cut
+    from the IR (`ir_cut`) are read from their slices only, others also from Torch-Pruning's group."""
+    g = structure.group_map[gname]
+    if not ir_cut:
+        why = tp_lossy_reason(tp_group(dg, model, g, idxs), names)
+        if why:
+            return why
+    return group_lossy_reason(model, structure, g) or None
 
 
 def lossy_groups(
@@ -124,11 +128,7 @@ def lossy_groups(
             ir = ir_surgery_groups(model, structure, [g.name for g in structure.groups if g.prunable])
             for g in structure.groups:
                 if g.prunable:
-                    if g.name in ir:
-                        reason = ir_lossy_reason(model, structure, g.name)
-                    else:
-                        reason = (tp_lossy_reason(tp_group(dg, model, g, [0]), names)
-                                  or ir_lossy_reason(model, structure, g.name))
+                    reason = removal_lossy_reason(model, structure, dg, names, g.name, [0], g.name in ir)
                     if reason:
                         out[g.name] = reason
             return out
