@@ -14,6 +14,7 @@ import torch.nn as nn
 from wtcore.errors import WtError
 from wtcore.ir import Structure, UnitGroup
 
+from ..modules import slice_modules
 from ..tracing.budget import Budget, BudgetExceeded
 from ..tracing.graph import DependencyGraph
 from ..tracing.inputs import forward_outputs, normalize_inputs
@@ -141,12 +142,7 @@ def check_grouped_convs(model: nn.Module, structure: Structure, removed: Mapping
     for gname, units in removed.items():
         g = structure.group_map[gname]
         gone = set(units)
-        for s in g.slices:
-            p = structure.param_map[s.param]
-            try:
-                m = model.get_submodule(p.module) if p.module else model
-            except AttributeError:
-                continue
+        for s, mname, m in slice_modules(model, structure, g):
             if not isinstance(m, nn.modules.conv._ConvNd) or m.groups == 1:
                 continue
             if m.groups == m.out_channels and not m.transposed:
@@ -155,7 +151,7 @@ def check_grouped_convs(model: nn.Module, structure: Structure, removed: Mapping
             hit = torch.tensor([int(u) in gone for u in idx.tolist()], dtype=torch.bool) & (idx >= 0)
             if not bool(hit.any()):
                 continue
-            where = f"group {gname!r} removes channels of grouped convolution {p.module!r} (groups={m.groups})"
+            where = f"group {gname!r} removes channels of grouped convolution {mname!r} (groups={m.groups})"
             if m.transposed:
                 raise PruneError(f"{where}: Torch-Pruning cannot prune grouped transposed convolutions; pass the "
                                  f"module in ignore= when tracing")

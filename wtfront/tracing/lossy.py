@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from wtcore.ir import Structure, UnitGroup
 
+from ..modules import slice_modules
 from .units import HEAD_KINDS
 
 __all__ = ["group_lossy_reason", "mark_lossy", "normalized_reason"]
@@ -44,15 +45,10 @@ def group_lossy_reason(model: nn.Module, structure: Structure, g: UnitGroup) -> 
     """Why removing units of `g` is not the same function as zeroing them, read from its slices ("" if it is)."""
     if g.kind in HEAD_KINDS:
         return ""
-    for s in g.slices:
-        p = structure.param_map[s.param]
-        try:
-            m = model.get_submodule(p.module) if p.module else model
-        except AttributeError:
-            continue
+    for s, mname, m in slice_modules(model, structure, g):
         if isinstance(m, nn.MultiheadAttention) and s.axis != 1:
             continue  # in-projection rows are heads, not the embedding dimension
-        why = normalized_reason(m, p.module, p.name)
+        why = normalized_reason(m, mname, s.param)
         if why:
             return why
     return ""
