@@ -200,6 +200,50 @@ def test_normalized_widths_keep_their_units_unless_lossy():
         solve_keep(s, params, target=0.2, metric="params", max_fraction=1.0)
 
 
+def _zoo_model(name: str) -> torch.nn.Module:
+    if name.startswith("timm:"):
+        timm = pytest.importorskip("timm")
+        return timm.create_model(name[5:], num_classes=10)
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.models.get_model(name, num_classes=10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["regnet_y_400mf", "timm:convnext_atto"])
+def test_half_the_macs_prunes_physically_as_solved(name):
+    """Grouped convs (RegNet) and LayerNorm widths (ConvNeXt): the solved keep-mask at half the MACs is carried
+    out by Torch-Pruning without refusal, computes what the fake-pruned model does, and torch's flop counter
+    agrees the pruned model meets the target."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from wtfront import apply_masks, effective_params, prune_units, trace
+
+    def flops(m: torch.nn.Module) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            m(x)
+        return fc.get_total_flops()
+
+    torch.manual_seed(0)
+    model, x = _zoo_model(name).eval(), torch.randn(2, 3, 32, 32)
+    s = trace(model, x)
+    params = {k: v.detach() for k, v in effective_params(model, s).items()}
+    keep = solve_keep(s, params, target=0.5, metric="macs")
+    ties, lossy = unit_ties(s), [g for g in s.groups if g.lossy]
+    assert not torch.equal(ties, torch.arange(s.num_units)) or lossy  # the model has what the rules are about
+    assert torch.equal(keep, keep[ties])
+    assert all(bool(keep[s.offsets[g.name]: s.offsets[g.name] + g.size].all()) for g in lossy)
+    fake = copy.deepcopy(model)
+    apply_masks(fake, s, keep)
+    with torch.no_grad():
+        y = fake(x)
+    pruned = copy.deepcopy(model)
+    prune_units(pruned, s, x, keep)
+    with torch.no_grad():
+        z = pruned(x)
+    assert float((z - y).abs().max()) <= 1e-5 * float(y.abs().max())
+    assert flops(pruned) <= (0.5 + 1e-3) * flops(model)
+
+
 @pytest.mark.slow
 def test_resnet18_target_met_on_physically_pruned_copy_fvcore():
     """The solved MAC ratio is what fvcore counts on the copy Torch-Pruning shrank; the solution is minimal:
