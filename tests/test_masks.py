@@ -574,7 +574,7 @@ class GroupedNet(nn.Module):
 
 
 def test_grouped_conv_units_are_tied_and_masks_remove_whole_ties() -> None:
-    from wtcore.specs.masks import min_kept, unit_ties
+    from wtcore.realizable import min_kept, unit_ties
     from wtfront import apply_masks, prune_zero_units, trace
 
     torch.manual_seed(0)

@@ -71,8 +71,12 @@ def unit_ties(structure: Structure) -> torch.Tensor:
 
 def _grouped_weights(structure: Structure) -> dict[str, tuple[int, int]]:
     """weight -> (conv groups, axis the groups split), for grouped convolutions that are not depthwise."""
-    return {s.param: (s.groups, s.group_axis) for g in structure.groups for s in g.slices
-            if s.groups > 1 and structure.param_map[s.param].shape[s.group_axis] != s.groups}
+    return {
+        s.param: (s.groups, s.group_axis)
+        for g in structure.groups
+        for s in g.slices
+        if s.groups > 1 and structure.param_map[s.param].shape[s.group_axis] != s.groups
+    }
 
 
 def min_kept(structure: Structure) -> dict[str, int]:
@@ -112,6 +116,7 @@ class Ties:
 
 
 def ties_of(structure: Structure) -> Ties:
+    """`unit_ties(structure)` as `Ties` segments."""
     roots = unit_ties(structure)
     _, seg, sizes = torch.unique(roots, return_inverse=True, return_counts=True)
     order = torch.argsort(roots, stable=True)
@@ -136,8 +141,9 @@ def whole_ties(removed: np.ndarray, ties: Ties) -> np.ndarray:
     return (hits == ties.sizes.numpy())[seg]
 
 
-def eligible_groups(structure: Structure, groups: Sequence[str] | None, what: str, *, lossy: bool = False,
-                    only: set[str] | None = None) -> list[bool]:
+def eligible_groups(
+    structure: Structure, groups: Sequence[str] | None, what: str, *, lossy: bool = False, only: set[str] | None = None
+) -> list[bool]:
     """Per group, whether a mask or the solver may remove its units: prunable, matched by the fnmatch
     patterns `groups` (None: all), in `only` (None: all), and not lossy unless `lossy`. Raises `SpecError`
     when `groups` matches nothing prunable, or every group it could prune is lossy."""

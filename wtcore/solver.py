@@ -10,7 +10,10 @@ units. The scope rules of the structured mask specs (`wtcore/specs/masks.py`) or
   Removing every unit with key <= f is exactly what the mask spec does for `amount=f` (it removes
   `round(f x live)` per domain), so the states of all amounts form one chain: no state is skipped, and ties
   (equal keys, e.g. two local groups of the same size) are removed together, as the mask spec would;
-- candidates are the live units of eligible groups within their group's cap (`max_fraction`, one unit kept,
+- only masks physical pruning carries out (`wtcore.realizable`, the mask specs' rules): units a grouped
+  convolution ties are scored by their mean, ranked next to each other and take effect together (at the key
+  of the tie's last member); groups a normalization mixes are not eligible unless `lossy=True`;
+- candidates are the live units of eligible groups within their group's cap (`max_fraction`, `min_kept` units kept,
   already-zero units count towards it);
 - with `round_to`, a group's removals take effect in blocks (the units it keeps are rounded up to a
   multiple), so each unit takes effect at the key of the unit that completes its block.

@@ -30,10 +30,10 @@ from ..ir import Slice, Structure
 from ..lang import Var
 from ..masking import as_unit_vector, slice_lookup, validate_amount
 from ..policy import DEFAULT_NORMALIZE, check_normalize, default_max_fraction
-from ..realizable import eligible_groups, group_caps, min_kept, ties_of, unit_ties
+from ..realizable import eligible_groups, group_caps, ties_of, unit_ties
 from ..spec import Context, define_spec
 
-__all__ = ["SCOPES", "isomorphism_key", "min_kept", "unit_ties"]
+__all__ = ["SCOPES", "isomorphism_key"]
 
 SCOPES = ("local", "global", "isomorphic")
 
@@ -442,7 +442,7 @@ def custom(ctx: Context, keep: Any = None, per_param: bool = False) -> Var | dic
         raise SpecError(
             f"custom: keep removes unit {u - ctx.structure.offsets[g.name]} of group {g.name!r} but not the units "
             "a grouped convolution ties to it (the same in-group position in every conv group, which physical "
-            "pruning removes together); remove whole ties (wtcore.specs.masks.unit_ties)"
+            "pruning removes together); remove whole ties (wtcore.realizable.unit_ties)"
         )
     user = b.const(vec, "user mask")
     dead = b.logical_and(b.gt(ctx.params_per_unit(), 0), b.eq(b.unit_reduce("nnz", 0.0), 0))
