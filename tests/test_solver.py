@@ -38,7 +38,8 @@ def _ratio(prog: wtcore.Program, metric: str, params: dict) -> float:
     return float(out[f"{name}/{key}"])
 
 
-def _live_per_domain(s: Structure, params: dict, scope: str, groups: tuple[str, ...] | None) -> list[int]:
+def _live_per_domain(s: Structure, params: dict, scope: str, groups: tuple[str, ...] | None,
+                     lossy: bool = False) -> list[int]:
     """Live units of the eligible groups of each domain (local: group; isomorphic: class)."""
     out = wtcore.compile(s, ["unit_active", "params_per_unit"])(params)
     live = out["unit_active"] & (out["params_per_unit"] > 0)
@@ -46,33 +47,37 @@ def _live_per_domain(s: Structure, params: dict, scope: str, groups: tuple[str, 
     for g in s.groups:
         if not g.prunable or (groups is not None and not any(fnmatch.fnmatchcase(g.name, p) for p in groups)):
             continue
+        if g.lossy and not lossy:
+            continue
         k = g.name if scope == "local" else isomorphism_key(s, g.name)
         o = s.offsets[g.name]
         dom[k] = dom.get(k, 0) + int(live[o: o + g.size].sum())
     return [n for n in dom.values() if n > 0]
 
 
-def _amounts(s: Structure, params: dict, scope: str, groups: tuple[str, ...] | None) -> list:
+def _amounts(s: Structure, params: dict, scope: str, groups: tuple[str, ...] | None, lossy: bool = False) -> list:
     """Every distinct state of the mask spec, as amounts: counts for global; for local/isomorphic, fractions
     strictly between consecutive points where some domain's `round(f x live)` changes."""
     if scope == "global":
-        eligible = [g for g in s.groups if g.prunable and (groups is None or any(fnmatch.fnmatchcase(g.name, p)
-                                                                                 for p in groups))]
+        eligible = [g for g in s.groups if g.prunable and (lossy or not g.lossy)
+                    and (groups is None or any(fnmatch.fnmatchcase(g.name, p) for p in groups))]
         return list(range(sum(g.size for g in eligible) + 1))
-    pts = sorted({(2 * j + 1) / (2 * n) for n in _live_per_domain(s, params, scope, groups) for j in range(n)})
+    pts = sorted({(2 * j + 1) / (2 * n) for n in _live_per_domain(s, params, scope, groups, lossy) for j in range(n)})
     return [0.0] + [(a + b) / 2 for a, b in zip(pts, [*pts[1:], 1.0 + pts[-1]])] if pts else [0.0]
 
 
 def brute_force(s: Structure, params: dict, scores: torch.Tensor, *, target: float, metric: str, scope: str,
-                max_fraction: float, round_to: int, groups: tuple[str, ...] | None = None) -> torch.Tensor | None:
+                max_fraction: float, round_to: int, groups: tuple[str, ...] | None = None,
+                lossy: bool = False) -> torch.Tensor | None:
     """Scan the mask spec's states from the smallest up; the first whose cost meets the target (None: none).
     The spec's masks are the realizable ones (whole grouped-conv ties, lossy groups untouched), so this is a
     brute force over keep-masks physical pruning carries out."""
     prog = _ratio_program(s, metric)
-    for amount in _amounts(s, params, scope, groups):
+    for amount in _amounts(s, params, scope, groups, lossy):
         amount = min(amount, 1.0) if isinstance(amount, float) else amount
         keep = wtcore.compile(s, [wtcore.Spec("importance", scores=scores, amount=amount, scope=scope, groups=groups,
-                                              max_fraction=max_fraction, round_to=round_to)])(params)["importance"]
+                                              max_fraction=max_fraction, round_to=round_to,
+                                              lossy=lossy)])(params)["importance"]
         zeroed = zero_units(s, params, (~keep).nonzero().flatten().tolist())
         if _ratio(prog, metric, zeroed) <= target:
             return keep
@@ -108,9 +113,12 @@ def structures_with_costs(draw: st.DrawFn) -> Structure:
 @given(structures_with_costs(), st.integers(0, 2**31 - 1), st.sampled_from([0.0, 0.3]),
        st.sampled_from(["global", "local", "isomorphic"]), st.sampled_from(["macs", "params", "bops"]),
        st.floats(0.0, 1.0), st.sampled_from([1.0, 0.6]), st.sampled_from([1, 2, 3]),
-       st.sampled_from([None, None, ("g0",), ("g1", "g2")]))
+       st.sampled_from([None, None, ("g0",), ("g1", "g2")]), st.sampled_from([None, "g0", "g1"]), st.booleans())
 def test_solved_keep_equals_brute_force(s, seed, zero_fraction, scope, metric, target, max_fraction, round_to,
-                                        groups):
+                                        groups, lossy_group, lossy):
+    """Random structures (grouped-conv slices tie units) and costs, a group marked lossy or not: the solver's
+    keep-mask is the first state of the importance mask spec (with the same rules) that meets the target."""
+    s = replace(s, groups=tuple(replace(g, lossy="a LayerNorm" if g.name == lossy_group else "") for g in s.groups))
     params = params_for(s, seed=seed, zero_fraction=zero_fraction)
     gen = torch.Generator().manual_seed(seed)  # few distinct values: ties between units are common
     scores = torch.randint(0, max(2, s.num_units // 2), (s.num_units,), generator=gen).to(torch.float64)
@@ -119,12 +127,12 @@ def test_solved_keep_equals_brute_force(s, seed, zero_fraction, scope, metric, t
     except (StructureError, ValueError):  # a position coupled to two groups; grouped slices (active_params)
         assume(False)
     opts = dict(target=target, metric=metric, importance=scores, scope=scope, max_fraction=max_fraction,
-                round_to=round_to, weight_bits=8, act_bits=4, groups=groups)
+                round_to=round_to, weight_bits=8, act_bits=4, groups=groups, lossy=lossy)
     try:
         want = brute_force(s, params, scores, target=target, metric=metric, scope=scope,
-                           max_fraction=max_fraction, round_to=round_to, groups=groups)
-    except wtcore.SpecError:  # `groups` selects no prunable group: the solver refuses too
-        with pytest.raises(wtcore.SpecError, match="groups"):
+                           max_fraction=max_fraction, round_to=round_to, groups=groups, lossy=lossy)
+    except wtcore.SpecError:  # `groups` selects no prunable group, or only lossy ones: the solver refuses too
+        with pytest.raises(wtcore.SpecError, match=r"groups=|lossy=True"):
             solve(s, params, **opts)
         return
     if want is None:
@@ -139,8 +147,8 @@ def test_solved_keep_equals_brute_force(s, seed, zero_fraction, scope, metric, t
     assert sol.best <= sol.ratio <= target or sol.before <= target
     if scope == "global":  # the importance spec with the solution's count gives the same mask
         same = wtcore.compile(s, [wtcore.Spec("importance", scores=scores, amount=sol.selected, scope=scope,
-                                              groups=groups, max_fraction=max_fraction,
-                                              round_to=round_to)])(params)["importance"]
+                                              groups=groups, max_fraction=max_fraction, round_to=round_to,
+                                              lossy=lossy)])(params)["importance"]
         assert torch.equal(same, sol.keep)
 
 
