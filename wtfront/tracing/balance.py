@@ -1,14 +1,16 @@
 """Units of a group walked through a channel shuffle (`wtfront.tracing.shuffle`): closed, then balanced.
 
 Through a shuffle a Torch-Pruning root channel no longer names one unit: the shuffle mapping couples the channels
-of one view position, so the walk reaches a channel from several roots, and the roots that share a channel are
-one *atom* (found here by union-find). Atoms are closed, but removing one need not keep the model valid: a
-`chunk` (ShuffleNet's `x1, x2 = x.chunk(2, dim=1)`) splits whatever width it gets in equal pieces, so a removal is
-valid only if it takes as many channels from every piece. Each atom gets one integer per (split, piece > 0): its
-channels in that piece minus its channels in the first; a unit is a set of atoms whose vectors sum to zero. The
-atoms are merged greedily into such units, one coordinate at a time (the sparsest first, which in a chain of
-shuffles is the deepest), always merging the unit with the largest imbalance with the opposite-signed unit that
-fits it best; the whole group is always balanced (the traced model is), so this ends with every unit balanced.
+of one view position, so the walk reaches a channel from several roots. The group walk (`groups.pruning_group`)
+then walks channels instead, and the channels an index mapping connects are one *atom* (a connected component).
+Atoms are closed, but removing one need not keep the model valid: a `chunk` (ShuffleNet's
+`x1, x2 = x.chunk(2, dim=1)`) splits whatever width it gets in equal pieces, so a removal is valid only if it takes
+as many channels from every piece. Each atom gets one integer per (split, piece > 0): its channels in that piece
+minus its channels in the first; a unit is a set of atoms whose vectors sum to zero. The atoms are merged greedily
+into such units, one coordinate at a time (the sparsest first, which in a chain of shuffles is the deepest),
+always merging the unit with the largest imbalance with the opposite-signed unit that fits it best; the whole
+group is balanced (the traced model is), so this ends with every unit balanced. A group left with one unit is not
+prunable (`SHUFFLE_REASON`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from typing import Any
 import numpy as np
 from torch_pruning import ops as tp_ops
 
-__all__ = ["Closed", "close_units"]
+__all__ = ["SHUFFLE_REASON", "Closed", "balanced_units", "close_units"]
+
+SHUFFLE_REASON = ("coupled through channel shuffles whose chunks split every unit unevenly unless all channels go "
+                  "together, so no removal keeps the chunks' pieces equal")
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ def _imbalance(items: Sequence[tuple[Any, np.ndarray, np.ndarray]], comp: np.nda
     return None if vec.sum(0).any() else vec
 
 
-def _balance(vec: np.ndarray) -> np.ndarray:
+def balanced_units(vec: np.ndarray) -> np.ndarray:
     """Unit of each atom: atoms merged into units whose imbalance vectors are zero (see the module docstring)."""
     n = vec.shape[0]
     members: dict[int, list[int]] = {a: [a] for a in range(n)}
@@ -116,7 +121,7 @@ def close_units(dg: Any, items: Sequence[tuple[Any, np.ndarray, np.ndarray]], n:
     """The closed, balanced units of a channel walk: `items` are (dependency, channels, their vertex ids < `n`),
     `edges` pairs of vertex-id arrays that an index mapping connects."""
     comp = _components(n, edges)
-    atoms, comp = np.unique(comp, return_inverse=True)  # atoms numbered by their smallest root id
+    atoms, comp = np.unique(comp, return_inverse=True)  # atoms numbered by their smallest vertex (root first)
     n = atoms.size
     touched: dict[Any, set[int]] = {}
     for dep, _, root in items:
@@ -127,10 +132,9 @@ def close_units(dg: Any, items: Sequence[tuple[Any, np.ndarray, np.ndarray]], n:
     if vec is None:
         return Closed(comp, n, covering, "a chunk after a channel shuffle splits channels of which only some are in "
                                          "this group, so no removal keeps its pieces equal")
-    unit_of_atom = _balance(vec)
+    unit_of_atom = balanced_units(vec)
     size = int(unit_of_atom.max()) + 1
     reason = ""
     if size < 2:
-        reason = ("coupled through a channel shuffle: the chunks after the shuffles split every unit unevenly unless "
-                  "all channels go together, so no removal keeps the shuffles' pieces equal")
+        reason = SHUFFLE_REASON
     return Closed(unit_of_atom[comp], size, covering, reason)

@@ -1,0 +1,90 @@
+"""Channel shuffles (ShuffleNetV2): the permutation in the group walk, and units balanced over the chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from wtfront import prune_units, trace
+from wtfront.tracing.balance import SHUFFLE_REASON, balanced_units
+
+tv = pytest.importorskip("torchvision")
+
+
+def stage(blocks: int, width: int = 16) -> nn.Module:
+    """One ShuffleNetV2 stage (a stride-2 block, then `blocks - 1` blocks that chunk their input) and a head."""
+    ir = tv.models.shufflenetv2.InvertedResidual
+    layers = [nn.Conv2d(3, 8, 3, padding=1), ir(8, width, 2), *[ir(width, width, 1) for _ in range(blocks - 1)],
+              nn.Conv2d(width, 4, 1)]
+    return nn.Sequential(*layers)
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    """BN statistics and affines away from the identity, so that every channel shows in the output."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model.eval()
+
+
+def test_stage_units_are_balanced_and_each_prunes_to_the_fake_pruned_function() -> None:
+    """A stage of 3 blocks, 8 channels per branch: the chunks of blocks 2 and 3 must lose as many channels from x1
+    as from x2, and removal through a shuffle must take channel k of both halves, so a unit of the trunk is
+    4 positions of the first block's concat (1 from each quarter and 2 more, see docs/design-notes.md): 2 units.
+    Removing one, physically, computes what zeroing it computes (`prune_units` verifies it)."""
+    torch.manual_seed(0)
+    model = randomized(stage(3))
+    x = torch.randn(2, 3, 8, 8)
+    s = trace(model, x)
+    trunk = s.group_map["1.branch1.2.out"]
+    assert trunk.prunable and trunk.size == 2
+    first = {sl.param: sl.unit_ids() for sl in trunk.slices}
+    assert sorted(np.bincount(first["1.branch1.2.weight"]).tolist()) == [4, 4]
+    assert all(g.prunable for g in s.groups if g.name != "4.out")
+    new = prune_units(model, s, x, {trunk.name: [1]}, rtol=1e-5)
+    assert new.group_map[trunk.name].size == 1
+    assert model[1].branch1[2].out_channels == model[1].branch2[5].out_channels == 4
+    assert model[2].branch2[0].in_channels == model[3].branch2[0].in_channels == 4
+    assert model[4].in_channels == 8
+
+
+def test_deep_stage_is_not_prunable_with_the_reason() -> None:
+    """With 5 blocks, a balanced unit needs 2**4 positions of the first concat's 8: no removal keeps every chunk
+    even, so the trunk is one group that is not prunable, and every other group is."""
+    s = trace(randomized(stage(5)), torch.randn(1, 3, 8, 8))
+    trunk = s.group_map["1.branch1.2.out"]
+    assert not trunk.prunable and trunk.reason == SHUFFLE_REASON and trunk.size == 1
+    assert all(g.prunable for g in s.groups if g.name not in {trunk.name, "6.out"})
+    assert not s.uncoupled
+
+
+@st.composite
+def balanced_vectors(draw: st.DrawFn) -> np.ndarray:
+    """Integer vectors (atoms x coordinates) whose columns sum to zero, as the atoms of a traced model's group."""
+    n = draw(st.integers(1, 24))
+    k = draw(st.integers(0, 4))
+    vec = np.array(draw(st.lists(st.lists(st.integers(-4, 4), min_size=k, max_size=k), min_size=n, max_size=n)),
+                   dtype=np.int64).reshape(n, k)
+    if k:
+        vec[-1] -= vec.sum(0)
+    return vec
+
+
+@settings(max_examples=200, deadline=None)
+@given(balanced_vectors())
+def test_balanced_units_partition_the_atoms_into_zero_sum_units(vec: np.ndarray) -> None:
+    unit = balanced_units(vec)
+    assert unit.shape == (vec.shape[0],) and unit.min() == 0
+    assert set(unit.tolist()) == set(range(int(unit.max()) + 1))  # numbered densely
+    for u in range(int(unit.max()) + 1):
+        assert not vec[unit == u].sum(0).any()
+    if not vec.any():
+        assert unit.tolist() == list(range(vec.shape[0]))  # nothing to balance: one unit per atom
