@@ -38,7 +38,8 @@ def randomized(model: nn.Module) -> nn.Module:
 def test_stage_units_are_balanced_and_each_prunes_to_the_fake_pruned_function() -> None:
     """A stage of 3 blocks, 8 channels per branch: the chunks of blocks 2 and 3 must lose as many channels from x1
     as from x2, and removal through a shuffle must take channel k of both halves, so a unit of the trunk is
-    4 positions of the first block's concat (1 from each quarter and 2 more, see docs/design-notes.md): 2 units.
+    4 positions of the first block's concat (one in each of its first two quarters, two in its second half; see
+    docs/design-notes.md): 2 units.
     Removing one, physically, computes what zeroing it computes (`prune_units` verifies it)."""
     torch.manual_seed(0)
     model = randomized(stage(3))
