@@ -18,8 +18,12 @@ tv = pytest.importorskip("torchvision")
 def stage(blocks: int, width: int = 16) -> nn.Module:
     """One ShuffleNetV2 stage (a stride-2 block, then `blocks - 1` blocks that chunk their input) and a head."""
     ir = tv.models.shufflenetv2.InvertedResidual
-    layers = [nn.Conv2d(3, 8, 3, padding=1), ir(8, width, 2), *[ir(width, width, 1) for _ in range(blocks - 1)],
-              nn.Conv2d(width, 4, 1)]
+    layers = [
+        nn.Conv2d(3, 8, 3, padding=1),
+        ir(8, width, 2),
+        *[ir(width, width, 1) for _ in range(blocks - 1)],
+        nn.Conv2d(width, 4, 1),
+    ]
     return nn.Sequential(*layers)
 
 
@@ -72,8 +76,9 @@ def balanced_vectors(draw: st.DrawFn) -> np.ndarray:
     """Integer vectors (atoms x coordinates) whose columns sum to zero, as the atoms of a traced model's group."""
     n = draw(st.integers(1, 24))
     k = draw(st.integers(0, 4))
-    vec = np.array(draw(st.lists(st.lists(st.integers(-4, 4), min_size=k, max_size=k), min_size=n, max_size=n)),
-                   dtype=np.int64).reshape(n, k)
+    vec = np.array(
+        draw(st.lists(st.lists(st.integers(-4, 4), min_size=k, max_size=k), min_size=n, max_size=n)), dtype=np.int64
+    ).reshape(n, k)
     if k:
         vec[-1] -= vec.sum(0)
     return vec

@@ -20,10 +20,10 @@ from toys import Net, X
 
 from wtcore import Structure, TraceError, UnitGroup
 from wtfront import trace
+from wtfront.tracing.balance import SHUFFLE_REASON
 from wtfront.tracing.budget import Budget
 from wtfront.tracing.graph import normalized_dim
 from wtfront.tracing.lowering import OUTPUT_REASON
-from wtfront.tracing.balance import SHUFFLE_REASON
 from wtfront.tracing.units import HIDDEN_REASON
 
 

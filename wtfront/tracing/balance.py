@@ -24,16 +24,18 @@ from torch_pruning import ops as tp_ops
 
 __all__ = ["SHUFFLE_REASON", "Closed", "balanced_units", "close_units"]
 
-SHUFFLE_REASON = ("coupled through channel shuffles whose chunks split every unit unevenly unless all channels go "
-                  "together, so no removal keeps the chunks' pieces equal")
+SHUFFLE_REASON = (
+    "coupled through channel shuffles whose chunks split every unit unevenly unless all channels go "
+    "together, so no removal keeps the chunks' pieces equal"
+)
 
 
 @dataclass(frozen=True)
 class Closed:
-    """The units of a coupled group: `unit[v]` for every vertex (node, handler, channel) of the walk, `size` units, the graph nodes
-    whose out-channels touch every atom (a physical pruning walk from one of them reaches all the channels of
-    the units it removes), and `reason` when the units cannot be removed independently (one unit, or a split
-    the group does not cover)."""
+    """The units of a coupled group: `unit[v]` for every vertex (node, handler, channel) of the walk, `size`
+    units, the graph nodes whose out-channels touch every atom (a physical pruning walk from one of them reaches
+    all the channels of the units it removes), and `reason` when the units cannot be removed independently (one
+    unit, or a split the group does not cover)."""
 
     unit: np.ndarray
     size: int
@@ -70,7 +72,7 @@ def _imbalance(items: Sequence[tuple[Any, np.ndarray, np.ndarray]], comp: np.nda
     None if a split's pieces are not covered alike by the group (no removal could keep it balanced)."""
     cols = []
     done: set[Any] = set()
-    for dep, idx, root in items:
+    for dep, _, _ in items:
         node = dep.target
         offsets = getattr(node.module, "offsets", None)
         if node.type != tp_ops.OPTYPE.SPLIT or not offsets or len(offsets) < 3 or node in done:
@@ -105,8 +107,11 @@ def balanced_units(vec: np.ndarray) -> np.ndarray:
             want = -int(sums[cur][c])
             opposite = [u for u in live if (sums[u][c] > 0) == (want > 0)]
             fits = [u for u in opposite if abs(int(sums[u][c])) <= abs(want)]
-            other = (max(fits, key=lambda u: (abs(int(sums[u][c])), -u)) if fits
-                     else min(opposite, key=lambda u: (abs(int(sums[u][c])), u)))
+            other = (
+                max(fits, key=lambda u: (abs(int(sums[u][c])), -u))
+                if fits
+                else min(opposite, key=lambda u: (abs(int(sums[u][c])), u))
+            )
             keep, gone = min(cur, other), max(cur, other)
             sums[keep] = sums[keep] + sums.pop(gone)
             members[keep] += members.pop(gone)
@@ -116,8 +121,9 @@ def balanced_units(vec: np.ndarray) -> np.ndarray:
     return unit
 
 
-def close_units(dg: Any, items: Sequence[tuple[Any, np.ndarray, np.ndarray]], n: int,
-                edges: Sequence[tuple[np.ndarray, np.ndarray]]) -> Closed:
+def close_units(
+    dg: Any, items: Sequence[tuple[Any, np.ndarray, np.ndarray]], n: int, edges: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> Closed:
     """The closed, balanced units of a channel walk: `items` are (dependency, channels, their vertex ids < `n`),
     `edges` pairs of vertex-id arrays that an index mapping connects."""
     comp = _components(n, edges)
@@ -130,8 +136,13 @@ def close_units(dg: Any, items: Sequence[tuple[Any, np.ndarray, np.ndarray]], n:
     covering = frozenset(node for node, hit in touched.items() if len(hit) == n)
     vec = _imbalance(items, comp, n)
     if vec is None:
-        return Closed(comp, n, covering, "a chunk after a channel shuffle splits channels of which only some are in "
-                                         "this group, so no removal keeps its pieces equal")
+        return Closed(
+            comp,
+            n,
+            covering,
+            "a chunk after a channel shuffle splits channels of which only some are in "
+            "this group, so no removal keeps its pieces equal",
+        )
     unit_of_atom = balanced_units(vec)
     size = int(unit_of_atom.max()) + 1
     reason = ""

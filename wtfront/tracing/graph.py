@@ -1,6 +1,6 @@
 """Torch-Pruning's dependency graph, with wt's fixes: negative saved dims normalized (Torch-Pruning issue #532),
-channel shuffles modelled as permutations, rotate_half marked, a pruner for Hugging Face's `Conv1D`, phases reported to the budget;
-and which layers must not root a group."""
+channel shuffles modelled as permutations, rotate_half marked, a pruner for Hugging Face's `Conv1D`, phases reported
+to the budget; and which layers must not root a group."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from .nodes import UNSIGNED_WRAP, saved_dim, saved_sizes
 from .rotary import rotate_half_nodes
 from .shuffle import find_channel_shuffles, model_channel_shuffles
 
-__all__ = ["DependencyGraph", "HFConv1DPruner", "chunk_sizes", "concat_index_mapping", "fused_linears", "normalized_dim", "release_graph"]
+__all__ = ["DependencyGraph", "HFConv1DPruner", "chunk_sizes", "concat_index_mapping", "fused_linears",
+           "normalized_dim", "release_graph"]
 
 
 class _GradFnView:
