@@ -97,8 +97,9 @@ def trace(
     whose chunks no removal keeps even (`balance.SHUFFLE_REASON`, ShuffleNetV2); a group walked through a
     shuffle has units of several root channels (`balance`). Parameters are named canonically by tensor
     identity (first name from `named_parameters(remove_duplicate=False)`; later names are aliases), so a tied
-    weight appears once and its slices from both modules are merged per axis. With `costs=True` (default) `Structure.ops` holds the
-    cost ops of `wtfront.costs.macs` (one more forward pass); with `costs=False` it is empty.
+    weight appears once and its slices from both modules are merged per axis. With `costs=True` (default)
+    `Structure.ops` holds the cost ops of `wtfront.costs.macs` (one more forward pass); with `costs=False` it is
+    empty.
 
     A module (or unwrapped parameter) coupled to a group whose channels Torch-Pruning mis-maps — indices out
     of range, one entry coupled to two units, parameters its pruner ignores, a type without a pruner — is a
