@@ -94,3 +94,23 @@ def test_balanced_units_partition_the_atoms_into_zero_sum_units(vec: np.ndarray)
         assert not vec[unit == u].sum(0).any()
     if not vec.any():
         assert unit.tolist() == list(range(vec.shape[0]))  # nothing to balance: one unit per atom
+
+
+@pytest.mark.slow
+def test_shufflenet_trunk_units_prune_physically_twice() -> None:
+    """torchvision's ShuffleNetV2 x0.5 at 32x32: a unit of each prunable trunk (stages 2 and 4) removed physically
+    computes the fake-pruned function within 1e-5, the re-traced structure has one unit fewer in each, and pruning
+    the pruned model again works the same way; stage 3's trunk is the group that is not prunable."""
+    torch.manual_seed(0)
+    model = randomized(tv.models.shufflenet_v2_x0_5())
+    x = torch.randn(2, 3, 32, 32)
+    s = trace(model, x)
+    trunks = {g.name: g.size for g in s.groups if ".0.branch1.2." in f"{g.name}."}
+    assert trunks == {"stage2.0.branch1.2.out": 3, "stage3.0.branch1.2.out": 1, "stage4.0.branch1.2.out": 12}
+    assert s.group_map["stage3.0.branch1.2.out"].reason == SHUFFLE_REASON
+    assert [g.name for g in s.groups if not g.prunable] == ["stage3.0.branch1.2.out", "fc.out"]
+    for _ in range(2):
+        s = prune_units(model, s, x, {"stage2.0.branch1.2.out": [0], "stage4.0.branch1.2.out": [1, 4]}, rtol=1e-5)
+    assert s.group_map["stage2.0.branch1.2.out"].size == 1 and s.group_map["stage4.0.branch1.2.out"].size == 8
+    assert model.stage2[0].branch1[2].out_channels == 8 and model.stage4[0].branch1[2].out_channels == 64
+    assert model.stage3[0].branch1[0].in_channels == 16 and model.conv5[0].in_channels == 128
