@@ -257,9 +257,9 @@ class Lowering:
         size = len(group[0].idxs) if closed is None else closed.size
         accs: dict[tuple[str, int], _Acc] = {}
         feeds_output = rotary = False
-        shuffled = closed.reason if closed is not None else ""
-        if closed is not None and not shuffled and dg.module2node.get(root) not in closed.covering:
-            shuffled = ("coupled through a channel shuffle, and no layer's out-channels reach every unit of the "
+        unbalanced = closed.reason if closed is not None else ""  # why units closed across shuffles cannot go
+        if closed is not None and not unbalanced and dg.module2node.get(root) not in closed.covering:
+            unbalanced = ("coupled through a channel shuffle, and no layer's out-channels reach every unit of the "
                         "group, so physical pruning could not remove a unit from one layer")
         unrooted: list[str] = []
         reached: set[str] = set()
@@ -319,9 +319,9 @@ class Lowering:
             kind="channel" if isinstance(root, nn.modules.conv._ConvNd) else "feature",
             size=size,
             slices=tuple(slices),
-            prunable=not (feeds_output or shuffled or unrooted or rotary or self.untrusted[-1]),
+            prunable=not (feeds_output or unbalanced or unrooted or rotary or self.untrusted[-1]),
             root=root_name,
-            reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (shuffled, shuffled),
+            reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (unbalanced, unbalanced),
                                              (ROTARY_REASON, rotary), (unrooted_reason(unrooted), unrooted),
                                              (diverged_reason(diverged), diverged),
                                              (mismapped_reason(mismapped), mismapped)) if on),
