@@ -39,6 +39,38 @@ def randomized(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+class Shuffle(nn.Module):
+    """`g` convs concatenated, shuffled in `g` groups (`permute` instead of `transpose`), then a conv."""
+
+    def __init__(self, g: int) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Conv2d(3, 3, 1) for _ in range(g))
+        self.head = nn.Conv2d(3 * g, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([b(x) for b in self.branches], 1)
+        n, c, h, w = y.shape
+        g = len(self.branches)
+        return self.head(y.reshape(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w))
+
+
+@pytest.mark.parametrize("g", [3, 4])
+def test_shuffle_of_g_groups_couples_one_channel_of_each_branch(g: int) -> None:
+    """Output channel `k * g + i` is channel k of branch i: unit k is channel k of every branch and the head's
+    input columns k * g ... k * g + g - 1; removing it physically is the fake-pruned function."""
+    torch.manual_seed(0)
+    model = Shuffle(g).eval()
+    x = torch.randn(2, 3, 4, 4)
+    s = trace(model, x)
+    unit = s.group_map["branches.0.out"]
+    assert unit.prunable and unit.size == 3 and [gr.name for gr in s.groups] == ["branches.0.out", "head.out"]
+    ids = {sl.param: sl.unit_ids().tolist() for sl in unit.slices}
+    assert all(ids[f"branches.{i}.weight"] == [0, 1, 2] for i in range(g))
+    assert ids["head.weight"] == [k for k in range(3) for _ in range(g)]
+    prune_units(model, s, x, {"branches.0.out": [1]}, rtol=1e-5)
+    assert [b.out_channels for b in model.branches] == [2] * g and model.head.in_channels == 2 * g
+
+
 def test_stage_units_are_balanced_and_each_prunes_to_the_fake_pruned_function() -> None:
     """A stage of 3 blocks, 8 channels per branch: the chunks of blocks 2 and 3 must lose as many channels from x1
     as from x2, and removal through a shuffle must take channel k of both halves, so a unit of the trunk is
