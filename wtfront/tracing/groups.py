@@ -5,8 +5,10 @@ mapping of the graph for each group, and carries one `_HybridIndex` namedtuple p
 dependency: 18 ms on ResNet-50, 0.8 s on DenseNet-121, often more than TP's own graph build. This module
 does the same walk with the same semantics (same triggers, index mappings, de-duplication and merging,
 see `DependencyGraph.get_pruning_group` and `Group.add_and_merge` in torch_pruning 1.6), with indices as
-numpy arrays. TP's known index-mapping classes are applied vectorized; any other mapping is called as TP
-would, on `_HybridIndex` lists.
+numpy arrays. TP's known index-mapping classes are applied vectorized, and so is a mapping with a `map_arrays`
+method (wt's `shuffle.ShuffleMapping`); any other mapping is called as TP would, on `_HybridIndex` lists. A walk
+that meets a channel shuffle becomes a channel walk whose units `balance` closes (`_coupled_group`), which goes
+beyond TP: its walk there relabels units and leaves the chunks after the shuffle uneven.
 
 The walk is bounded (`WalkLimits`): on some graphs TP's index mappings diverge (Swin's relative-position
 bias path has reshapes TP reads as flattens, and each pass around the cycle multiplies the index set by 32,
@@ -130,7 +132,8 @@ def pruning_group(
 
     The caller must have run `index_mapping.update_index_mapping(dg)` once (TP does it on every call).
     Raises `WalkDiverged` when an index set or the group outgrows `limits` (default `WalkLimits()`). The walk
-    does not enter `blocked` nodes.
+    does not enter `blocked` nodes. Through a channel shuffle the group's units are closed and balanced
+    (`Group.closed`): its `root_idxs` are those units, several channels of the root each.
     """
     limits = limits or WalkLimits()
     total = n
