@@ -79,8 +79,9 @@ def test_zoo_specs_match_reference(ref: str) -> None:
         "group_lasso"].item(), rel=1e-5)
 
 
-SHUFFLE = "channel shuffle couples channels by a permutation that Torch-Pruning does not model; wt marks " \
-    "those groups not prunable, so weights whose only coupling is through a shuffle get no lasso gradient"
+SHUFFLE = "ShuffleNetV2's stage 3 (8 blocks) has no balanced removal: every chunk after a shuffle must lose as many " \
+    "channels from x1 as from x2, and in 8 blocks only removing the whole stage width does, so that group is not " \
+    "prunable and stage4.0.branch1.0 (a depthwise conv over it, no other axis) gets no lasso gradient"
 
 
 @pytest.mark.slow
@@ -352,8 +353,6 @@ def end_to_end(ref: str) -> None:
 
 #: models that are not clean end to end yet, with the precise reason (docs/zoo.md keeps the table)
 E2E_XFAIL: dict[str, str] = {
-    "torchvision:shufflenet_v2_x0_5": "channel shuffle: the input axis of each branch's first conv is coupled only "
-    "through the shuffle permutation, which Torch-Pruning does not model, so it is in no group",
     "torchvision:swin_t": "traces (the diverging walks are contained), but the window attention's qkv weight has "
     "both axes in no group: its walk is untrusted and no other walk reaches it (issue 17, item 2)",
     "torchvision:maxvit_t": "MaxViT's fused to_qkv attention is not discovered: the merge projection's input columns "

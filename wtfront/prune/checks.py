@@ -49,13 +49,27 @@ def _root(model: nn.Module, g: UnitGroup) -> Any:
             raise PruneError(f"group {g.name!r}: its root {g.root!r} is not in the model; re-trace it") from None
 
 
+def _root_channels(g: UnitGroup, root: Any, idxs: list[int]) -> list[int]:
+    """The root's out-channels of units `idxs`: the units themselves, unless a unit spans several of the root's
+    channels (units closed across a channel shuffle, `wtfront.tracing.balance`)."""
+    if not isinstance(root, (nn.Linear, nn.modules.conv._ConvNd)) or getattr(root, "transposed", False):
+        return idxs
+    s = next((s for s in g.slices if s.param == f"{g.root}.weight" and s.axis == 0 and s.groups == 1), None)
+    if s is None:
+        return idxs
+    units = s.unit_ids()
+    if len(units) <= g.size:
+        return idxs
+    return np.flatnonzero(np.isin(units, np.asarray(sorted(idxs), dtype=np.int64))).tolist()
+
+
 def tp_group(dg: DependencyGraph, model: nn.Module, g: UnitGroup, idxs: list[int]) -> Any:
     """Torch-Pruning's pruning group that removes units `idxs` of `g` (its root's out-channels)."""
     root = _root(model, g)
     pruner = dg.get_pruner_of_module(root)
     if pruner is None:
         raise PruneError(f"group {g.name!r}: Torch-Pruning has no pruning function for its root {g.root!r}")
-    return dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
+    return dg.get_pruning_group(root, pruner.prune_out_channels, _root_channels(g, root, idxs))
 
 
 def tied_tp_groups(dg: DependencyGraph, structure: Structure, model: nn.Module, g: UnitGroup, idxs: list[int],
