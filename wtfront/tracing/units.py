@@ -85,6 +85,11 @@ def _head_group(lay: AttentionLayout, kind: str, structure: Structure, units: Co
         length = structure.param_map[s.param].shape[s.axis]
         idx = by_key.setdefault((s.param, s.axis), np.full(length, -1, dtype=np.int64))
         count = lay.num_kv_heads if s.role in ("k", "v") else lay.num_heads
+        if s.width:  # a per-head table (one or more positions per head, not per head dim)
+            if kind != "head_dim":
+                for h in range(count):
+                    idx[s.offset + h * s.width: s.offset + (h + 1) * s.width] = lay.unit_of_head(kind, s.role, h)
+            continue
         for h in range(count):
             a = s.offset + h * lay.head_dim
             if kind == "head_dim":
@@ -119,6 +124,13 @@ def _refuse_rotary(model: nn.Module, layouts: Sequence[AttentionLayout]) -> None
     )
 
 
+def _read_functionally(structure: Structure, layouts: list[AttentionLayout]) -> list[AttentionLayout]:
+    """Keep a `functional_qkv` layout only where the trace confirms it: Torch-Pruning couples no axis of its qkv
+    weight (the forward never calls the qkv module). Otherwise Torch-Pruning's own row-level groups stay."""
+    coupled = {s.param for g in structure.groups for s in g.slices}
+    return [lay for lay in layouts if lay.family != "functional_qkv" or lay.inputs[0][0] not in coupled]
+
+
 def apply_attention_units(
     structure: Structure,
     model: nn.Module,
@@ -131,7 +143,7 @@ def apply_attention_units(
     Returns the new structure (no cost ops yet) and the layouts (for `apply_attention_costs`).
     """
     units = _check_units(units)
-    layouts = discover_attention(model, heads)
+    layouts = _read_functionally(structure, discover_attention(model, heads))
     if not layouts:
         return structure, layouts
     if "head_dim" in units:

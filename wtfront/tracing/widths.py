@@ -1,0 +1,134 @@
+"""The residual width of attention modules whose fused qkv weight is read functionally (Swin, BEiT).
+
+Torch-Pruning follows modules, not `F.linear(x, self.qkv.weight)`: the qkv weight's input columns (the width
+the attention reads) and, where the output projection is also read functionally, its output rows are in no
+group. `attach_attention_widths` finds the tensor the attention reads by one forward pass with hooks: the
+module that produced it (a LayerNorm, say) has a parameter axis in a group, with the same channel order, so
+the qkv input columns join that group with that index. Where the attention returns a tensor of its input's
+shape, its output rows are that width too (a residual branch). Since Torch-Pruning's walk misses these axes,
+physical pruning through it would cut the width everywhere but here: every group they join is not prunable,
+with the reason. Where no producer's axis is in a group, they get a group of their own, also not prunable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from wtcore.ir import Slice, Structure, UnitGroup, runs_from_list
+
+from ..modules import canonical_names
+from .attention import AttentionLayout
+from .inputs import iter_tensors
+
+__all__ = ["attach_attention_widths"]
+
+_REASON = ("attention {name!r} reads its qkv weight outside the qkv module, which Torch-Pruning's walk does not "
+           "follow: its input columns (and output rows) share this width but would not be cut with it, so the "
+           "width is not prunable")
+
+
+def _io(model: nn.Module, inputs: tuple[Any, ...] | dict[str, Any], names: Sequence[str]
+        ) -> tuple[dict[str, tuple[torch.Tensor, Any]], dict[int, list[str]]]:
+    """One forward pass: each named attention's (input tensor, output), and the modules producing each tensor
+    (by id; the tensors stay referenced until the pass is read, so ids are not reused)."""
+    io: dict[str, tuple[torch.Tensor, Any]] = {}
+    produced: dict[int, list[str]] = {}
+    keep: list[Any] = []
+
+    def on_out(name: str):
+        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            for t in iter_tensors(out):
+                produced.setdefault(id(t), []).append(name)
+                keep.append(t)
+        return hook
+
+    def on_attn(name: str):
+        def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            x = next(iter(iter_tensors((args, kwargs))), None)
+            if x is not None and name not in io:
+                io[name] = (x, out)
+        return hook
+
+    wanted = set(names)
+    handles = [m.register_forward_hook(on_out(n)) for n, m in model.named_modules() if n]
+    handles += [m.register_forward_hook(on_attn(n), with_kwargs=True) for n, m in model.named_modules()
+                if n in wanted]
+    try:
+        with torch.no_grad():
+            model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return io, produced
+
+
+def _producer_slice(model: nn.Module, structure: Structure, producers: Sequence[str], width: int,
+                    canon: dict[int, str]) -> tuple[str, Slice] | None:
+    """(group, slice) of the first producer parameter whose axis 0 has `width` entries and is in a group: its
+    units are the channels of the produced tensor's last dimension."""
+    where = {(s.param, s.axis): (g.name, s) for g in structure.groups for s in g.slices}
+    for name in producers:
+        for t in model.get_submodule(name).parameters(recurse=False):
+            p = canon.get(id(t))
+            if p is not None and t.dim() >= 1 and t.shape[0] == width and (p, 0) in where:
+                return where[(p, 0)]
+    return None
+
+
+def attach_attention_widths(structure: Structure, model: nn.Module, layouts: Sequence[AttentionLayout],
+                            inputs: tuple[Any, ...] | dict[str, Any]) -> Structure:
+    """Put the input columns of every `functional_qkv` attention's qkv weight (and its proj's output rows, if
+    in no group) in the group of the width they read, made not prunable; see the module docstring."""
+    lays = [lay for lay in layouts if lay.family == "functional_qkv"]
+    if not lays:
+        return structure
+    covered = {(s.param, s.axis) for g in structure.groups for s in g.slices}
+    io, produced = _io(model, inputs, [lay.module for lay in lays])
+    canon = canonical_names(model)
+    added: dict[str, list[Slice]] = {}
+    blocked: dict[str, str] = {}
+    own: list[UnitGroup] = []
+    for lay in lays:
+        m = model.get_submodule(lay.module)
+        qkv_w, width = lay.inputs[0][0], m.qkv.in_features
+        outs = [(canon[id(t)], 0) for t in (m.proj.weight, m.proj.bias) if t is not None and id(t) in canon]
+        free_outs = [k for k in outs if k not in covered]
+        reason = _REASON.format(name=lay.module)
+        x, y = io.get(lay.module, (None, None))
+        residual = isinstance(y, torch.Tensor) and x is not None and y.shape == x.shape and m.proj.out_features == width
+        found = _producer_slice(model, structure, produced.get(id(x), ()), width, canon) if x is not None else None
+        if found is not None:
+            gname, src = found
+            new = [Slice(qkv_w, 1, src.index)] + ([Slice(p, a, src.index) for p, a in free_outs] if residual else [])
+            added.setdefault(gname, []).extend(new)
+            blocked[gname] = reason
+            free_outs = [] if residual else free_outs
+        else:
+            ident = runs_from_list(list(range(width)))
+            new = [Slice(qkv_w, 1, ident)] + ([Slice(p, a, ident) for p, a in free_outs] if residual else [])
+            own.append(UnitGroup(f"{lay.module}.width", "hidden", width, tuple(new), prunable=False,
+                                 root=lay.module, reason=reason))
+            free_outs = [] if residual else free_outs
+        for p, a in free_outs:  # output rows of another width: a group of their own, not prunable
+            n = m.proj.out_features
+            own.append(UnitGroup(f"{lay.module}.out_width", "hidden", n, (Slice(p, a, runs_from_list(list(range(n)))),),
+                                 prunable=False, root=lay.module, reason=reason))
+        for g in structure.groups:  # the width its proj writes, if Torch-Pruning grouped it: not prunable either
+            if any((s.param, s.axis) in set(outs) for s in g.slices):
+                blocked.setdefault(g.name, reason)
+    order = {p.name: i for i, p in enumerate(structure.params)}
+    out = []
+    for g in structure.groups:
+        if g.name in blocked:
+            slices = tuple(sorted((*g.slices, *added.get(g.name, ())), key=lambda s: (order[s.param], s.axis)))
+            why = "; ".join(r for r in (g.reason, blocked[g.name]) if r)
+            g = replace(g, kind="hidden", slices=slices, prunable=False, reason=why)
+        out.append(g)
+    out += own
+    in_groups = {s.param for g in out for s in g.slices}
+    return replace(structure, groups=tuple(out), uncoupled=tuple(p for p in structure.uncoupled if p not in in_groups))
