@@ -351,8 +351,8 @@ def end_to_end(ref: str) -> None:
             if op.name == op.module and op.kind in ("conv", "linear") and not op.module.startswith(mha or ("\0",)):
                 if op.module in uncalled:  # its weight is read functionally (Swin, BEiT): fvcore counts the caller
                     parent = op.module.rpartition(".")[0]
-                    ours = sum(o.macs for o in structure.ops if (o.module == parent or o.module.startswith(f"{parent}."))
-                               and o.kind not in ("attn_qk", "attn_av"))  # fvcore does not count SDPA
+                    scope = [o for o in structure.ops if o.module == parent or o.module.startswith(f"{parent}.")]
+                    ours = sum(o.macs for o in scope if o.kind not in ("attn_qk", "attn_av"))  # fvcore: no SDPA
                     assert ours == by_module[parent], f"{parent}: {ours} MACs, fvcore {by_module[parent]}"
                     continue
                 assert op.macs == by_module[op.module], f"{op.name}: {op.macs} MACs, fvcore {by_module[op.module]}"

@@ -5,7 +5,8 @@ that `head_dim` consecutive rows of q, k and v form one head, nor that under gro
 KV head serves `n_rep` query heads. `discover_attention` reads the layout from the modules (timm `Attention`
 with a fused `qkv`, `nn.MultiheadAttention`, Hugging Face self-attention with separate `q_proj/k_proj/v_proj`
 or `query/key/value`, GPT-2's fused `Conv1D` `c_attn`, a fused `qkv` read functionally as in Swin and BEiT):
-where each head's rows and columns are, and how many query and KV heads there are. `wtfront.tracing.units` makes them the IR's units.
+where each head's rows and columns are, and how many query and KV heads there are. `wtfront.tracing.units`
+makes them the IR's units.
 """
 
 from __future__ import annotations

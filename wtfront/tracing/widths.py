@@ -27,13 +27,16 @@ from .inputs import iter_tensors
 
 __all__ = ["attach_attention_widths"]
 
-_REASON = ("attention {name!r} reads its qkv weight outside the qkv module, which Torch-Pruning's walk does not "
-           "follow: its input columns (and output rows) share this width but would not be cut with it, so the "
-           "width is not prunable")
+_REASON = (
+    "attention {name!r} reads its qkv weight outside the qkv module, which Torch-Pruning's walk does not "
+    "follow: its input columns (and output rows) share this width but would not be cut with it, so the "
+    "width is not prunable"
+)
 
 
-def _io(model: nn.Module, inputs: tuple[Any, ...] | dict[str, Any], names: Sequence[str]
-        ) -> tuple[dict[str, tuple[torch.Tensor, Any]], dict[int, list[str]]]:
+def _io(
+    model: nn.Module, inputs: tuple[Any, ...] | dict[str, Any], names: Sequence[str]
+) -> tuple[dict[str, tuple[torch.Tensor, Any]], dict[int, list[str]]]:
     """One forward pass: each named attention's (input tensor, output), and the modules producing each tensor
     (by id; the tensors stay referenced until the pass is read, so ids are not reused)."""
     io: dict[str, tuple[torch.Tensor, Any]] = {}
@@ -45,6 +48,7 @@ def _io(model: nn.Module, inputs: tuple[Any, ...] | dict[str, Any], names: Seque
             for t in iter_tensors(out):
                 produced.setdefault(id(t), []).append(name)
                 keep.append(t)
+
         return hook
 
     def on_attn(name: str):
@@ -52,12 +56,12 @@ def _io(model: nn.Module, inputs: tuple[Any, ...] | dict[str, Any], names: Seque
             x = next(iter(iter_tensors((args, kwargs))), None)
             if x is not None and name not in io:
                 io[name] = (x, out)
+
         return hook
 
     wanted = set(names)
     handles = [m.register_forward_hook(on_out(n)) for n, m in model.named_modules() if n]
-    handles += [m.register_forward_hook(on_attn(n), with_kwargs=True) for n, m in model.named_modules()
-                if n in wanted]
+    handles += [m.register_forward_hook(on_attn(n), with_kwargs=True) for n, m in model.named_modules() if n in wanted]
     try:
         with torch.no_grad():
             model(**inputs) if isinstance(inputs, dict) else model(*inputs)
@@ -67,8 +71,9 @@ def _io(model: nn.Module, inputs: tuple[Any, ...] | dict[str, Any], names: Seque
     return io, produced
 
 
-def _producer_slice(model: nn.Module, structure: Structure, producers: Sequence[str], width: int,
-                    canon: dict[int, str]) -> tuple[str, Slice] | None:
+def _producer_slice(
+    model: nn.Module, structure: Structure, producers: Sequence[str], width: int, canon: dict[int, str]
+) -> tuple[str, Slice] | None:
     """(group, slice) of the first producer parameter whose axis 0 has `width` entries and is in a group: its
     units are the channels of the produced tensor's last dimension."""
     where = {(s.param, s.axis): (g.name, s) for g in structure.groups for s in g.slices}
@@ -80,8 +85,9 @@ def _producer_slice(model: nn.Module, structure: Structure, producers: Sequence[
     return None
 
 
-def attach_attention_widths(structure: Structure, model: nn.Module, layouts: Sequence[AttentionLayout],
-                            inputs: tuple[Any, ...] | dict[str, Any]) -> Structure:
+def attach_attention_widths(
+    structure: Structure, model: nn.Module, layouts: Sequence[AttentionLayout], inputs: tuple[Any, ...] | dict[str, Any]
+) -> Structure:
     """Put the input columns of every `functional_qkv` attention's qkv weight (and its proj's output rows, if
     in no group) in the group of the width they read, made not prunable; see the module docstring."""
     lays = [lay for lay in layouts if lay.family == "functional_qkv"]
@@ -111,13 +117,25 @@ def attach_attention_widths(structure: Structure, model: nn.Module, layouts: Seq
         else:
             ident = runs_from_list(list(range(width)))
             new = [Slice(qkv_w, 1, ident)] + ([Slice(p, a, ident) for p, a in free_outs] if residual else [])
-            own.append(UnitGroup(f"{lay.module}.width", "hidden", width, tuple(new), prunable=False,
-                                 root=lay.module, reason=reason))
+            own.append(
+                UnitGroup(
+                    f"{lay.module}.width", "hidden", width, tuple(new), prunable=False, root=lay.module, reason=reason
+                )
+            )
             free_outs = [] if residual else free_outs
         for p, a in free_outs:  # output rows of another width: a group of their own, not prunable
             n = m.proj.out_features
-            own.append(UnitGroup(f"{lay.module}.out_width", "hidden", n, (Slice(p, a, runs_from_list(list(range(n)))),),
-                                 prunable=False, root=lay.module, reason=reason))
+            own.append(
+                UnitGroup(
+                    f"{lay.module}.out_width",
+                    "hidden",
+                    n,
+                    (Slice(p, a, runs_from_list(list(range(n)))),),
+                    prunable=False,
+                    root=lay.module,
+                    reason=reason,
+                )
+            )
         for g in structure.groups:  # the width its proj writes, if Torch-Pruning grouped it: not prunable either
             if any((s.param, s.axis) in set(outs) for s in g.slices):
                 blocked.setdefault(g.name, reason)
