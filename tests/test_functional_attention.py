@@ -1,0 +1,112 @@
+"""Attention whose fused qkv weight is read functionally (torchvision Swin's `shifted_window_attention`, timm
+BEiT's `F.linear(x, self.qkv.weight, qkv_bias)`): the heads are discovered as units of the IR (q/k/v rows,
+the output projection's columns, BEiT's q/v biases and the per-head relative-position table columns), not
+prunable with the reason; the qkv input columns join the residual width they read, which is not prunable
+either, whatever units are selected. End to end (group lasso, MACs, fake -> physical) in tests/test_zoo.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from wtcore.ir import runs_to_list
+from wtfront import trace
+
+
+def beit() -> tuple[nn.Module, torch.Tensor]:
+    import timm
+
+    model = timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)
+    return model.eval(), torch.randn(1, 3, 32, 32)
+
+
+def swin() -> tuple[nn.Module, torch.Tensor]:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=[2, 2],
+                            num_classes=10)
+    return model.eval(), torch.randn(1, 3, 32, 32)
+
+
+def _slices(s, gname: str) -> dict[tuple[str, int], list[int]]:
+    return {(sl.param, sl.axis): runs_to_list(sl.index) for sl in s.group_map[gname].slices}
+
+
+def _head_of_rows(width: int, heads: int) -> list[int]:
+    """qkv rows [q; k; v], each `width` rows of `heads` consecutive heads (the reshape to [.., 3, heads, -1])."""
+    return [(r % width) // (width // heads) for r in range(3 * width)]
+
+
+@pytest.mark.parametrize(
+    ("build", "attn", "norm"),
+    [(beit, "blocks.1.attn", "blocks.1.norm1"), (swin, "features.3.0.attn", "features.3.0.norm1")],
+    ids=["beit", "swin"],
+)
+def test_heads_and_residual_width_of_functional_qkv(build, attn: str, norm: str) -> None:
+    torch.manual_seed(0)
+    model, x = build()
+    m = model.get_submodule(attn)
+    width, heads = m.proj.in_features, m.num_heads
+    s = trace(model, x, costs=False)
+
+    head = s.group_map[f"{attn}.heads"]
+    assert head.size == heads and not head.prunable
+    assert "reads its qkv weight outside the qkv module" in head.reason
+    got = _slices(s, head.name)
+    assert got[(f"{attn}.qkv.weight", 0)] == _head_of_rows(width, heads)
+    assert got[(f"{attn}.proj.weight", 1)] == [c // (width // heads) for c in range(width)]
+    assert got[(f"{attn}.relative_position_bias_table", 1)] == list(range(heads))
+    if hasattr(m, "q_bias"):  # BEiT: the q and v biases, concatenated with a zero k bias by the forward
+        for b in ("q_bias", "v_bias"):
+            assert got[(f"{attn}.{b}", 0)] == [c // (width // heads) for c in range(width)]
+    else:
+        assert got[(f"{attn}.qkv.bias", 0)] == _head_of_rows(width, heads)
+
+    # the qkv input columns are the width norm1 writes, channel for channel; so are the proj output rows
+    where = {(sl.param, sl.axis): (g, runs_to_list(sl.index)) for g in s.groups for sl in g.slices}
+    residual, channels = where[(f"{norm}.weight", 0)]
+    assert where[(f"{attn}.qkv.weight", 1)] == (residual, channels)
+    assert where[(f"{attn}.proj.weight", 0)] == (residual, channels)
+    assert not residual.prunable and "reads its qkv weight outside the qkv module" in residual.reason
+    assert f"{attn}.qkv.weight" not in s.uncoupled
+
+
+@pytest.mark.parametrize("build", [beit, swin], ids=["beit", "swin"])
+def test_functional_qkv_widths_stay_unprunable_with_hidden_units(build) -> None:
+    """Selecting every unit kind does not make a head or a width Torch-Pruning cannot cut prunable."""
+    model, x = build()
+    s = trace(model, x, costs=False, units=("head", "mlp_feature", "hidden"))
+    qkv = {n for n, mod in model.named_modules() if n.endswith("attn.qkv")}
+    for g in s.groups:
+        if any(sl.param.rpartition(".")[0] in qkv for sl in g.slices):
+            assert not g.prunable, g.name
+    assert [g.name for g in s.groups if g.prunable]  # the MLP features stay prunable
+
+
+class _CalledQkv(nn.Module):
+    """A fused-qkv attention without a recorded head size that calls its qkv module (so Torch-Pruning sees it)."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 2) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_called_qkv_is_left_to_torch_pruning() -> None:
+    """The functional layout is kept only where the trace shows the qkv weight is not read through its module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), _CalledQkv(), nn.Linear(16, 4)).eval()
+    s = trace(model, torch.randn(1, 5, 8), costs=False)
+    assert "1.heads" not in s.group_map
+    assert not any("reads its qkv weight outside" in g.reason for g in s.groups)
+    assert {("1.qkv.weight", 0), ("1.qkv.weight", 1)} <= {(sl.param, sl.axis) for g in s.groups for sl in g.slices}
+    assert np.all([g.kind != "head" for g in s.groups])
