@@ -374,8 +374,6 @@ def end_to_end(ref: str) -> None:
 E2E_XFAIL: dict[str, str] = {
     "torchvision:shufflenet_v2_x0_5": "channel shuffle: the input axis of each branch's first conv is coupled only "
     "through the shuffle permutation, which Torch-Pruning does not model, so it is in no group",
-    "torchvision:swin_t": "traces (the diverging walks are contained), but the window attention's qkv weight has "
-    "both axes in no group: its walk is untrusted and no other walk reaches it (issue 17, item 2)",
     "torchvision:maxvit_t": "MaxViT's fused to_qkv attention is not discovered: the merge projection's input columns "
     "(its heads) are in no group (issue 17, item 3)",
     "timm:ghostnet_100": "physical pruning: Torch-Pruning and the IR disagree about the shape of ghost1.primary_conv "
@@ -384,8 +382,6 @@ E2E_XFAIL: dict[str, str] = {
     "output axis in no group: the walk that reaches it mis-maps the split convs (issue 17, item 1)",
     "timm:pvt_v2_b0": "physical pruning: Torch-Pruning and the IR disagree about the shape of attn.q (spatial "
     "reduction attention; issue 17, item 4)",
-    "timm:beit_base_patch16_224": "traces (the relative-position tables are boundaries), but blocks.*.attn.qkv is "
-    "read through F.linear, so Torch-Pruning couples none of its axes (issue 17, item 3)",
     "timm:eva02_tiny_patch14_224": "the attention's input columns (the residual width) of blocks.*.attn.qkv are in no "
     "group (rotary attention with a fused SwiGLU MLP; issue 17, item 3)",
     "hf:GPTNeoXModel": "traces (the mis-mapped dense projection is a boundary), but the input axis of attention.dense "
