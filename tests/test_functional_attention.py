@@ -6,7 +6,6 @@ either, whatever units are selected. End to end (group lasso, MACs, fake -> phys
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -95,7 +94,7 @@ class _CalledQkv(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
+        b, n, _ = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
@@ -109,4 +108,4 @@ def test_called_qkv_is_left_to_torch_pruning() -> None:
     assert "1.heads" not in s.group_map
     assert not any("reads its qkv weight outside" in g.reason for g in s.groups)
     assert {("1.qkv.weight", 0), ("1.qkv.weight", 1)} <= {(sl.param, sl.axis) for g in s.groups for sl in g.slices}
-    assert np.all([g.kind != "head" for g in s.groups])
+    assert all(g.kind != "head" for g in s.groups)
