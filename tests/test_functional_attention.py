@@ -1,8 +1,9 @@
 """Attention whose fused qkv weight is read functionally (torchvision Swin's `shifted_window_attention`, timm
 BEiT's `F.linear(x, self.qkv.weight, qkv_bias)`): the heads are discovered as units of the IR (q/k/v rows,
-the output projection's columns, BEiT's q/v biases and the per-head relative-position table columns), not
-prunable with the reason; the qkv input columns join the residual width they read, which is not prunable
-either, whatever units are selected. End to end (group lasso, MACs, fake -> physical) in tests/test_zoo.py."""
+the output projection's columns, BEiT's q/v biases and the per-head relative-position table columns). Swin's
+are not prunable (its forward derives the head size from the input width), BEiT's are (wt replaces its forward
+once heads are removed): fake == physical, saved and loaded. The qkv input columns join the residual width
+they read, which is not prunable, whatever units are selected. End to end in tests/test_zoo.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from wtcore.ir import runs_to_list
-from wtfront import trace
+from wtfront import apply_masks, load_pruned, prune_units, save_pruned, trace
 
 
 def beit() -> tuple[nn.Module, torch.Tensor]:
@@ -51,8 +52,9 @@ def test_heads_and_residual_width_of_functional_qkv(build, attn: str, norm: str)
     s = trace(model, x, costs=False)
 
     head = s.group_map[f"{attn}.heads"]
-    assert head.size == heads and not head.prunable
-    assert "reads its qkv weight outside the qkv module" in head.reason
+    assert head.size == heads and head.prunable == hasattr(m, "q_bias")  # BEiT's heads are prunable, Swin's not
+    if not head.prunable:
+        assert "derive the head size from, or reshape the heads' output to, the input width" in head.reason
     got = _slices(s, head.name)
     assert got[(f"{attn}.qkv.weight", 0)] == _head_of_rows(width, heads)
     assert got[(f"{attn}.proj.weight", 1)] == [c // (width // heads) for c in range(width)]
@@ -74,12 +76,12 @@ def test_heads_and_residual_width_of_functional_qkv(build, attn: str, norm: str)
 
 @pytest.mark.parametrize("build", [beit, swin], ids=["beit", "swin"])
 def test_functional_qkv_widths_stay_unprunable_with_hidden_units(build) -> None:
-    """Selecting every unit kind does not make a head or a width Torch-Pruning cannot cut prunable."""
+    """Selecting every unit kind does not make a width Torch-Pruning cannot cut prunable."""
     model, x = build()
     s = trace(model, x, costs=False, units=("head", "mlp_feature", "hidden"))
-    qkv = {n for n, mod in model.named_modules() if n.endswith("attn.qkv")}
+    qkv = {f"{n}.weight" for n, mod in model.named_modules() if n.endswith("attn.qkv")}
     for g in s.groups:
-        if any(sl.param.rpartition(".")[0] in qkv for sl in g.slices):
+        if any(sl.param in qkv and sl.axis == 1 for sl in g.slices):
             assert not g.prunable, g.name
     assert [g.name for g in s.groups if g.prunable]  # the MLP features stay prunable
 
@@ -109,3 +111,58 @@ def test_called_qkv_is_left_to_torch_pruning() -> None:
     assert not any("reads its qkv weight outside" in g.reason for g in s.groups)
     assert {("1.qkv.weight", 0), ("1.qkv.weight", 1)} <= {(sl.param, sl.axis) for g in s.groups for sl in g.slices}
     assert all(g.kind != "head" for g in s.groups)
+
+
+def _rel_bias_beit() -> tuple[nn.Module, torch.Tensor]:
+    import timm
+
+    model = timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)
+    with torch.no_grad():  # O(1) biases and tables, so every head's units show in the output
+        for n, p in model.named_parameters():
+            if p.dim() == 1 or "relative_position" in n:
+                p.normal_()
+    return model.eval(), torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
+def test_beit_heads_prune_physically_like_zeroing(fused: bool, tmp_path) -> None:
+    torch.manual_seed(0)
+    model, x = _rel_bias_beit()
+    for b in model.blocks:
+        b.attn.fused_attn = fused
+    s = trace(model, x, costs=False)
+    keep = torch.ones(s.num_units, dtype=torch.bool)
+    for gname, drop in (("blocks.0.attn.heads", [1]), ("blocks.1.attn.heads", [0, 3])):
+        keep[[s.offsets[gname] + u for u in drop]] = False
+    apply_masks(model, s, keep)
+    with torch.no_grad():
+        fake = model(x)
+    prune_units(model, s, x, keep)
+    with torch.no_grad():
+        physical = model(x)
+    a0, a1 = model.blocks[0].attn, model.blocks[1].attn
+    assert (a0.num_heads, a1.num_heads) == (3, 2)
+    assert a1.qkv.weight.shape == (3 * 2 * 16, 64) and a1.proj.weight.shape == (64, 32)
+    assert a1.q_bias.shape == a1.k_bias.shape == a1.v_bias.shape == (32,)
+    assert a1.relative_position_bias_table.shape[1] == 2
+    torch.testing.assert_close(physical, fake, rtol=1e-5, atol=1e-5 * float(fake.abs().max()))
+
+    save_pruned(model, tmp_path / "beit.pt")
+    torch.manual_seed(0)
+    fresh = load_pruned(_rel_bias_beit()[0], tmp_path / "beit.pt")
+    for b in fresh.blocks:
+        b.attn.fused_attn = fused
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), physical, rtol=1e-5, atol=1e-5 * float(fake.abs().max()))
+
+
+def test_beit_heads_with_a_shared_relative_position_bias_are_not_prunable() -> None:
+    """One bias table for all blocks (`use_shared_rel_pos_bias`) ties every block's heads: not prunable."""
+    import timm
+
+    model = timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
+                              num_heads=4, use_rel_pos_bias=False, use_shared_rel_pos_bias=True).eval()
+    s = trace(model, torch.randn(1, 3, 32, 32), costs=False)
+    for i in (0, 1):
+        g = s.group_map[f"blocks.{i}.attn.heads"]
+        assert not g.prunable and "takes tensors besides its input" in g.reason

@@ -277,6 +277,11 @@ _FUNCTIONAL_REASON = (
 )
 
 
+#: attention classes read functionally whose forward wt replaces once heads are removed (the hooks of
+#: `wtfront.prune.metadata`): their heads are prunable
+_HEAD_FORWARDS = frozenset({"timm.models.beit.Attention"})
+
+
 def _functional_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
                     ) -> AttentionLayout | None:
     """A fused `qkv` Linear [3*A, C] and `proj` Linear [C', A] with `num_heads` but no recorded head size
@@ -284,7 +289,8 @@ def _functional_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override:
     `A / num_heads` rows consecutive. Also per head: 2-D parameters of the module with one column per head
     (relative-position bias tables) and BEiT's separate `q_bias`/`v_bias`. `apply_attention_units` keeps the
     layout only where the trace shows the qkv weight is read functionally (Torch-Pruning couples none of its
-    axes); its heads are never prunable (`_FUNCTIONAL_REASON`)."""
+    axes). Its heads are prunable only for classes whose forward wt replaces after pruning (`_HEAD_FORWARDS`:
+    BEiT, whose head size is `scale ** -2`); otherwise not (`_FUNCTIONAL_REASON`)."""
     qkv, proj, nh0 = getattr(m, "qkv", None), getattr(m, "proj", None), _int_attr(m, "num_heads")
     if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)) or nh0 is None:
         return None
@@ -307,8 +313,12 @@ def _functional_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override:
             segs.append(Segment(p, 1, 0, "b", width=1))
         elif n in ("q_bias", "v_bias") and t.shape == (a,):
             segs.append(Segment(p, 0, 0, n[0]))
+    scale = getattr(m, "scale", None)
+    known = (f"{type(m).__module__}.{type(m).__qualname__}" in _HEAD_FORWARDS and override is None
+             and isinstance(scale, float) and scale > 0 and round(scale ** -2) == hd)
+    blocked = "" if known else _FUNCTIONAL_REASON.format(name=name)
     return AttentionLayout(name, "functional_qkv", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
-                           _FUNCTIONAL_REASON.format(name=name))
+                           blocked)
 
 
 def discover_attention(model: nn.Module, heads: Mapping[str, HeadOverride] | None = None) -> list[AttentionLayout]:

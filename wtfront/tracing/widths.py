@@ -24,6 +24,7 @@ from wtcore.ir import Slice, Structure, UnitGroup, runs_from_list
 from ..modules import canonical_names
 from .attention import AttentionLayout
 from .inputs import iter_tensors
+from .units import HEAD_KINDS
 
 __all__ = ["attach_attention_widths"]
 
@@ -34,12 +35,19 @@ _REASON = (
 )
 
 
+_SHARED_REASON = (
+    "attention {name!r} takes tensors besides its input (e.g. a relative-position bias shared by all blocks), "
+    "which wt cannot cut per head: its heads are not prunable"
+)
+
+
 def _io(
     model: nn.Module, inputs: tuple[Any, ...] | dict[str, Any], names: Sequence[str]
-) -> tuple[dict[str, tuple[torch.Tensor, Any]], dict[int, list[str]]]:
-    """One forward pass: each named attention's (input tensor, output), and the modules producing each tensor
-    (by id; the tensors stay referenced until the pass is read, so ids are not reused)."""
-    io: dict[str, tuple[torch.Tensor, Any]] = {}
+) -> tuple[dict[str, tuple[torch.Tensor, Any, int]], dict[int, list[str]]]:
+    """One forward pass: each named attention's (input tensor, output, number of tensor arguments), and the
+    modules producing each tensor (by id; the tensors stay referenced until the pass is read, so ids are not
+    reused)."""
+    io: dict[str, tuple[torch.Tensor, Any, int]] = {}
     produced: dict[int, list[str]] = {}
     keep: list[Any] = []
 
@@ -53,9 +61,9 @@ def _io(
 
     def on_attn(name: str):
         def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            x = next(iter(iter_tensors((args, kwargs))), None)
-            if x is not None and name not in io:
-                io[name] = (x, out)
+            xs = list(iter_tensors((args, kwargs)))
+            if xs and name not in io:
+                io[name] = (xs[0], out, len(xs))
 
         return hook
 
@@ -99,13 +107,16 @@ def attach_attention_widths(
     added: dict[str, list[Slice]] = {}
     blocked: dict[str, str] = {}
     own: list[UnitGroup] = []
+    heads_blocked: dict[str, str] = {}
     for lay in lays:
         m = model.get_submodule(lay.module)
         qkv_w, width = lay.inputs[0][0], m.qkv.in_features
         outs = [(canon[id(t)], 0) for t in (m.proj.weight, m.proj.bias) if t is not None and id(t) in canon]
         free_outs = [k for k in outs if k not in covered]
         reason = _REASON.format(name=lay.module)
-        x, y = io.get(lay.module, (None, None))
+        x, y, n_in = io.get(lay.module, (None, None, 0))
+        if n_in > 1:  # e.g. a relative-position bias shared by all blocks: its heads cannot be cut per module
+            heads_blocked[lay.module] = _SHARED_REASON.format(name=lay.module)
         residual = isinstance(y, torch.Tensor) and x is not None and y.shape == x.shape and m.proj.out_features == width
         found = _producer_slice(model, structure, produced.get(id(x), ()), width, canon) if x is not None else None
         if found is not None:
@@ -142,6 +153,8 @@ def attach_attention_widths(
     order = {p.name: i for i, p in enumerate(structure.params)}
     out = []
     for g in structure.groups:
+        if g.kind in HEAD_KINDS and g.root in heads_blocked and g.prunable:
+            g = replace(g, prunable=False, reason=heads_blocked[g.root])
         if g.name in blocked:
             slices = tuple(sorted((*g.slices, *added.get(g.name, ())), key=lambda s: (order[s.param], s.axis)))
             why = "; ".join(r for r in (g.reason, blocked[g.name]) if r)
