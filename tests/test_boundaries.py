@@ -126,15 +126,16 @@ def test_mis_mapped_modules_become_boundaries_end_to_end(case: str) -> None:
 
 
 def test_unwrapped_parameter_boundary_keeps_its_modules_prunable() -> None:
-    """BEiT's relative-position table is the boundary, not its attention: the MLPs stay prunable, and the
-    residual width Torch-Pruning coupled the table to is not prunable but keeps every block's norms (nothing
-    of it is dropped). The table's columns are per head: they join the attention's head group (not prunable),
-    so no parameter is outside every group."""
+    """BEiT's relative-position table is the boundary, not its attention: the heads and MLPs stay prunable,
+    and the residual width Torch-Pruning coupled the table to is not prunable but keeps every block's norms
+    (nothing of it is dropped). The table's columns are per head: they join the attention's head group, so no
+    parameter is outside every group."""
     model, x = beit()
     with warnings.catch_warnings():
         warnings.simplefilter("error", OutsideGroups)
         s = trace(model, x, costs=False)
-    assert [g.name for g in s.groups if g.prunable] == ["blocks.0.mlp.fc1.out", "blocks.1.mlp.fc1.out"]
+    assert [g.name for g in s.groups if g.prunable] == [f"blocks.{i}.{g}" for i in (0, 1)
+                                                        for g in ("attn.heads", "mlp.fc1.out")]
     assert "blocks.0.attn.relative_position_bias_table" in dict(s.boundaries)
     assert "blocks.0.attn.relative_position_bias_table" in s.group_map["blocks.0.attn.heads"].params
     residual = s.group_map["patch_embed.proj.out"]
