@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from wtcore.ir import runs_to_list
 from wtfront import apply_masks, load_pruned, prune_units, save_pruned, trace
+from wtfront.tracing.inputs import called_modules
 
 
 def beit() -> tuple[nn.Module, torch.Tensor]:
@@ -166,3 +167,19 @@ def test_beit_heads_with_a_shared_relative_position_bias_are_not_prunable() -> N
     for i in (0, 1):
         g = s.group_map[f"blocks.{i}.attn.heads"]
         assert not g.prunable and "takes tensors besides its input" in g.reason
+
+
+def test_timm_swin_calls_its_qkv_so_torch_pruning_keeps_it() -> None:
+    """timm's WindowAttention has the same modules (qkv, proj, num_heads, no head_dim) but calls its qkv: the
+    functional layout is not used, even where Torch-Pruning's walk leaves the qkv weight in no group."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=2, embed_dim=16,
+                              depths=(1, 1), num_heads=(1, 2), patch_size=4).eval()
+    s = trace(model, torch.randn(1, 3, 32, 32), costs=False)
+    assert not any("reads its qkv weight outside" in g.reason for g in s.groups)
+
+
+def test_called_modules_tells_a_weight_read_functionally() -> None:
+    model, x = beit()
+    assert called_modules(model, (x,), {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1"}) == {
+        "blocks.0.attn.proj", "blocks.0.mlp.fc1"}
