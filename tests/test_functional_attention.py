@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from wtcore.ir import runs_to_list
 from wtfront import apply_masks, load_pruned, prune_units, save_pruned, trace
@@ -183,3 +184,44 @@ def test_called_modules_tells_a_weight_read_functionally() -> None:
     model, x = beit()
     assert called_modules(model, (x,), {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1"}) == {
         "blocks.0.attn.proj", "blocks.0.mlp.fc1"}
+
+
+class _Functional(nn.Module):
+    """Reads qkv and proj weights functionally; `residual` adds its input back (same width in and out)."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 2) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        y = (torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return F.linear(y, self.proj.weight, self.proj.bias)
+
+
+def test_width_behind_parameter_free_ops_is_not_prunable() -> None:
+    """The attention reads `2 * embed(x)` and its output feeds `out` through a GELU: no module produces its
+    input directly, so its qkv columns get a group of their own, and the groups of the embedding's rows and of
+    `out`'s columns, which Torch-Pruning would cut without them, are not prunable."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attn, self.out = nn.Linear(8, 16), _Functional(), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(F.gelu(self.attn(2 * self.embed(x))))
+
+    model, x = Net().eval(), torch.randn(1, 5, 8)
+    s = trace(model, x, costs=False)
+    where = {(sl.param, sl.axis): g for g in s.groups for sl in g.slices}
+    assert where[("attn.qkv.weight", 1)].name == "attn.width" and not where[("attn.qkv.weight", 1)].prunable
+    embed = where[("embed.weight", 0)]
+    assert not embed.prunable and "reads its qkv weight outside" in embed.reason
+    assert not where[("out.weight", 1)].prunable
+    assert not s.group_map["attn.heads"].prunable
