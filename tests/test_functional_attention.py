@@ -54,9 +54,7 @@ def test_heads_and_residual_width_of_functional_qkv(build, attn: str, norm: str)
     s = trace(model, x, costs=False)
 
     head = s.group_map[f"{attn}.heads"]
-    assert head.size == heads and head.prunable == hasattr(m, "q_bias")  # BEiT's heads are prunable, Swin's not
-    if not head.prunable:
-        assert "derive the head size from, or reshape the heads' output to, the input width" in head.reason
+    assert head.size == heads and head.prunable  # wt replaces both forwards once heads are removed
     got = _slices(s, head.name)
     assert got[(f"{attn}.qkv.weight", 0)] == _head_of_rows(width, heads)
     assert got[(f"{attn}.proj.weight", 1)] == [c // (width // heads) for c in range(width)]
@@ -225,3 +223,41 @@ def test_width_behind_parameter_free_ops_is_not_prunable() -> None:
     assert not embed.prunable and "reads its qkv weight outside" in embed.reason
     assert not where[("out.weight", 1)].prunable
     assert not s.group_map["attn.heads"].prunable
+
+
+def _swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[3, 3],
+                            num_classes=10)
+    with torch.no_grad():  # O(1) biases and tables, so every head's units show in the output
+        for n, p in model.named_parameters():
+            if p.dim() == 1 or "relative_position" in n:
+                p.normal_()
+    return model.eval()
+
+
+def test_swin_heads_prune_physically_like_zeroing(tmp_path) -> None:
+    """Shifted and unshifted windows with padding (40x36 input, window 3): heads removed from three blocks."""
+    torch.manual_seed(0)
+    model, x = _swin(), torch.randn(2, 3, 40, 36)
+    s = trace(model, x, costs=False)
+    keep = torch.ones(s.num_units, dtype=torch.bool)
+    for gname, drop in (("features.1.0.attn.heads", [0]), ("features.1.1.attn.heads", [1]),
+                        ("features.3.0.attn.heads", [0, 2])):
+        keep[[s.offsets[gname] + u for u in drop]] = False
+    apply_masks(model, s, keep)
+    with torch.no_grad():
+        fake = model(x)
+    prune_units(model, s, x, keep)
+    with torch.no_grad():
+        physical = model(x)
+    a = model.get_submodule("features.3.0.attn")
+    assert a.num_heads == 2 and a.qkv.weight.shape == (3 * 2 * 8, 32) and a.proj.weight.shape == (32, 16)
+    assert a.relative_position_bias_table.shape[1] == 2
+    torch.testing.assert_close(physical, fake, rtol=1e-5, atol=1e-5 * float(fake.abs().max()))
+
+    save_pruned(model, tmp_path / "swin.pt")
+    fresh = load_pruned(_swin(), tmp_path / "swin.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), physical, rtol=1e-5, atol=1e-5 * float(fake.abs().max()))

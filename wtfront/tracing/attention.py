@@ -272,14 +272,14 @@ def _fused_qkv_proj(name: str, m: nn.Module, canon: Mapping[int, str], override:
 _FUNCTIONAL_REASON = (
     "attention {name!r} reads its qkv weight outside the qkv module (F.linear on qkv.weight, or a function "
     "given the weights) and records no head size: such forwards derive the head size from, or reshape the heads' "
-    "output to, the input width (torchvision's shifted_window_attention, timm BEiT), so removing heads would "
-    "break them; its heads are units of the IR but not prunable"
+    "output to, the input width (as torchvision's shifted_window_attention and timm BEiT do, whose forwards wt "
+    "replaces), so removing heads could break it; its heads are units of the IR but not prunable"
 )
 
 
 #: attention classes read functionally whose forward wt replaces once heads are removed (the hooks of
 #: `wtfront.prune.metadata`): their heads are prunable
-_HEAD_FORWARDS = frozenset({"timm.models.beit.Attention"})
+_HEAD_FORWARDS = frozenset({"timm.models.beit.Attention", "torchvision.models.swin_transformer.ShiftedWindowAttention"})
 
 
 def _functional_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
@@ -290,7 +290,7 @@ def _functional_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override:
     (relative-position bias tables) and BEiT's separate `q_bias`/`v_bias`. `apply_attention_units` keeps the
     layout only where the trace shows the qkv weight is read functionally (Torch-Pruning couples none of its
     axes). Its heads are prunable only for classes whose forward wt replaces after pruning (`_HEAD_FORWARDS`:
-    BEiT, whose head size is `scale ** -2`); otherwise not (`_FUNCTIONAL_REASON`)."""
+    BEiT, whose head size is `scale ** -2`, and torchvision's Swin v1); otherwise not (`_FUNCTIONAL_REASON`)."""
     qkv, proj, nh0 = getattr(m, "qkv", None), getattr(m, "proj", None), _int_attr(m, "num_heads")
     if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)) or nh0 is None:
         return None
@@ -315,7 +315,7 @@ def _functional_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override:
             segs.append(Segment(p, 0, 0, n[0]))
     scale = getattr(m, "scale", None)
     known = (f"{type(m).__module__}.{type(m).__qualname__}" in _HEAD_FORWARDS and override is None
-             and isinstance(scale, float) and scale > 0 and round(scale ** -2) == hd)
+             and (scale is None or (isinstance(scale, float) and scale > 0 and round(scale ** -2) == hd)))
     blocked = "" if known else _FUNCTIONAL_REASON.format(name=name)
     return AttentionLayout(name, "functional_qkv", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
                            blocked)
