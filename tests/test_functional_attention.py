@@ -27,8 +27,9 @@ def beit() -> tuple[nn.Module, torch.Tensor]:
 def swin() -> tuple[nn.Module, torch.Tensor]:
     from torchvision.models.swin_transformer import SwinTransformer
 
-    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=[2, 2],
-                            num_classes=10)
+    model = SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=[2, 2], num_classes=10
+    )
     return model.eval(), torch.randn(1, 3, 32, 32)
 
 
@@ -160,8 +161,16 @@ def test_beit_heads_with_a_shared_relative_position_bias_are_not_prunable() -> N
     """One bias table for all blocks (`use_shared_rel_pos_bias`) ties every block's heads: not prunable."""
     import timm
 
-    model = timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
-                              num_heads=4, use_rel_pos_bias=False, use_shared_rel_pos_bias=True).eval()
+    model = timm.create_model(
+        "beit_base_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=64,
+        num_heads=4,
+        use_rel_pos_bias=False,
+        use_shared_rel_pos_bias=True,
+    ).eval()
     s = trace(model, torch.randn(1, 3, 32, 32), costs=False)
     for i in (0, 1):
         g = s.group_map[f"blocks.{i}.attn.heads"]
@@ -172,8 +181,15 @@ def test_timm_swin_calls_its_qkv_so_torch_pruning_keeps_it() -> None:
     """timm's WindowAttention has the same modules (qkv, proj, num_heads, no head_dim) but calls its qkv: the
     functional layout is not used, even where Torch-Pruning's walk leaves the qkv weight in no group."""
     timm = pytest.importorskip("timm")
-    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=2, embed_dim=16,
-                              depths=(1, 1), num_heads=(1, 2), patch_size=4).eval()
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=32,
+        window_size=2,
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        patch_size=4,
+    ).eval()
     s = trace(model, torch.randn(1, 3, 32, 32), costs=False)
     assert not any("reads its qkv weight outside" in g.reason for g in s.groups)
 
@@ -181,7 +197,9 @@ def test_timm_swin_calls_its_qkv_so_torch_pruning_keeps_it() -> None:
 def test_called_modules_tells_a_weight_read_functionally() -> None:
     model, x = beit()
     assert called_modules(model, (x,), {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1"}) == {
-        "blocks.0.attn.proj", "blocks.0.mlp.fc1"}
+        "blocks.0.attn.proj",
+        "blocks.0.mlp.fc1",
+    }
 
 
 class _Functional(nn.Module):
@@ -228,8 +246,9 @@ def test_width_behind_parameter_free_ops_is_not_prunable() -> None:
 def _swin() -> nn.Module:
     from torchvision.models.swin_transformer import SwinTransformer
 
-    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[3, 3],
-                            num_classes=10)
+    model = SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[3, 3], num_classes=10
+    )
     with torch.no_grad():  # O(1) biases and tables, so every head's units show in the output
         for n, p in model.named_parameters():
             if p.dim() == 1 or "relative_position" in n:
@@ -243,8 +262,11 @@ def test_swin_heads_prune_physically_like_zeroing(tmp_path) -> None:
     model, x = _swin(), torch.randn(2, 3, 40, 36)
     s = trace(model, x, costs=False)
     keep = torch.ones(s.num_units, dtype=torch.bool)
-    for gname, drop in (("features.1.0.attn.heads", [0]), ("features.1.1.attn.heads", [1]),
-                        ("features.3.0.attn.heads", [0, 2])):
+    for gname, drop in (
+        ("features.1.0.attn.heads", [0]),
+        ("features.1.1.attn.heads", [1]),
+        ("features.3.0.attn.heads", [0, 2]),
+    ):
         keep[[s.offsets[gname] + u for u in drop]] = False
     apply_masks(model, s, keep)
     with torch.no_grad():

@@ -36,7 +36,7 @@ def window_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(b * n_win, ws[0] * ws[1], c)
     qkv = F.linear(x, self.qkv.weight, self.qkv.bias).reshape(x.size(0), x.size(1), 3, heads, hd)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
-    attn = (q * hd ** -0.5).matmul(k.transpose(-2, -1)) + self.get_relative_position_bias()
+    attn = (q * hd**-0.5).matmul(k.transpose(-2, -1)) + self.get_relative_position_bias()
     if sum(shift) > 0:
         mask = x.new_zeros((ph, pw))
         hs = ((0, -ws[0]), (-ws[0], -shift[0]), (-shift[0], None))
@@ -44,7 +44,7 @@ def window_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         count = 0
         for hh in hs:
             for ww in wss:
-                mask[hh[0]: hh[1], ww[0]: ww[1]] = count
+                mask[hh[0] : hh[1], ww[0] : ww[1]] = count
                 count += 1
         mask = mask.view(ph // ws[0], ws[0], pw // ws[1], ws[1]).permute(0, 2, 1, 3).reshape(n_win, ws[0] * ws[1])
         mask = mask.unsqueeze(1) - mask.unsqueeze(2)
@@ -65,8 +65,12 @@ def sync_window_attention(m: nn.Module) -> None:
     the model width."""
     table = getattr(m, "relative_position_bias_table", None)
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
-    if not (isinstance(table, torch.Tensor) and table.dim() == 2 and isinstance(qkv, nn.Linear)
-            and isinstance(proj, nn.Linear)):
+    if not (
+        isinstance(table, torch.Tensor)
+        and table.dim() == 2
+        and isinstance(qkv, nn.Linear)
+        and isinstance(proj, nn.Linear)
+    ):
         return
     m.num_heads = table.shape[1]
     if qkv.out_features != 3 * proj.out_features:
