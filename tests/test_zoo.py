@@ -293,6 +293,19 @@ def _out(model: nn.Module, x) -> torch.Tensor:
     return y[0] if isinstance(y, tuple) else next(v for v in y.values() if isinstance(v, torch.Tensor))
 
 
+def _uncalled_layers(model: nn.Module, x) -> set[str]:
+    """Conv/Linear modules whose forward the example pass never calls (their weights are read functionally)."""
+    called: set[str] = set()
+    layers = [(n, mod) for n, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd))]
+    handles = [mod.register_forward_hook(lambda *_, n=n: called.add(n)) for n, mod in layers]
+    try:
+        _out(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n for n, _ in layers} - called
+
+
 def end_to_end(ref: str) -> None:
     """Trace with defaults; every Conv/Linear weight axis in a group; the group lasso reaches every weight of a
     prunable group; MACs equal fvcore's per module; a 30% global mask prunes physically to the same output."""
@@ -334,8 +347,15 @@ def end_to_end(ref: str) -> None:
             fv = FlopCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             by_module = dict(fv.by_module())
         mha = tuple(f"{n}." for n, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention))
+        uncalled = _uncalled_layers(model, x)
         for op in structure.ops:  # nn.MultiheadAttention calls its out_proj functionally: fvcore sees no module
             if op.name == op.module and op.kind in ("conv", "linear") and not op.module.startswith(mha or ("\0",)):
+                if op.module in uncalled:  # its weight is read functionally (Swin, BEiT): fvcore counts the caller
+                    parent = op.module.rpartition(".")[0]
+                    scope = [o for o in structure.ops if o.module == parent or o.module.startswith(f"{parent}.")]
+                    ours = sum(o.macs for o in scope if o.kind not in ("attn_qk", "attn_av"))  # fvcore: no SDPA
+                    assert ours == by_module[parent], f"{parent}: {ours} MACs, fvcore {by_module[parent]}"
+                    continue
                 assert op.macs == by_module[op.module], f"{op.name}: {op.macs} MACs, fvcore {by_module[op.module]}"
 
     keep = wtcore.compile(structure, [wtcore.Spec("ln_structured", amount=0.3, scope="global")])(
@@ -353,8 +373,6 @@ def end_to_end(ref: str) -> None:
 
 #: models that are not clean end to end yet, with the precise reason (docs/zoo.md keeps the table)
 E2E_XFAIL: dict[str, str] = {
-    "torchvision:swin_t": "traces (the diverging walks are contained), but the window attention's qkv weight has "
-    "both axes in no group: its walk is untrusted and no other walk reaches it (issue 17, item 2)",
     "torchvision:maxvit_t": "MaxViT's fused to_qkv attention is not discovered: the merge projection's input columns "
     "(its heads) are in no group (issue 17, item 3)",
     "timm:ghostnet_100": "physical pruning: Torch-Pruning and the IR disagree about the shape of ghost1.primary_conv "
@@ -363,8 +381,6 @@ E2E_XFAIL: dict[str, str] = {
     "output axis in no group: the walk that reaches it mis-maps the split convs (issue 17, item 1)",
     "timm:pvt_v2_b0": "physical pruning: Torch-Pruning and the IR disagree about the shape of attn.q (spatial "
     "reduction attention; issue 17, item 4)",
-    "timm:beit_base_patch16_224": "traces (the relative-position tables are boundaries), but blocks.*.attn.qkv is "
-    "read through F.linear, so Torch-Pruning couples none of its axes (issue 17, item 3)",
     "timm:eva02_tiny_patch14_224": "the attention's input columns (the residual width) of blocks.*.attn.qkv are in no "
     "group (rotary attention with a fused SwiGLU MLP; issue 17, item 3)",
     "hf:GPTNeoXModel": "traces (the mis-mapped dense projection is a boundary), but the input axis of attention.dense "

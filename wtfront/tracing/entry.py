@@ -39,6 +39,7 @@ from .nodes import nearest_named
 from .state import gc_paused, tracing_state
 from .ties import merge_tied_groups
 from .units import DEFAULT_UNITS, apply_attention_costs, apply_attention_units
+from .widths import attach_attention_widths
 
 __all__ = ["OutsideGroups", "trace"]
 
@@ -137,7 +138,8 @@ def trace(
             structure = Lowering(model, dg, ignored, roots).run(tp_groups, model_name)
             budget.phase = "discovering attention heads"
             units = tuple(DEFAULT_UNITS if units is None else units)
-            structure, layouts = apply_attention_units(structure, model, units, heads)
+            structure, layouts = apply_attention_units(structure, model, units, heads, inputs)
+            structure = attach_attention_widths(structure, model, layouts, inputs)
             structure = merge_tied_groups(add_fused_groups(structure, model, fused))  # a tied axis: one group
             structure = mark_lossy(structure, model)
             release_graph(dg)
