@@ -11,6 +11,7 @@ from toys import Net, X
 
 import wtcore
 from wtcore.errors import SpecError
+from wtcore.realizable import unit_ties
 from wtcore.spec import REGISTRY
 from wtfront import trace
 from wtfront.cli import main
@@ -27,7 +28,8 @@ def net():
 def spec_for(name: str, structure: wtcore.Structure) -> Any:
     """The spec with defaults, plus each option its errors say it needs."""
     n = structure.num_units
-    values = {"amount": 0.3, "scores": torch.rand(n), "keep": torch.rand(n) > 0.5}
+    # a random keep-mask that physical pruning carries out: each unit takes the draw of its tie's first unit
+    values = {"amount": 0.3, "scores": torch.rand(n), "keep": (torch.rand(n) > 0.5)[unit_ties(structure)]}
     given: dict[str, Any] = {}
     for _ in range(len(values) + 1):
         try:
@@ -40,14 +42,7 @@ def spec_for(name: str, structure: wtcore.Structure) -> Any:
     raise AssertionError(f"{name}: options never sufficed")
 
 
-_XFAIL = {"custom": "the generic options this test gives `custom` (a random keep mask) cut the units a "
-          "grouped convolution ties, which the mask specs now refuse (issue 17); the test needs tie-aware options"}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.xfail(reason=_XFAIL[n], strict=True)) if n in _XFAIL else n for n in REGISTRY],
-)
+@pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_spec_times_forward_and_backward_when_it_has_one(net, name: str) -> None:
     model, structure = net
     params = dict(model.named_parameters())

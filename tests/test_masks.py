@@ -574,7 +574,7 @@ class GroupedNet(nn.Module):
 
 
 def test_grouped_conv_units_are_tied_and_masks_remove_whole_ties() -> None:
-    from wtcore.specs.masks import min_kept, unit_ties
+    from wtcore.realizable import min_kept, unit_ties
     from wtfront import apply_masks, prune_zero_units, trace
 
     torch.manual_seed(0)
@@ -598,18 +598,9 @@ def test_grouped_conv_units_are_tied_and_masks_remove_whole_ties() -> None:
         wtcore.compile(s, [wtcore.Spec("custom", keep=(("a.out", (False,) + (True,) * 7),))])
 
 
-class NormedNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp, self.norm = nn.Linear(4, 8), nn.LayerNorm(8)
-        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        return self.head(h + self.fc2(torch.relu(self.fc1(self.norm(h)))))
-
-
 def test_masks_leave_normalized_widths_alone_unless_asked() -> None:
+    from toys import NormedNet
+
     from wtfront import trace
 
     torch.manual_seed(0)

@@ -20,10 +20,10 @@ from toys import Net, X
 
 from wtcore import Structure, TraceError, UnitGroup
 from wtfront import trace
+from wtfront.tracing.balance import SHUFFLE_REASON
 from wtfront.tracing.budget import Budget
 from wtfront.tracing.graph import normalized_dim
 from wtfront.tracing.lowering import OUTPUT_REASON
-from wtfront.tracing.shuffle import SHUFFLE_REASON
 from wtfront.tracing.units import HIDDEN_REASON
 
 
@@ -301,12 +301,18 @@ class ShuffleNet(nn.Module):
         return self.c(y)
 
 
-def test_channel_shuffle_is_cut_and_not_prunable() -> None:
+def test_channel_shuffle_couples_the_channels_of_one_view_position() -> None:
+    """Output channel 2k + i of the shuffle is input channel 4i + k: a unit is a channel of a with the same channel
+    of b (removing only one of them would pair the wrong channels in the smaller shuffle), and c's input columns
+    2k, 2k + 1."""
     s = trace(ShuffleNet(), torch.randn(1, 3, 4, 4))
-    a, b = s.group_map["a.out"], s.group_map["b.out"]
-    assert not a.prunable and not b.prunable and a.reason == b.reason == SHUFFLE_REASON
-    # the identity mapping TP would apply across the shuffle is gone: no slice of c's input in a or b
-    assert ("c.weight", 1) not in slice_map(a) and ("c.weight", 1) not in slice_map(b)
+    g = s.group_map["a.out"]
+    assert g.prunable and g.size == 4 and "b.out" not in s.group_map
+    assert slice_map(g) == {
+        ("a.weight", 0): (ident(4), 1), ("a.bias", 0): (ident(4), 1),
+        ("b.weight", 0): (ident(4), 1), ("b.bias", 0): (ident(4), 1),
+        ("c.weight", 1): ([0, 0, 1, 1, 2, 2, 3, 3], 1),
+    }
     assert s.group_map["c.out"].reason == OUTPUT_REASON
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -31,6 +32,27 @@ class SmallCNN(nn.Module):
         x = torch.relu(self.b1(self.c1(x)))
         x = torch.relu(self.b2(self.c2(x)))
         return self.fc(x.mean((2, 3)))
+
+
+def lightning_cnn(L, optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]) -> type:
+    """A LightningModule class training `SmallCNN` with cross-entropy (lightning is passed in: only the tests
+    that use it import it)."""
+
+    class CNNModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = SmallCNN()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return optimizer(self.parameters())
+
+    return CNNModule
 
 
 def flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -111,20 +133,7 @@ def test_lightning_fit_prunes_to_the_target_and_logs_macs(tmp_path: str) -> None
 
     from wtfront.integrations.lightning import WtLightningCallback
 
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = SmallCNN()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int) -> torch.Tensor:
-            x, y = batch
-            return nn.functional.cross_entropy(self(x), y)
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.Adam(self.parameters(), lr=1e-2)
+    Module = lightning_cnn(L, lambda ps: torch.optim.Adam(ps, lr=1e-2))
 
     torch.manual_seed(0)
     x, y = data()
@@ -196,24 +205,12 @@ def test_lightning_resume_makes_the_same_decisions(tmp_path) -> None:
 
     from wtfront.integrations.lightning import WtLightningCallback
 
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = SmallCNN()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int) -> torch.Tensor:
-            return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.05)
+    Module = lightning_cnn(L, lambda ps: torch.optim.SGD(ps, lr=0.05))
 
     x, y = data(64)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)  # 4 steps/epoch
 
-    def run(max_epochs: int, ckpt_path: str | None = None, module: Module | None = None, save: bool = False):
+    def run(max_epochs: int, ckpt_path: str | None = None, module: L.LightningModule | None = None, save: bool = False):
         torch.manual_seed(0)
         module = module or Module()
         cb = WtLightningCallback(example_inputs=x[:2], target_macs=0.6, start=0.0, end=0.9, prunes=4)

@@ -28,3 +28,16 @@ class Net(nn.Module):
 
 
 X = torch.randn(2, 3, 8, 8)
+
+
+class NormedNet(nn.Module):
+    """A LayerNorm over a residual width (`inp.out`, lossy) feeding an MLP (`fc1.out`, not lossy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.norm = nn.Linear(4, 8), nn.LayerNorm(8)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.head(h + self.fc2(torch.relu(self.fc1(self.norm(h)))))

@@ -10,7 +10,10 @@ units. The scope rules of the structured mask specs (`wtcore/specs/masks.py`) or
   Removing every unit with key <= f is exactly what the mask spec does for `amount=f` (it removes
   `round(f x live)` per domain), so the states of all amounts form one chain: no state is skipped, and ties
   (equal keys, e.g. two local groups of the same size) are removed together, as the mask spec would;
-- candidates are the live units of eligible groups within their group's cap (`max_fraction`, one unit kept,
+- only masks physical pruning carries out (`wtcore.realizable`, the mask specs' rules): units a grouped
+  convolution ties are scored by their mean, ranked next to each other and take effect together (at the key
+  of the tie's last member); groups a normalization mixes are not eligible unless `lossy=True`;
+- candidates are the live units of eligible groups within their group's cap (`max_fraction`, `min_kept` units kept,
   already-zero units count towards it);
 - with `round_to`, a group's removals take effect in blocks (the units it keeps are rounded up to a
   multiple), so each unit takes effect at the key of the unit that completes its block.
@@ -23,7 +26,6 @@ no trial masks, no search over amounts. Units that are already exactly zero coun
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -44,6 +46,7 @@ from .policy import (
     normalize_scores,
     warn_narrow,
 )
+from .realizable import Ties, eligible_groups, group_caps, tie_mean, ties_of, whole_ties
 from .spec import Spec
 from .specs.costs import axis_desc, axis_table, bits_vector, param_axes  # the cost specs' own semantics
 from .specs.masks import SCOPES, isomorphism_key, name_patterns
@@ -142,23 +145,23 @@ def unit_state(structure: Structure, params: Mapping[str, torch.Tensor],
 # ============================================================================================ ordering
 def effective_keys(structure: Structure, scores: np.ndarray, dead: np.ndarray, has: np.ndarray, *, scope: str,
                    max_fraction: float, round_to: int, groups: tuple[str, ...] | None,
-                   normalize: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   normalize: str | None = None, lossy: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per unit: the effective key (+inf where it is never removed), its group's eligibility, the key before
-    `round_to` blocks. `normalize` (`wtcore.policy`) applies to the ranking across groups."""
+    `round_to` blocks. `normalize` (`wtcore.policy`) applies to the ranking across groups. Ties and eligibility
+    are `wtcore.realizable`'s, as in the mask specs: a tie is scored by its mean and takes effect whole."""
     st = structure
     sizes = np.array([g.size for g in st.groups], dtype=np.int64)
     gid = np.repeat(np.arange(len(st.groups)), sizes)
-    idx = np.arange(st.num_units)
-    elig_g = np.array([g.prunable and (groups is None or any(fnmatch.fnmatchcase(g.name, p) for p in groups))
-                       for g in st.groups], dtype=bool)
-    if groups is not None and not elig_g.any():
-        raise SpecError(f"solve_keep: groups={groups!r} matches no prunable unit group")
-    caps = np.array([min(math.floor(max_fraction * g.size + 1e-9), g.size - 1) for g in st.groups], dtype=np.int64)
-    caps = np.where(elig_g, caps, 0)
+    ties = ties_of(st)
+    pos = ties.position.numpy()  # tie-break: tied units next to each other, else the lower index first
+    if ties.any:
+        scores = tie_mean(torch.from_numpy(scores), ties).numpy()
+    elig_g = np.array(eligible_groups(st, groups, "solve_keep", lossy=lossy), dtype=bool)
+    caps = np.array(group_caps(st, elig_g.tolist(), max_fraction), dtype=np.int64)
     cls = np.where(has, np.where(dead, 0, 1), 2)  # 0 already zero, 1 live, 2 no element: kept
     live = cls == 1
-    # rank inside the group: already-zero units first, then live units by score (ties: lower index)
-    order = np.lexsort((idx, scores, cls, gid))
+    # rank inside the group: already-zero units first, then live units by score (ties: lower position)
+    order = np.lexsort((pos, scores, cls, gid))
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     r = np.empty(st.num_units, dtype=np.int64)
     r[order] = np.arange(st.num_units) - starts[gid[order]]
@@ -174,8 +177,8 @@ def effective_keys(structure: Structure, scores: np.ndarray, dead: np.ndarray, h
     if scope != "local":
         scores = normalize_scores(scores, gid, live & elig_g[gid], normalize)
     live_d = np.bincount(dom, weights=(live & elig_g[gid]).astype(np.float64), minlength=int(dom_g.max()) + 1)
-    # rank among the domain's candidates by score (ties: lower index), as the mask specs rank
-    dorder = np.lexsort((idx, scores, ~cand, dom))
+    # rank among the domain's candidates by score (ties: lower position), as the mask specs rank
+    dorder = np.lexsort((pos, scores, ~cand, dom))
     dstart = np.searchsorted(dom[dorder], np.arange(len(live_d)))
     rd = np.empty(st.num_units, dtype=np.int64)
     rd[dorder] = np.arange(st.num_units) - dstart[dom[dorder]]
@@ -185,7 +188,17 @@ def effective_keys(structure: Structure, scores: np.ndarray, dead: np.ndarray, h
     if round_to > 1:
         avail = sizes - np.bincount(gid, weights=dead, minlength=len(sizes)).astype(np.int64)
         eff = _round_keys(key, cand, gid, avail, round_to)
+    if ties.any:  # a tie goes when its last member would: the mask specs remove only whole ties
+        eff = _tie_max(np.where(dead & elig_g[gid], -np.inf, eff), ties)
+        eff[~cand] = np.inf
     return eff, elig_g[gid], key
+
+
+def _tie_max(key: np.ndarray, ties: Ties) -> np.ndarray:
+    """Each unit's key replaced by the largest key of its tie."""
+    order = ties.order.numpy()
+    starts = np.concatenate([[0], ties.ends.numpy()[:-1]])
+    return np.maximum.reduceat(key[order], starts)[ties.seg.numpy()]
 
 
 def _round_keys(key: np.ndarray, cand: np.ndarray, gid: np.ndarray, avail: np.ndarray, round_to: int) -> np.ndarray:
@@ -357,13 +370,14 @@ def solve(structure: Structure, params: Mapping[str, torch.Tensor], *, target: f
           importance: str | torch.Tensor | Spec = "unit_l2", scope: str = DEFAULT_SCOPE,
           max_fraction: float | None = None, round_to: int | None = None, seed: int = 0,
           groups: str | Sequence[str] | None = None, weight_bits: Any = 32, act_bits: Any = 32,
-          normalize: str | None = DEFAULT_NORMALIZE, warn: bool = True) -> Solution:
+          normalize: str | None = DEFAULT_NORMALIZE, warn: bool = True, lossy: bool = False) -> Solution:
     """Like `solve_keep`, returning the keep-mask with the cost it reaches (a `Solution`)."""
     target, mf, rt = _check_options(structure, metric, target, scope, max_fraction, round_to)
     normalize = check_normalize(normalize, "solve_keep")
     scores, dead, has = unit_state(structure, params, importance, seed)
     key, elig, raw = effective_keys(structure, scores, dead, has, scope=scope, max_fraction=mf, round_to=rt,
-                                    groups=name_patterns(groups, "solve_keep: groups"), normalize=normalize)
+                                    groups=name_patterns(groups, "solve_keep: groups"), normalize=normalize,
+                                    lossy=lossy)
     cost = _cost_model(structure, metric, weight_bits, act_bits)
     gone = removable(structure, dead)
     finite = np.flatnonzero(np.isfinite(key))
@@ -392,11 +406,12 @@ def solve(structure: Structure, params: Mapping[str, torch.Tensor], *, target: f
         best = best_known if best_known is not None else before / cost.baseline
         raise TargetError(
             f"solve_keep: {metric} can go down to {best:.4f} of the baseline with scope={scope!r}, "
-            f"max_fraction={mf}, round_to={round_to} (prunable groups only); the target {target} is "
-            "out of reach: raise the target or max_fraction, or widen groups="
+            f"max_fraction={mf}, round_to={round_to}, lossy={lossy} (prunable groups only, whole grouped-conv ties); "
+            f"the target {target} is out of reach: raise the target or max_fraction, or widen groups="
         )
-    keep = ~(dead & elig)
-    keep[order[:n_removed]] = False
+    removed = dead & elig
+    removed[order[:n_removed]] = True
+    keep = ~whole_ties(removed, ties_of(structure))  # an already-zero unit tied to kept ones is kept
     if warn:
         warn_narrow(structure, keep)
     if best_known is None:  # the scan stopped early; the full removal's cost is only needed for reports
@@ -451,7 +466,10 @@ def solve_keep(structure: Structure, params: Mapping[str, torch.Tensor], *, targ
     eligible). `max_fraction`/`round_to`/`scope`/`normalize` mean what they mean for `ln_structured`, with the
     defaults of `wtcore.policy` (mean-normalized scores, at most 90% of a group removed by a global ranking;
     a `NarrowGroupWarning` when a group keeps less than 10% of its width, `warn=False` silences it); `seed` seeds
-    `importance="random"`. Options: `groups` (fnmatch patterns of the groups that may lose units),
+    `importance="random"`. Only masks that physical pruning carries out are chosen (`wtcore.realizable`): units
+    a grouped convolution ties go together, scored by their mean, and such a convolution keeps two output channels
+    per conv group; groups whose units a normalization mixes (`UnitGroup.lossy`) keep their units unless
+    `lossy=True`. Options: `groups` (fnmatch patterns of the groups that may lose units),
     `weight_bits`/`act_bits` (for `metric="bops"`: one int or one per op). The baseline is the dense original
     model's cost (`active_macs/baseline`, `structured_bops/baseline`, `active_params/numel`). Raises
     `TargetError` when the scope rules cannot reach the target.

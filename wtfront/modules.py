@@ -10,14 +10,14 @@ back to the stored tensors).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from wtcore.errors import WtError
-from wtcore.ir import Structure
+from wtcore.ir import Slice, Structure, UnitGroup
 
 __all__ = [
     "canonical_names",
@@ -28,6 +28,7 @@ __all__ = [
     "is_hf_conv1d",
     "owner",
     "reparametrized_params",
+    "slice_modules",
 ]
 
 _PARAMETRIZED = ".parametrizations."
@@ -38,6 +39,16 @@ def owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     (`model.layer1[0].conv1`, `"weight"`)."""
     path, _, leaf = name.rpartition(".")
     return (model.get_submodule(path) if path else model), leaf
+
+
+def slice_modules(model: nn.Module, structure: Structure, g: UnitGroup) -> Iterator[tuple[Slice, str, nn.Module]]:
+    """(slice, module name, module) for each slice of `g` whose owning module the model still has."""
+    for s in g.slices:
+        name = structure.param_map[s.param].module
+        try:
+            yield s, name, (model.get_submodule(name) if name else model)
+        except AttributeError:
+            continue
 
 
 def canonical_names(model: nn.Module) -> dict[int, str]:

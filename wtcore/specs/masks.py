@@ -23,7 +23,6 @@ import fnmatch
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import SpecError, StructureError
@@ -31,9 +30,10 @@ from ..ir import Slice, Structure
 from ..lang import Var
 from ..masking import as_unit_vector, slice_lookup, validate_amount
 from ..policy import DEFAULT_NORMALIZE, check_normalize, default_max_fraction
+from ..realizable import eligible_groups, group_caps, ties_of, unit_ties
 from ..spec import Context, define_spec
 
-__all__ = ["SCOPES", "isomorphism_key", "min_kept", "unit_ties"]
+__all__ = ["SCOPES", "isomorphism_key"]
 
 SCOPES = ("local", "global", "isomorphic")
 
@@ -69,70 +69,9 @@ def isomorphism_key(structure: Structure, group_name: str) -> tuple[Any, ...]:
     )
 
 
-def unit_ties(structure: Structure) -> torch.Tensor:
-    """For every unit, the smallest unit it must be removed with, `[num_units]` int64 (itself when free).
-
-    Physical pruning of a grouped (not depthwise) convolution keeps the *same* in-group positions in every
-    conv group (Torch-Pruning slices one weight shared by all groups): its input channels `g * per_group + j`
-    of every group `g` go together, and so, to keep the groups equal in size, do its output channels. Units
-    tied this way are ranked and removed as one (a structured mask removes a tie only when all of it is
-    selected), so every mask is one that physical pruning carries out with the same output.
-    """
-    n = structure.num_units
-    parent = np.arange(n)
-
-    def find(u: int) -> int:
-        while parent[u] != u:
-            parent[u] = parent[parent[u]]
-            u = int(parent[u])
-        return u
-
-    def tie(ids: np.ndarray, blocks: int) -> None:
-        cols = ids.reshape(blocks, -1)
-        for j in range(cols.shape[1]):
-            us = [int(u) for u in cols[:, j] if u >= 0]
-            for u in us[1:]:
-                a, b = find(us[0]), find(u)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-
-    grouped: dict[str, tuple[int, int]] = {}  # weight -> (conv groups, axis the groups split)
-    for g in structure.groups:
-        for s in g.slices:
-            shape = structure.param_map[s.param].shape
-            if s.groups > 1 and shape[s.group_axis] != s.groups:  # grouped, not depthwise
-                grouped[s.param] = (s.groups, s.group_axis)
-    for g in structure.groups:
-        off = structure.offsets[g.name]
-        for s in g.slices:
-            if s.param not in grouped:
-                continue
-            blocks, gaxis = grouped[s.param]
-            ids = s.unit_ids(off, -1)
-            if s.groups > 1 or s.axis == gaxis:  # an input slice (over the full input count) or the output rows
-                tie(ids, blocks)
-    roots = np.array([find(u) for u in range(n)], dtype=np.int64)
-    return torch.from_numpy(roots)
-
-
-def min_kept(structure: Structure) -> dict[str, int]:
-    """The fewest units a structured mask leaves in a group, for groups where that is more than one: two
-    output channels per conv group of a grouped convolution (one per group would make it depthwise-shaped,
-    `groups == out_channels`, which Torch-Pruning then couples as a depthwise conv)."""
-    grouped = {s.param: (s.groups, s.group_axis) for g in structure.groups for s in g.slices
-               if s.groups > 1 and structure.param_map[s.param].shape[s.group_axis] != s.groups}
-    out: dict[str, int] = {}
-    for g in structure.groups:
-        for s in g.slices:
-            if s.param in grouped and s.groups == 1 and s.axis == grouped[s.param][1]:
-                out[g.name] = max(out.get(g.name, 1), 2 * grouped[s.param][0])
-    return out
-
-
 def mask_outputs(per_param: bool = False, **_: Any) -> str | dict[str, str]:
     """A structured mask's outputs: the unit keep-vector, and with `per_param` every parameter's element mask."""
     return {"units": "unit", "*": "elements"} if per_param else "unit"
-
 
 
 class _Groups:
@@ -144,35 +83,8 @@ class _Groups:
     ) -> None:
         st = ctx.structure
         self.sizes = [g.size for g in st.groups]
-        if groups is not None:
-            matched = [g.name for g in st.groups if any(fnmatch.fnmatchcase(g.name, p) for p in groups)]
-            if not matched:
-                raise SpecError(f"{spec}: groups={groups!r} matches no unit group")
-            unprunable = [n for n in matched if not st.group_map[n].prunable]
-            if unprunable and len(unprunable) == len(matched):
-                raise SpecError(
-                    f"{spec}: groups={groups!r} matches only groups that are not prunable ({unprunable[:3]}: "
-                    f"{st.group_map[unprunable[0]].reason}); masks never remove their units"
-                )
-        wanted = [
-            g.prunable
-            and (groups is None or any(fnmatch.fnmatchcase(g.name, p) for p in groups))
-            and (only is None or g.name in only)
-            for g in st.groups
-        ]
-        self.eligible = [w and (lossy or not g.lossy) for g, w in zip(st.groups, wanted)]
-        if any(wanted) and not any(self.eligible):
-            g = next(g for g, w in zip(st.groups, wanted) if w)
-            raise SpecError(
-                f"{spec}: every group it may prune is mixed by a normalization ({g.name!r}: {g.lossy}), so zeroing "
-                "its units is not what removing them computes and physical pruning refuses them; pass lossy=True to "
-                "mask them anyway (and prune_units(..., strict=False), which changes the output)"
-            )
-        floor = min_kept(st)
-        self.caps = [
-            max(0, min(math.floor(max_fraction * g.size + 1e-9), g.size - floor.get(g.name, 1))) if e else 0
-            for g, e in zip(st.groups, self.eligible)
-        ]
+        self.eligible = eligible_groups(st, groups, spec, lossy=lossy, only=only)
+        self.caps = group_caps(st, self.eligible, max_fraction)
         if scope == "local":
             self.domain = [i for i in range(len(st.groups))]
         elif scope == "global":
@@ -230,8 +142,6 @@ def _structured_keep(
         raise SpecError(f"{spec}: round_to must be a positive int, got {round_to!r}")
     check_normalize(normalize, spec)
     st = ctx.structure
-    if not isinstance(lossy, bool):
-        raise SpecError(f"{spec}: lossy must be a bool, got {lossy!r}")
     info = _Groups(ctx, name_patterns(groups, f"{spec}: groups"), scope, float(max_fraction), spec, only, lossy)
     b = ctx.b
     if not any(info.eligible):  # nothing may be removed (e.g. a model whose only group is its output)
@@ -297,32 +207,32 @@ def _structured_keep(
 
 
 class _Ties:
-    """Compile-time constants of `unit_ties`: units sorted by tie, the ties' segment ends and sizes."""
+    """`wtcore.realizable.ties_of` as program constants, and the tie rules as program operations."""
 
     def __init__(self, ctx: Context) -> None:
         self.b = ctx.b
-        ties = unit_ties(ctx.structure)
-        n = ties.numel()
-        self.any = bool((ties != torch.arange(n)).any())
+        ties = ties_of(ctx.structure)
+        self.any = ties.any
         if not self.any:
             return
-        _, seg, sizes = torch.unique(ties, return_inverse=True, return_counts=True)
         b = self.b
-        self.order = b.const(torch.argsort(ties, stable=True), "units by tie")
-        self.ends = b.const(torch.cumsum(sizes, 0), "tie ends")
-        self.sizes = b.const(sizes, "tie sizes")
-        self.seg = b.const(seg, "tie of unit")
-        self.tied = b.const(sizes[seg] > 1, "tied units")
+        self.order = b.const(ties.order, "units by tie")
+        self.ends = b.const(ties.ends, "tie ends")
+        self.sizes = b.const(ties.sizes, "tie sizes")
+        self.seg = b.const(ties.seg, "tie of unit")
+        self.tied = b.const(ties.tied, "tied units")
 
     def shared_score(self, score: Var) -> Var:
-        """Each tied unit scored by its tie's mean (float64), free units by their own score."""
+        """`wtcore.realizable.tie_mean`: each tied unit scored by its tie's mean (float64), free units by their
+        own score."""
         b = self.b
         total = b.segment_sum_sorted(b.take(b.to_float64(score), self.order), self.ends)
         mean = b.take(b.div(total, b.to_float64(self.sizes)), self.seg)
         return b.where(self.tied, mean, b.to_float64(score))
 
     def whole(self, pruned: Var) -> Var:
-        """Units pruned only where their whole tie is (a tie cut by a count stays)."""
+        """`wtcore.realizable.whole_ties`: units pruned only where their whole tie is (a tie cut by a count
+        stays)."""
         b = self.b
         hits = b.segment_sum_sorted(b.to_long(b.take(pruned, self.order)), self.ends)
         return b.take(b.eq(hits, self.sizes), self.seg)
@@ -532,7 +442,7 @@ def custom(ctx: Context, keep: Any = None, per_param: bool = False) -> Var | dic
         raise SpecError(
             f"custom: keep removes unit {u - ctx.structure.offsets[g.name]} of group {g.name!r} but not the units "
             "a grouped convolution ties to it (the same in-group position in every conv group, which physical "
-            "pruning removes together); remove whole ties (wtcore.specs.masks.unit_ties)"
+            "pruning removes together); remove whole ties (wtcore.realizable.unit_ties)"
         )
     user = b.const(vec, "user mask")
     dead = b.logical_and(b.gt(ctx.params_per_unit(), 0), b.eq(b.unit_reduce("nnz", 0.0), 0))

@@ -181,6 +181,7 @@ def choose_keep(args: argparse.Namespace, structure: Any, params: dict[str, Any]
                 scope="local",
                 groups=tuple(glob.escape(n) for n in names),
                 round_to=args.round_to or 1,
+                lossy=args.allow_lossy,
             )
         else:
             with torch.no_grad():
@@ -192,6 +193,7 @@ def choose_keep(args: argparse.Namespace, structure: Any, params: dict[str, Any]
                 scope="local",
                 groups=tuple(glob.escape(n) for n in names),
                 round_to=args.round_to or 1,
+                lossy=args.allow_lossy,
             )
         with torch.no_grad():
             keep &= wtcore.compile(structure, [spec])(params)[spec.key].to(torch.bool)
@@ -217,6 +219,7 @@ def choose_keep(args: argparse.Namespace, structure: Any, params: dict[str, Any]
         weight_bits=args.weight_bits,
         act_bits=args.act_bits,
         warn=False,
+        lossy=args.allow_lossy,
     )
     keep &= sol.keep
     for group, kept, width in narrow_groups(structure, keep.numpy()):

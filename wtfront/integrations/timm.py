@@ -5,6 +5,10 @@ timm's fused path calls `scaled_dot_product_attention` without a scale (so 1/sqr
 are removed that would rescale the scores. The hook then installs, as an instance attribute (restorable by
 the pruning transaction, re-installed by `load_pruned`, whose fresh model has the original `scale`), the same
 forward passing `scale=self.scale`; it keeps the fused kernel, so costs still see attention matmuls.
+
+BEiT's `Attention` reads `qkv.weight` through `F.linear` and reshapes the heads' output to the input width; once
+heads are removed, `sync_beit_attention` installs `beit_attention_forward` the same way (the same forward,
+reshaping to `num_heads * head_dim`) and resizes the always-zero `k_bias` buffer.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["scaled_attention_forward", "sync_attention"]
+__all__ = ["beit_attention_forward", "scaled_attention_forward", "sync_attention", "sync_beit_attention"]
 
 
 def scaled_attention_forward(self: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -48,3 +52,44 @@ def sync_attention(m: nn.Module) -> None:
             m.forward = types.MethodType(scaled_attention_forward, m)
         else:  # the module's own unfused path multiplies by `scale`
             m.fused_attn = False
+
+
+def beit_attention_forward(self: nn.Module, x: torch.Tensor,
+                           shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """timm BEiT `Attention.forward` with the heads' output reshaped to `num_heads * head_dim` columns instead of
+    the input width, so it runs with fewer heads than the model width."""
+    b, n, _ = x.shape
+    if self.q_bias is None:
+        qkv = self.qkv(x)
+    else:
+        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = self.qkv(x) + qkv_bias if self.qkv_bias_separate else F.linear(x, self.qkv.weight, qkv_bias)
+    q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    rel = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
+    if shared_rel_pos_bias is not None:
+        rel = shared_rel_pos_bias if rel is None else rel + shared_rel_pos_bias
+    if self.fused_attn:
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=rel, dropout_p=self.attn_drop.p if self.training else 0.0)
+    else:
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = self.attn_drop((attn if rel is None else attn + rel).softmax(dim=-1))
+        x = attn @ v
+    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
+
+
+def sync_beit_attention(m: nn.Module) -> None:
+    """Re-derive `num_heads` of a BEiT attention from its `qkv` rows and its head size (`scale` is
+    head_dim ** -0.5), resize the zero `k_bias`, and, once heads are removed, install `beit_attention_forward`
+    as an instance attribute (the original reshapes to the input width)."""
+    qkv, scale = getattr(m, "qkv", None), getattr(m, "scale", None)
+    if not isinstance(qkv, nn.Linear) or not isinstance(scale, float) or scale <= 0:
+        return
+    hd = round(scale ** -2)
+    if hd <= 0 or qkv.out_features % (3 * hd):
+        return
+    m.num_heads = qkv.out_features // (3 * hd)
+    k_bias = getattr(m, "k_bias", None)
+    if m.num_heads * hd != m.proj.out_features:  # heads removed
+        if isinstance(k_bias, torch.Tensor):  # always zero and not saved: `load_pruned` leaves it uninitialized
+            m.register_buffer("k_bias", k_bias.new_zeros(m.num_heads * hd), persistent=False)
+        m.forward = types.MethodType(beit_attention_forward, m)

@@ -14,15 +14,16 @@ import torch.nn as nn
 from wtcore.errors import WtError
 from wtcore.ir import Structure, UnitGroup
 
-from ..modules import is_hf_conv1d
+from ..modules import slice_modules
 from ..tracing.budget import Budget, BudgetExceeded
 from ..tracing.graph import DependencyGraph
 from ..tracing.inputs import forward_outputs, normalize_inputs
+from ..tracing.lossy import group_lossy_reason, normalized_reason
 from ..tracing.state import tracing_state
-from .surgery import ir_lossy_reason, ir_surgery_groups
+from .surgery import ir_surgery_groups
 
-__all__ = ["PruneError", "check_fresh", "check_grouped_convs", "dependency_graph", "lossy_groups", "tied_tp_groups",
-           "tp_group", "tp_lossy_reason"]
+__all__ = ["PruneError", "check_fresh", "check_grouped_convs", "dependency_graph", "lossy_groups",
+           "removal_lossy_reason", "tied_tp_groups", "tp_group", "tp_lossy_reason"]
 
 
 class PruneError(WtError):
@@ -48,28 +49,27 @@ def _root(model: nn.Module, g: UnitGroup) -> Any:
             raise PruneError(f"group {g.name!r}: its root {g.root!r} is not in the model; re-trace it") from None
 
 
+def _root_channels(g: UnitGroup, root: Any, idxs: list[int]) -> list[int]:
+    """The root's out-channels of units `idxs`: the units themselves, unless a unit spans several of the root's
+    channels (units closed across a channel shuffle, `wtfront.tracing.balance`)."""
+    if not isinstance(root, (nn.Linear, nn.modules.conv._ConvNd)) or getattr(root, "transposed", False):
+        return idxs
+    s = next((s for s in g.slices if s.param == f"{g.root}.weight" and s.axis == 0 and s.groups == 1), None)
+    if s is None:
+        return idxs
+    units = s.unit_ids()
+    if len(units) <= g.size:
+        return idxs
+    return np.flatnonzero(np.isin(units, np.asarray(sorted(idxs), dtype=np.int64))).tolist()
+
+
 def tp_group(dg: DependencyGraph, model: nn.Module, g: UnitGroup, idxs: list[int]) -> Any:
     """Torch-Pruning's pruning group that removes units `idxs` of `g` (its root's out-channels)."""
     root = _root(model, g)
     pruner = dg.get_pruner_of_module(root)
     if pruner is None:
         raise PruneError(f"group {g.name!r}: Torch-Pruning has no pruning function for its root {g.root!r}")
-    return dg.get_pruning_group(root, pruner.prune_out_channels, _root_channels(g, root, pruner, idxs))
-
-
-def _root_channels(g: UnitGroup, root: Any, pruner: Any, units: list[int]) -> list[int]:
-    """The root's out-channels of `units`: the units themselves, unless several root channels form one unit
-    (`tracing.lowering`), which the root's out-axis slice maps."""
-    n = pruner.get_out_channels(root) if isinstance(root, nn.Module) else None
-    if n is None or n == g.size:
-        return list(units)
-    axis = 1 if (isinstance(root, nn.modules.conv._ConvNd) and root.transposed) or is_hf_conv1d(root) else 0
-    out = next((s for s in g.slices if s.param.rpartition(".")[0] == g.root and s.param.endswith("weight")
-                and s.axis == axis and s.groups == 1), None)
-    if out is None:
-        raise PruneError(f"group {g.name!r}: {g.size} units over {n} out-channels of its root {g.root!r}, but the "
-                         "root's out-axis is not in the group; re-trace the model")
-    return np.flatnonzero(np.isin(out.unit_ids(), np.asarray(units, dtype=np.int64))).tolist()
+    return dg.get_pruning_group(root, pruner.prune_out_channels, _root_channels(g, root, idxs))
 
 
 def tied_tp_groups(dg: DependencyGraph, structure: Structure, model: nn.Module, g: UnitGroup, idxs: list[int],
@@ -103,27 +103,30 @@ def tied_tp_groups(dg: DependencyGraph, structure: Structure, model: nn.Module, 
     return out
 
 
-_LOSSY_TYPES: tuple[tuple[type, str], ...] = (
-    (nn.LayerNorm, "LayerNorm {name!r} normalizes over its units (zeroing a unit changes the mean and variance "
-                   "of the others; removing it does not)"),
-    (nn.GroupNorm, "GroupNorm {name!r} normalizes over groups of its units"),
-    (nn.MultiheadAttention, "MultiheadAttention {name!r}: its scaling follows head_dim, which pruning its "
-                            "embedding dimension changes"),
-)
-
-
 def tp_lossy_reason(group: Any, names: Mapping[int, str]) -> str | None:
     """Why removing the channels of a Torch-Pruning group is not the same function as zeroing them (a norm
     over them, attention scaling), or None."""
     for item in group:
         mod = item.dep.target.module
-        for t, msg in _LOSSY_TYPES:
-            if isinstance(mod, t):
-                return msg.format(name=names.get(id(mod), type(mod).__name__))
-        if isinstance(mod, nn.Module) and type(mod).__name__.endswith("RMSNorm"):  # nn.RMSNorm, LlamaRMSNorm, ...
-            return (f"{type(mod).__name__} {names.get(id(mod), '?')!r} normalizes over its units (zeroing a unit "
-                    "changes the root mean square of the others; removing it does not)")
+        if isinstance(mod, nn.Module):
+            why = normalized_reason(mod, names.get(id(mod), type(mod).__name__))
+            if why:
+                return why
     return None
+
+
+def removal_lossy_reason(
+    model: nn.Module, structure: Structure, dg: DependencyGraph, names: Mapping[int, str], gname: str,
+    idxs: list[int], ir_cut: bool,
+) -> str | None:
+    """Why removing units `idxs` of group `gname` is not the same function as zeroing them, or None; groups cut
+    from the IR (`ir_cut`) are read from their slices only, others also from Torch-Pruning's group."""
+    g = structure.group_map[gname]
+    if not ir_cut:
+        why = tp_lossy_reason(tp_group(dg, model, g, idxs), names)
+        if why:
+            return why
+    return group_lossy_reason(model, structure, g) or None
 
 
 def lossy_groups(
@@ -140,11 +143,7 @@ def lossy_groups(
             ir = ir_surgery_groups(model, structure, [g.name for g in structure.groups if g.prunable])
             for g in structure.groups:
                 if g.prunable:
-                    if g.name in ir:
-                        reason = ir_lossy_reason(model, structure, g.name)
-                    else:
-                        reason = (tp_lossy_reason(tp_group(dg, model, g, [0]), names)
-                                  or ir_lossy_reason(model, structure, g.name))
+                    reason = removal_lossy_reason(model, structure, dg, names, g.name, [0], g.name in ir)
                     if reason:
                         out[g.name] = reason
             return out
@@ -157,12 +156,7 @@ def check_grouped_convs(model: nn.Module, structure: Structure, removed: Mapping
     for gname, units in removed.items():
         g = structure.group_map[gname]
         gone = set(units)
-        for s in g.slices:
-            p = structure.param_map[s.param]
-            try:
-                m = model.get_submodule(p.module) if p.module else model
-            except AttributeError:
-                continue
+        for s, mname, m in slice_modules(model, structure, g):
             if not isinstance(m, nn.modules.conv._ConvNd) or m.groups == 1:
                 continue
             if m.groups == m.out_channels and not m.transposed:
@@ -171,7 +165,7 @@ def check_grouped_convs(model: nn.Module, structure: Structure, removed: Mapping
             hit = torch.tensor([int(u) in gone for u in idx.tolist()], dtype=torch.bool) & (idx >= 0)
             if not bool(hit.any()):
                 continue
-            where = f"group {gname!r} removes channels of grouped convolution {p.module!r} (groups={m.groups})"
+            where = f"group {gname!r} removes channels of grouped convolution {mname!r} (groups={m.groups})"
             if m.transposed:
                 raise PruneError(f"{where}: Torch-Pruning cannot prune grouped transposed convolutions; pass the "
                                  f"module in ignore= when tracing")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
-from ..integrations import timm, torch_mha, transformers
+from ..integrations import timm, torch_mha, torchvision, transformers
 
 __all__ = ["BUILTIN_HOOKS", "MetadataHook", "register_metadata_hook", "sync_metadata"]
 
@@ -80,6 +80,8 @@ BUILTIN_HOOKS: tuple[tuple[type | str, MetadataHook], ...] = (
     ("torchvision.models.efficientnet.FusedMBConv", _last_conv_out_channels),
     ("timm.layers.attention.Attention", timm.sync_attention),
     ("timm.models.vision_transformer.Attention", timm.sync_attention),
+    ("timm.models.beit.Attention", timm.sync_beit_attention),
+    ("torchvision.models.swin_transformer.ShiftedWindowAttention", torchvision.sync_window_attention),
     (nn.MultiheadAttention, torch_mha.sync_mha),
     (nn.Module, transformers.sync_attention),  # any module with q/k/v projections or GPT-2's c_attn
     ("transformers.modeling_utils.PreTrainedModel", transformers.sync_config),

@@ -46,14 +46,14 @@ from .checks import (
     check_fresh,
     check_grouped_convs,
     dependency_graph,
+    removal_lossy_reason,
     tied_tp_groups,
     tp_group,
-    tp_lossy_reason,
 )
 from .masks import as_keep, view_zero_units
 from .metadata import sync_metadata
 from .snapshot import Snapshot
-from .surgery import ir_lossy_reason, ir_surgery_groups, remove_units
+from .surgery import ir_surgery_groups, remove_units
 
 __all__ = ["prune_units", "prune_zero_units"]
 
@@ -180,14 +180,8 @@ def prune_units(
             phase = "collecting the pruning groups"
             lossy = {}
             heads = {g: removed[g] for g in ir_surgery_groups(model, structure, removed)}
-            for gname, us in removed.items():
-                if gname in heads:  # cut from the IR below: Torch-Pruning does not know heads (nor Conv1D)
-                    reason = ir_lossy_reason(model, structure, gname)
-                    if reason:
-                        lossy[gname] = reason
-                    continue
-                reason = (tp_lossy_reason(tp_group(dg, model, structure.group_map[gname], us), names)
-                          or ir_lossy_reason(model, structure, gname))
+            for gname, us in removed.items():  # heads are cut from the IR: Torch-Pruning knows neither them nor Conv1D
+                reason = removal_lossy_reason(model, structure, dg, names, gname, us, gname in heads)
                 if reason:
                     lossy[gname] = reason
             if lossy and strict:

@@ -14,7 +14,7 @@ from wtcore.ir import Structure
 from ..modules import is_hf_conv1d, owner
 from ..tracing.units import HEAD_KINDS
 
-__all__ = ["ir_lossy_reason", "ir_surgery_groups", "remove_units"]
+__all__ = ["ir_surgery_groups", "remove_units"]
 
 
 def ir_surgery_groups(model: nn.Module, structure: Structure, names: Iterable[str]) -> set[str]:
@@ -31,20 +31,6 @@ def ir_surgery_groups(model: nn.Module, structure: Structure, names: Iterable[st
         if g.kind in HEAD_KINDS or any(s.param in conv_params for s in g.slices):
             out.add(gname)
     return out
-
-
-def ir_lossy_reason(model: nn.Module, structure: Structure, gname: str) -> str | None:
-    """Why removing units of a group cut from the IR is not the same function as zeroing them (a LayerNorm or
-    GroupNorm normalizes over them), or None."""
-    for s in structure.group_map[gname].slices:
-        mod_name = structure.param_map[s.param].module
-        try:
-            m = model.get_submodule(mod_name) if mod_name else model
-        except AttributeError:
-            continue
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or type(m).__name__.endswith("RMSNorm"):
-            return f"{type(m).__name__} {mod_name!r} normalizes over its units (zeroing a unit changes the statistics)"
-    return None
 
 
 @torch.no_grad()

@@ -4,9 +4,9 @@ Torch-Pruning couples a transformer's q/k/v rows and output-projection columns r
 that `head_dim` consecutive rows of q, k and v form one head, nor that under grouped-query attention one
 KV head serves `n_rep` query heads. `discover_attention` reads the layout from the modules (timm `Attention`
 with a fused `qkv`, `nn.MultiheadAttention`, Hugging Face self-attention with separate `q_proj/k_proj/v_proj`
-or `query/key/value`, GPT-2's fused `Conv1D` `c_attn`, a separate `q` with a fused `kv` as in PVT-v2): where
-each head's rows and columns are, and how many query and KV heads there are. `wtfront.tracing.units` makes
-them the IR's units.
+or `query/key/value`, GPT-2's fused `Conv1D` `c_attn`, a fused `qkv` read functionally as in Swin and BEiT, a
+separate `q` with a fused `kv` as in PVT-v2): where each head's rows and columns are, and how many query and KV
+heads there are. `wtfront.tracing.units` makes them the IR's units.
 """
 
 from __future__ import annotations
@@ -30,12 +30,15 @@ HeadOverride = int | tuple[int, int] | None
 @dataclass(frozen=True)
 class Segment:
     """`count * head_dim` consecutive positions of `param` along `axis`, from `offset`: head `i` of `role`
-    (q, k, v, or o for the output projection's input) owns positions `offset + i*head_dim ...`."""
+    (q, k, v, or o for the output projection's input) owns positions `offset + i*head_dim ...`. A per-head
+    table (role "b", e.g. a relative-position bias with one column per head) sets `width` (positions per
+    head) instead of the head size."""
 
     param: str
     axis: int
     offset: int
     role: str
+    width: int = 0  # positions per head; 0: head_dim
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,9 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
     fused = _fused_qkv_proj(name, m, canon, override) or _q_and_fused_kv(name, m, canon, override)
     if fused is not None:
         return fused
+    functional = _functional_qkv(name, m, canon, override)
+    if functional is not None:
+        return functional
     c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
     if is_hf_conv1d(c_attn) and (isinstance(c_proj, nn.Linear) or is_hf_conv1d(c_proj)):
         if getattr(m, "is_cross_attention", False):
@@ -286,6 +292,59 @@ def _q_and_fused_kv(name: str, m: nn.Module, canon: Mapping[int, str], override:
     blocked = (f"attention {name!r} (separate q, fused kv) reshapes its heads' output to its input width and "
                "splits kv by its recorded head_dim, so removing heads would break its forward: its heads stay whole")
     return AttentionLayout(name, "q_kv", nh, nkv, hd, tuple(segs), ((_pname(canon, q.weight), 1),), blocked)
+
+
+#: why heads of a `functional_qkv` layout stay whole
+_FUNCTIONAL_REASON = (
+    "attention {name!r} reads its qkv weight outside the qkv module (F.linear on qkv.weight, or a function "
+    "given the weights) and records no head size: such forwards derive the head size from, or reshape the heads' "
+    "output to, the input width (as torchvision's shifted_window_attention and timm BEiT do, whose forwards wt "
+    "replaces), so removing heads could break it; its heads are units of the IR but not prunable"
+)
+
+
+#: attention classes read functionally whose forward wt replaces once heads are removed (the hooks of
+#: `wtfront.prune.metadata`): their heads are prunable
+_HEAD_FORWARDS = frozenset({"timm.models.beit.Attention", "torchvision.models.swin_transformer.ShiftedWindowAttention"})
+
+
+def _functional_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
+                    ) -> AttentionLayout | None:
+    """A fused `qkv` Linear [3*A, C] and `proj` Linear [C', A] with `num_heads` but no recorded head size
+    (torchvision `ShiftedWindowAttention`, timm BEiT `Attention`): q, k and v rows in that order, each head's
+    `A / num_heads` rows consecutive. Also per head: 2-D parameters of the module with one column per head
+    (relative-position bias tables) and BEiT's separate `q_bias`/`v_bias`. `apply_attention_units` keeps the
+    layout only where the trace shows the qkv weight is read functionally (Torch-Pruning couples none of its
+    axes). Its heads are prunable only for classes whose forward wt replaces after pruning (`_HEAD_FORWARDS`:
+    BEiT, whose head size is `scale ** -2`, and torchvision's Swin v1); otherwise not (`_FUNCTIONAL_REASON`)."""
+    qkv, proj, nh0 = getattr(m, "qkv", None), getattr(m, "proj", None), _int_attr(m, "num_heads")
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)) or nh0 is None:
+        return None
+    if _int_attr(m, "head_dim") is not None or qkv.out_features != 3 * proj.in_features:
+        return None
+    a = proj.in_features
+    if override is None and a % nh0:
+        return None
+    nh, nkv, hd = _heads_from(name, a, None, override, nh0)
+    if nkv != nh:
+        return None
+    segs = [Segment(p, 0, off, r) for off, r in ((0, "q"), (a, "k"), (2 * a, "v")) for t in (qkv.weight, qkv.bias)
+            if (p := _pname(canon, t)) is not None]
+    segs += [Segment(p, 1, 0, "o")] if (p := _pname(canon, proj.weight)) is not None else []
+    for n, t in m.named_parameters(recurse=False):
+        p = _pname(canon, t)
+        if p is None:
+            continue
+        if t.dim() == 2 and t.shape[1] == nh:  # one column per head: a relative-position bias table
+            segs.append(Segment(p, 1, 0, "b", width=1))
+        elif n in ("q_bias", "v_bias") and t.shape == (a,):
+            segs.append(Segment(p, 0, 0, n[0]))
+    scale = getattr(m, "scale", None)
+    known = (f"{type(m).__module__}.{type(m).__qualname__}" in _HEAD_FORWARDS and override is None
+             and (scale is None or (isinstance(scale, float) and scale > 0 and round(scale ** -2) == hd)))
+    blocked = "" if known else _FUNCTIONAL_REASON.format(name=name)
+    return AttentionLayout(name, "functional_qkv", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
+                           blocked)
 
 
 def discover_attention(model: nn.Module, heads: Mapping[str, HeadOverride] | None = None) -> list[AttentionLayout]:

@@ -39,6 +39,7 @@ from .nodes import nearest_named
 from .state import gc_paused, tracing_state
 from .ties import merge_tied_groups
 from .units import DEFAULT_UNITS, apply_attention_costs, apply_attention_units
+from .widths import attach_attention_widths
 
 __all__ = ["OutsideGroups", "trace"]
 
@@ -93,11 +94,13 @@ def trace(
     (a ViT's hidden dimension is rooted at the patch embedding, not at the last MLP where TP starts). Groups
     are ordered by their root's position in `model.named_modules()`, named `"<root>.out"`, of kind "channel"
     for conv roots and "feature" otherwise. A group is not prunable, with a `reason`, when its channels reach
-    a model output through parameter-free ops only (`OUTPUT_REASON`), or pass through a channel shuffle
-    (`SHUFFLE_REASON`, ShuffleNet). Parameters are named canonically by tensor identity (first name from
-    `named_parameters(remove_duplicate=False)`; later names are aliases), so a tied weight appears once and
-    its slices from both modules are merged per axis. With `costs=True` (default) `Structure.ops` holds the
-    cost ops of `wtfront.costs.macs` (one more forward pass); with `costs=False` it is empty.
+    a model output through parameter-free ops only (`OUTPUT_REASON`), or pass through channel shuffles
+    whose chunks no removal keeps even (`balance.SHUFFLE_REASON`, ShuffleNetV2); a group walked through a
+    shuffle has units of several root channels (`balance`). Parameters are named canonically by tensor
+    identity (first name from `named_parameters(remove_duplicate=False)`; later names are aliases), so a tied
+    weight appears once and its slices from both modules are merged per axis. With `costs=True` (default)
+    `Structure.ops` holds the cost ops of `wtfront.costs.macs` (one more forward pass); with `costs=False` it is
+    empty.
 
     A module (or unwrapped parameter) coupled to a group whose channels Torch-Pruning mis-maps — indices out
     of range, one entry coupled to two units, parameters its pruner ignores, a type without a pruner — is a
@@ -135,7 +138,8 @@ def trace(
             structure = Lowering(model, dg, ignored, roots).run(tp_groups, model_name)
             budget.phase = "discovering attention heads"
             units = tuple(DEFAULT_UNITS if units is None else units)
-            structure, layouts = apply_attention_units(structure, model, units, heads)
+            structure, layouts = apply_attention_units(structure, model, units, heads, inputs)
+            structure = attach_attention_widths(structure, model, layouts, inputs)
             structure = merge_tied_groups(add_fused_groups(structure, model, fused))  # a tied axis: one group
             structure = mark_lossy(structure, model)
             release_graph(dg)

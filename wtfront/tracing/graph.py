@@ -1,6 +1,6 @@
 """Torch-Pruning's dependency graph, with wt's fixes: negative saved dims normalized (Torch-Pruning issue #532),
-channel shuffles cut, rotate_half marked, a pruner for Hugging Face's `Conv1D`, phases reported to the budget;
-and which layers must not root a group."""
+channel shuffles modelled as permutations, rotate_half marked, a pruner for Hugging Face's `Conv1D`, phases reported
+to the budget; and which layers must not root a group."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops as tp_ops
+from torch_pruning.dependency import index_mapping as tp_im
 from torch_pruning.dependency.node import Node
 
 from ..modules import is_hf_conv1d
@@ -17,20 +18,24 @@ from .budget import Budget
 from .constant import recording_constant_inputs
 from .nodes import UNSIGNED_WRAP, saved_dim, saved_sizes
 from .rotary import rotate_half_nodes
-from .shuffle import cut_channel_shuffles
+from .shuffle import find_channel_shuffles, model_channel_shuffles
 from .splits import fix_split_sizes
 
-__all__ = ["DependencyGraph", "HFConv1DPruner", "fused_linears", "normalized_dim", "release_graph"]
+__all__ = ["DependencyGraph", "HFConv1DPruner", "chunk_sizes", "concat_index_mapping", "fused_linears",
+           "normalized_dim", "release_graph"]
 
 
 class _GradFnView:
-    """A grad_fn stand-in whose `_saved_dim` is normalized; everything else is read from the real node."""
+    """A grad_fn stand-in whose `_saved_dim` is normalized (and, for a chunk, with `_saved_split_sizes`);
+    everything else is read from the real node."""
 
-    __slots__ = ("_fn", "_saved_dim")
+    __slots__ = ("_fn", "_saved_dim", "_saved_split_sizes")
 
-    def __init__(self, fn: Any, dim: int) -> None:
+    def __init__(self, fn: Any, dim: int, split_sizes: Sequence[int] | None = None) -> None:
         self._fn = fn
         self._saved_dim = dim
+        if split_sizes is not None:
+            self._saved_split_sizes = tuple(split_sizes)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fn, name)
@@ -61,6 +66,66 @@ def normalized_dim(node: Node) -> int | None:
     return signed + rank
 
 
+def chunk_sizes(node: Node) -> list[int] | None:
+    """The piece sizes of a `chunk` (or `split` by one size) node, with the node's outputs put in piece order, or
+    None (left to Torch-Pruning) when not every piece feeds exactly one distinct node. Torch-Pruning reads
+    `_saved_self_sizes`, which torch 2.x calls `_saved_self_sym_sizes`, so it guesses chunk sizes by shape
+    inference (ShuffleNetV2: [192, 96] for a chunk of 192 channels), and it pairs the i-th output node it traced
+    with the i-th piece; the piece each output reads is the output number in its grad_fn's `next_functions`."""
+    fn = node.grad_fn
+    real = getattr(fn, "_fn", fn)
+    if not (hasattr(real, "name") and real.name().startswith("SplitBackward")):
+        return None
+    size, sizes = getattr(real, "_saved_split_size", None), saved_sizes(real)
+    if size is None or sizes is None or int(size) <= 0:
+        return None
+    dim = saved_dim(getattr(fn, "_saved_dim", 0), len(sizes))
+    if dim >= len(sizes):
+        return None
+    total, size = int(sizes[dim]), int(size)
+    pieces = [min(size, total - start) for start in range(0, total, size)]
+    piece_of: dict[Node, int] = {}
+    for out in node.outputs:
+        nrs = {nr for f, nr in getattr(out.grad_fn, "next_functions", ()) if f is real}
+        if len(nrs) != 1:
+            return None
+        piece_of[out] = nrs.pop()
+    if sorted(piece_of.values()) != list(range(len(pieces))):
+        return None
+    node.outputs.sort(key=piece_of.__getitem__)
+    return pieces
+
+
+def concat_index_mapping(node: Node) -> None:
+    """Torch-Pruning's concat index mappings for a channel concat, from the sizes autograd recorded for its inputs.
+    Torch-Pruning infers the sizes by shape inference and skips the concat when the inferred output width
+    disagrees (across a channel shuffle it can), which leaves every input mapped to the first channels."""
+    fn = node.grad_fn
+    real = getattr(fn, "_fn", fn)
+    nexts = [(f, nr) for f, nr in getattr(real, "next_functions", ()) if f is not None]
+    try:
+        rank = len(nexts[0][0]._input_metadata[nexts[0][1]].shape)
+        if saved_dim(getattr(fn, "_saved_dim", -1), rank) != 1 or not node.enable_index_mapping:
+            return
+        sizes = [int(f._input_metadata[nr].shape[1]) for f, nr in nexts]
+    except Exception:  # private autograd metadata: leave the concat to Torch-Pruning
+        return
+    fns = [getattr(i.grad_fn, "_fn", i.grad_fn) for i in node.inputs]
+    if len(fns) != len(nexts) or any(g is not f for g, (f, _) in zip(fns, nexts)):
+        return  # inputs not one node per concatenated tensor, in order
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    node.module.concat_sizes, node.module.offsets = sizes, offsets
+    for i, inp in enumerate(node.inputs):
+        for dep in node.dependencies:
+            if dep.target is inp:
+                dep.index_mapping[1] = tp_im._ConcatIndexMapping(offset=offsets[i: i + 2], reverse=True)
+        for dep in inp.dependencies:
+            if dep.target is node:
+                dep.index_mapping[1] = tp_im._ConcatIndexMapping(offset=offsets[i: i + 2], reverse=False)
+
+
 class DependencyGraph(tp.DependencyGraph):
     """TP's graph, reporting its phase to the budget and normalizing negative saved dims right after the
     forward trace (before TP derives concat/split index mappings from them)."""
@@ -68,7 +133,7 @@ class DependencyGraph(tp.DependencyGraph):
     def __init__(self, budget: Budget) -> None:
         super().__init__()
         self._budget = budget
-        self.barriers: set[Node] = set()
+        self.shuffles: list[tuple[list[Node], int, int]] = []
         self.rotary: set[Node] = set()
         self.splits: set[Node] = set()
         self.constant_inputs: set[nn.Module] = set()  # layers reading neither a parameter nor a model input
@@ -79,7 +144,12 @@ class DependencyGraph(tp.DependencyGraph):
         columns of `c_attn.weight` (its out features) instead of its rows."""
         for t in {type(m) for m in model.modules() if is_hf_conv1d(m)}:
             self.register_customized_layer(t, HFConv1DPruner())
-        return super().build_dependency(model, *args, **kwargs)
+        super().build_dependency(model, *args, **kwargs)
+        for node in {i for chain, _, _ in self.shuffles for i in chain[0].inputs}:
+            if node.type == tp_ops.OPTYPE.CONCAT and node.module.offsets is None:
+                concat_index_mapping(node)
+        model_channel_shuffles(self.shuffles)
+        return self
 
     def _trace(self, model: nn.Module, example_inputs: Any, forward_fn: Any, output_transform: Any) -> dict:
         self._budget.phase = "running the example forward pass and reading its autograd graph"
@@ -92,9 +162,16 @@ class DependencyGraph(tp.DependencyGraph):
                     node.grad_fn = _GradFnView(node.grad_fn, dim)
                     if isinstance(node.module, tp_ops._SliceOp):
                         node.module.dim = dim
-        self.barriers = cut_channel_shuffles(module2node)
+        self.shuffles = find_channel_shuffles(module2node)
+        balanced = {o for chain, _, _ in self.shuffles for o in chain[-1].outputs}
+        for node in balanced:  # ShuffleNet's chunks
+            pieces = chunk_sizes(node) if node.type == tp_ops.OPTYPE.SPLIT else None
+            if pieces is not None:
+                fn = node.grad_fn
+                real = getattr(fn, "_fn", fn)
+                node.grad_fn = _GradFnView(real, saved_dim(fn._saved_dim, len(saved_sizes(real))), pieces)
         self.rotary = rotate_half_nodes(module2node)
-        self.splits = fix_split_sizes(module2node)
+        self.splits = fix_split_sizes(module2node, balanced)  # the other channel splits
         self._budget.phase = "building dependencies and index mappings (Torch-Pruning)"
         return module2node
 

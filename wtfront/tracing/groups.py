@@ -5,8 +5,10 @@ mapping of the graph for each group, and carries one `_HybridIndex` namedtuple p
 dependency: 18 ms on ResNet-50, 0.8 s on DenseNet-121, often more than TP's own graph build. This module
 does the same walk with the same semantics (same triggers, index mappings, de-duplication and merging,
 see `DependencyGraph.get_pruning_group` and `Group.add_and_merge` in torch_pruning 1.6), with indices as
-numpy arrays. TP's known index-mapping classes are applied vectorized; any other mapping is called as TP
-would, on `_HybridIndex` lists.
+numpy arrays. TP's known index-mapping classes are applied vectorized, and so is a mapping with a `map_arrays`
+method (wt's `shuffle.ShuffleMapping`); any other mapping is called as TP would, on `_HybridIndex` lists. A walk
+that meets a channel shuffle becomes a channel walk whose units `balance` closes (`_coupled_group`), which goes
+beyond TP: its walk there relabels units and leaves the chunks after the shuffle uneven.
 
 The walk is bounded (`WalkLimits`): on some graphs TP's index mappings diverge (Swin's relative-position
 bias path has reshapes TP reads as flattens, and each pass around the cycle multiplies the index set by 32,
@@ -27,6 +29,8 @@ from torch_pruning.dependency import index_mapping as tp_im
 from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.pruner import function as tp_fn
 
+from .balance import Closed, close_units
+
 __all__ = ["MAX_CONTAINED", "Group", "GroupItem", "WalkDiverged", "WalkLimits", "all_groups", "in_range",
            "pruning_group"]
 
@@ -41,14 +45,17 @@ class Group(list):
 
     cut_at: list[Any]
     diverged_at: list[Any]  # nodes where the walk diverged and was stopped (`all_groups(..., contain=True)`)
+    closed: Closed | None  # units closed and balanced across channel shuffles (root_idxs are then those units)
     # (a, b) root-index arrays: unit a[k] and unit b[k] reach one channel of some layer, so they are one unit
     same_units: list[tuple[np.ndarray, np.ndarray]]
 
     def __init__(self, items: Sequence[GroupItem] = (), cut_at: Sequence[Any] = (),
-                 diverged_at: Sequence[Any] = (), same_units: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> None:
+                 diverged_at: Sequence[Any] = (), closed: Closed | None = None,
+                 same_units: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> None:
         super().__init__(items)
         self.cut_at = list(cut_at)
         self.diverged_at = list(diverged_at)
+        self.closed = closed
         self.same_units = list(same_units)
 
 
@@ -87,7 +94,11 @@ class GroupItem:
 
 
 def _apply(mapping: Any, idx: np.ndarray, root: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One TP index mapping on (idx, root) arrays, vectorized for TP's own mapping classes."""
+    """One TP index mapping on (idx, root) arrays, vectorized for TP's own mapping classes and for mappings with a
+    `map_arrays` method (wt's, e.g. `shuffle.ShuffleMapping`)."""
+    map_arrays = getattr(mapping, "map_arrays", None)
+    if map_arrays is not None:
+        return map_arrays(idx, root)
     if isinstance(mapping, (tp_im._ConcatIndexMapping, tp_im._SplitIndexMapping)):
         lo = mapping.offset[0]
         if mapping.reverse == isinstance(mapping, tp_im._ConcatIndexMapping):  # this direction narrows
@@ -125,7 +136,8 @@ def pruning_group(
 
     The caller must have run `index_mapping.update_index_mapping(dg)` once (TP does it on every call).
     Raises `WalkDiverged` when an index set or the group outgrows `limits` (default `WalkLimits()`). The walk
-    does not enter `blocked` nodes.
+    does not enter `blocked` nodes. Through a channel shuffle the group's units are closed and balanced
+    (`Group.closed`): its `root_idxs` are those units, several channels of the root each.
     """
     limits = limits or WalkLimits()
     total = n
@@ -152,6 +164,8 @@ def pruning_group(
                 if mapping is not None:
                     if isinstance(mapping, tp_im._GQAIndexMapping) and not mapping.reverse and nidx.size:
                         cut_at.append(new_dep.target)
+                    if getattr(mapping, "couples_channels", False):  # a channel shuffle: root ids no longer
+                        return _coupled_group(dg, root_dep, n, limits, blocked)  # name units
                     nidx, nroot = _apply(mapping, nidx, nroot)
             if nidx.size == 0:
                 continue
@@ -172,6 +186,74 @@ def pruning_group(
             stack.append((new_dep, nidx, nroot))
     same: list[tuple[np.ndarray, np.ndarray]] = []
     return Group(_merge(dg, items, same), cut_at, same_units=same)
+
+
+def _coupled_group(dg: Any, root_dep: Dependency, n: int, limits: WalkLimits, blocked: frozenset) -> Group:
+    """The group of a walk that meets a channel-coupling mapping (`shuffle.ShuffleMapping`), with units closed
+    and balanced (`balance.close_units`).
+
+    Root ids cannot name units there (a channel is reached from several roots, and every path around the
+    shuffles' cycles relabels them), so this walks channels instead: each (node, handler, channel) is a vertex,
+    visited once, and every index mapping an edge; the atoms are the connected components. Every channel of each
+    shuffle met is walked too, so the group holds all of the chunks' pieces whichever layer roots it."""
+    keys: dict[tuple[Any, Any], int] = {}
+    deps: list[Dependency] = []
+    reached: list[np.ndarray] = []  # per key: vertex id of each channel, -1 if not reached
+    edges: list[tuple[np.ndarray, np.ndarray]] = []
+    count = [0]
+
+    def visit(dep: Dependency, idx: np.ndarray) -> np.ndarray:
+        """Vertex ids of `idx` at dep's (target, handler); queues the channels not reached before."""
+        key = (dep.target, dep.handler)
+        k = keys.get(key)
+        if k is None:
+            k = keys[key] = len(deps)
+            deps.append(dep)
+            reached.append(np.full(0, -1, dtype=np.int64))
+        if idx.size and int(idx.max()) >= limits.max_index:
+            raise WalkDiverged(root_dep.target.module, dep.target, "channel index", int(idx.max()), limits.max_index)
+        ids = reached[k]
+        if idx.size and int(idx.max()) >= ids.size:
+            ids = reached[k] = np.concatenate([ids, np.full(int(idx.max()) + 1 - ids.size, -1, dtype=np.int64)])
+        new = np.unique(idx[ids[idx] < 0])
+        ids[new] = np.arange(count[0], count[0] + new.size)
+        count[0] += new.size
+        if count[0] > limits.max_total:
+            raise WalkDiverged(root_dep.target.module, dep.target, "index entries of the group", count[0],
+                               limits.max_total)
+        if new.size:
+            queue.append((dep, new))
+        return ids[idx]
+
+    queue: list[tuple[Dependency, np.ndarray]] = []
+    visit(root_dep, np.arange(n, dtype=np.int64))
+    seeded: set[Any] = set()
+    while queue:
+        while queue:
+            dep, cur = queue.pop()
+            src = reached[keys[(dep.target, dep.handler)]][cur]
+            for new_dep in dep.target.dependencies:
+                if not new_dep.is_triggered_by(dep.handler) or new_dep.target in blocked:
+                    continue
+                nidx, nsrc = cur, src
+                for mapping in new_dep.index_mapping:
+                    if mapping is not None:
+                        if getattr(mapping, "couples_channels", False):
+                            for end in (new_dep.source, new_dep.target):
+                                if end not in seeded:
+                                    seeded.add(end)
+                                    fn = dg.get_pruner_of_module(end.module).prune_out_channels
+                                    visit(Dependency(fn, fn, source=end, target=end),
+                                          np.arange(mapping.channels, dtype=np.int64))
+                        nidx, nsrc = _apply(mapping, nidx, nsrc)
+                if nidx.size:
+                    edges.append((nsrc, visit(new_dep, nidx)))
+    items = []
+    for k, dep in enumerate(deps):
+        idx = np.flatnonzero(reached[k] >= 0)
+        items.append((dep, idx, reached[k][idx]))
+    closed = close_units(dg, items, count[0], edges)
+    return Group(_merge(dg, [(dep, idx, closed.unit[v]) for dep, idx, v in items]), closed=closed)
 
 
 def _merge(dg: Any, items: Sequence[tuple[Dependency, np.ndarray, np.ndarray]],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from wtcore.errors import TraceError
 
-__all__ = ["check_devices", "forward_outputs", "iter_tensors", "normalize_inputs", "split_inputs"]
+__all__ = ["called_modules", "check_devices", "forward_outputs", "iter_tensors", "normalize_inputs", "split_inputs"]
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[Any, ...] | dict[str, Any]:
@@ -48,6 +48,21 @@ def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from iter_tensors(v)
+
+
+def called_modules(model: nn.Module, inputs: tuple[Any, ...] | dict[str, Any], names: Collection[str]) -> set[str]:
+    """Which of the named modules one forward pass on `inputs` (no grad) calls: a module whose weight the
+    forward reads directly (`F.linear(x, self.qkv.weight)`) is never called."""
+    called: set[str] = set()
+    handles = [m.register_forward_pre_hook(lambda *_, n=n: called.add(n))
+               for n, m in model.named_modules() if n in names]
+    try:
+        with torch.no_grad():
+            model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return called
 
 
 def check_devices(model: nn.Module, inputs: Any) -> None:

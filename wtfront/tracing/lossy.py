@@ -15,13 +15,15 @@ import torch.nn as nn
 
 from wtcore.ir import Structure, UnitGroup
 
+from ..modules import slice_modules
 from .units import HEAD_KINDS
 
-__all__ = ["mark_lossy", "normalized_reason"]
+__all__ = ["group_lossy_reason", "mark_lossy", "normalized_reason"]
 
 
-def normalized_reason(module: nn.Module, name: str, param: str) -> str | None:
-    """Why a unit axis through `module` (parameter `param` of it) is mixed by a normalization, or None."""
+def normalized_reason(module: nn.Module, name: str, param: str | None = None) -> str | None:
+    """Why a unit axis through `module` (parameter `param` of it; None: the module as a whole) is mixed by a
+    normalization, or None."""
     if isinstance(module, nn.LayerNorm):
         return (
             f"{type(module).__name__} {name!r} normalizes over its units (zeroing a unit changes the mean and "
@@ -34,23 +36,19 @@ def normalized_reason(module: nn.Module, name: str, param: str) -> str | None:
             f"{type(module).__name__} {name!r} normalizes over its units (zeroing a unit changes the root mean "
             "square of the others; removing it does not)"
         )
-    if isinstance(module, nn.MultiheadAttention) and param.endswith("in_proj_weight"):
+    if isinstance(module, nn.MultiheadAttention) and (param is None or param.endswith("in_proj_weight")):
         return f"MultiheadAttention {name!r}: its scaling follows head_dim, which pruning its embedding width changes"
     return None
 
 
-def _reason(model: nn.Module, structure: Structure, g: UnitGroup) -> str:
+def group_lossy_reason(model: nn.Module, structure: Structure, g: UnitGroup) -> str:
+    """Why removing units of `g` is not the same function as zeroing them, read from its slices ("" if it is)."""
     if g.kind in HEAD_KINDS:
         return ""
-    for s in g.slices:
-        p = structure.param_map[s.param]
-        try:
-            m = model.get_submodule(p.module) if p.module else model
-        except AttributeError:
-            continue
+    for s, mname, m in slice_modules(model, structure, g):
         if isinstance(m, nn.MultiheadAttention) and s.axis != 1:
             continue  # in-projection rows are heads, not the embedding dimension
-        why = normalized_reason(m, p.module, p.name)
+        why = normalized_reason(m, mname, s.param)
         if why:
             return why
     return ""
@@ -58,5 +56,5 @@ def _reason(model: nn.Module, structure: Structure, g: UnitGroup) -> str:
 
 def mark_lossy(structure: Structure, model: nn.Module) -> Structure:
     """`structure` with `UnitGroup.lossy` set on every group whose units a normalization mixes."""
-    groups = tuple(replace(g, lossy=_reason(model, structure, g)) for g in structure.groups)
+    groups = tuple(replace(g, lossy=group_lossy_reason(model, structure, g)) for g in structure.groups)
     return replace(structure, groups=groups)

@@ -22,7 +22,6 @@ from .graph import DependencyGraph
 from .groups import NO_ROOT
 from .nodes import TP_DUMMY, nearest_named
 from .rotary import ROTARY_REASON
-from .shuffle import SHUFFLE_REASON
 from .slicers import MisMapped, RawSlice, UnloweredModule, known_params, lower_item, rule_type
 from .splits import SPLIT_REASON
 
@@ -178,7 +177,7 @@ class Lowering:
         """Nodes whose output reaches a model output through parameter-free ops only (TP's graph is built
         backwards from the outputs, so the nodes without outputs are exactly the model outputs)."""
         reach: set[Node] = set()
-        stack = [n for n in self.dg.module2node.values() if not n.outputs and n not in self.dg.barriers]
+        stack = [n for n in self.dg.module2node.values() if not n.outputs]
         while stack:
             n = stack.pop()
             if n in reach:
@@ -283,14 +282,21 @@ class Lowering:
     def lower_group(self, group: Any) -> tuple[int, UnitGroup]:
         """One TP group as a UnitGroup, with its root's position in `named_modules()` (the sort key)."""
         dg = self.dg
-        root, relabel = self.choose_root(group)
+        closed = getattr(group, "closed", None)
+        root, relabel = self.choose_root(group) if closed is None else self.choose_covering_root(group)
         root_name = self.module_name(root)
-        if not getattr(group, "diverged_at", ()):  # a diverged walk's couplings mean nothing (not prunable anyway)
+        if closed is not None:
+            size = closed.size
+        elif not getattr(group, "diverged_at", ()):  # a diverged walk's couplings mean nothing (not prunable)
             relabel, size = _join_units(relabel, getattr(group, "same_units", ()))
         else:
             size = len(relabel)
         accs: dict[tuple[str, int], _Acc] = {}
-        feeds_output = shuffled = rotary = split = False
+        feeds_output = rotary = split = False
+        unbalanced = closed.reason if closed is not None else ""  # why units closed across shuffles cannot go
+        if closed is not None and not unbalanced and dg.module2node.get(root) not in closed.covering:
+            unbalanced = ("coupled through a channel shuffle, and no layer's out-channels reach every unit of the "
+                        "group, so physical pruning could not remove a unit from one layer")
         unrooted: list[str] = []
         reached: set[str] = set()
         self.members.append(reached)
@@ -304,7 +310,6 @@ class Lowering:
             out = dg.is_out_channel_pruning_fn(item.dep.handler)
             if node in self.outputs and (out or isinstance(target, TP_DUMMY)):
                 feeds_output = True
-            shuffled = shuffled or node in dg.barriers
             rotary = rotary or node in dg.rotary
             split = split or node in dg.splits
             if isinstance(target, TP_DUMMY):
@@ -351,14 +356,29 @@ class Lowering:
             kind="channel" if isinstance(root, nn.modules.conv._ConvNd) else "feature",
             size=size,
             slices=tuple(slices),
-            prunable=not (feeds_output or shuffled or unrooted or rotary or split or self.untrusted[-1]),
+            prunable=not (feeds_output or unbalanced or unrooted or rotary or split or self.untrusted[-1]),
             root=root_name,
-            reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (SHUFFLE_REASON, shuffled),
+            reason="; ".join(r for r, on in ((OUTPUT_REASON, feeds_output), (unbalanced, unbalanced),
                                              (ROTARY_REASON, rotary), (SPLIT_REASON, split),
                                              (unrooted_reason(unrooted), unrooted),
                                              (diverged_reason(diverged), diverged),
                                              (mismapped_reason(mismapped), mismapped)) if on),
         )
+
+    def choose_covering_root(self, group: Any) -> tuple[Any, np.ndarray]:
+        """The root of a group closed across channel shuffles (`balance.Closed`): its earliest root-type module
+        whose out-channels touch every atom, so Torch-Pruning's walk from that module's channels of a unit
+        removes the whole unit; TP's root if there is none. Units keep their numbering."""
+        closed = group.closed
+        best: tuple[int, Any] | None = None
+        for item in group:
+            m = item.dep.target.module
+            if (item.dep.target in closed.covering and isinstance(m, self.root_types) and id(m) not in self.ignored
+                    and self.dg.is_out_channel_pruning_fn(item.dep.handler)):
+                order = self.module_order.get(id(m), len(self.module_order))
+                if best is None or order < best[0]:
+                    best = (order, m)
+        return (group[0].dep.target.module if best is None else best[1]), np.arange(closed.size, dtype=np.int64)
 
     def choose_root(self, group: Any) -> tuple[Any, np.ndarray]:
         """Root the group at its earliest module (in `named_modules` order) whose out-channels are pruned

@@ -16,7 +16,7 @@ split, or a slice that drops channels, is not prunable (`SPLIT_REASON`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from torch_pruning import ops as tp_ops
@@ -73,13 +73,15 @@ def _narrows(node: Node) -> bool:
     return start > 0 or step > 1 or end < int(sizes[channels])
 
 
-def fix_split_sizes(module2node: Mapping[Any, Node]) -> set[Node]:
+def fix_split_sizes(module2node: Mapping[Any, Node], balanced: Collection[Node] = ()) -> set[Node]:
     """Give every `chunk`-like split node of the channel dim whose parts each feed exactly one node its part
     sizes, and order its outputs by part; other splits are left to TP (a walk that mis-maps them is then not
     trusted). Returns every split node of the channel dim and every slice that narrows it: a group through one is
     not prunable (`SPLIT_REASON`)."""
     found: set[Node] = set()
     for node in module2node.values():
+        if node in balanced:  # chunks after a channel shuffle: their groups' units are balanced (`balance`)
+            continue
         if node.type == tp_ops.OPTYPE.SLICE and _narrows(node):
             found.add(node)
         if node.type != tp_ops.OPTYPE.SPLIT or getattr(node.grad_fn, "_saved_dim", None) != 1:

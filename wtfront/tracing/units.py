@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch.nn as nn
@@ -36,6 +37,7 @@ from wtcore.errors import TraceError
 from wtcore.ir import AxisPart, CostAxis, Slice, Structure, UnitGroup, runs_from_list
 
 from .attention import AttentionLayout, HeadOverride, discover_attention
+from .inputs import called_modules
 
 __all__ = [
     "ALL_UNIT_KINDS",
@@ -85,6 +87,11 @@ def _head_group(lay: AttentionLayout, kind: str, structure: Structure, units: Co
         length = structure.param_map[s.param].shape[s.axis]
         idx = by_key.setdefault((s.param, s.axis), np.full(length, -1, dtype=np.int64))
         count = lay.num_kv_heads if s.role in ("k", "v") else lay.num_heads
+        if s.width:  # a per-head table (one or more positions per head, not per head dim)
+            if kind != "head_dim":
+                for h in range(count):
+                    idx[s.offset + h * s.width: s.offset + (h + 1) * s.width] = lay.unit_of_head(kind, s.role, h)
+            continue
         for h in range(count):
             a = s.offset + h * lay.head_dim
             if kind == "head_dim":
@@ -119,19 +126,35 @@ def _refuse_rotary(model: nn.Module, layouts: Sequence[AttentionLayout]) -> None
     )
 
 
+def _read_functionally(structure: Structure, layouts: list[AttentionLayout], model: nn.Module,
+                       inputs: tuple[Any, ...] | dict[str, Any] | None) -> list[AttentionLayout]:
+    """Keep a `functional_qkv` layout only where the trace confirms it: Torch-Pruning couples no axis of its qkv
+    weight, and (given the example inputs) the forward never calls the qkv module (a module the caller ignored,
+    or one Torch-Pruning mis-maps, is called). Otherwise Torch-Pruning's own groups stay."""
+    coupled = {s.param for g in structure.groups for s in g.slices}
+    out = [lay for lay in layouts if lay.family != "functional_qkv" or lay.inputs[0][0] not in coupled]
+    qkv = {f"{lay.module}.qkv" for lay in out if lay.family == "functional_qkv"}
+    if qkv and inputs is not None:
+        called = called_modules(model, inputs, qkv)
+        out = [lay for lay in out if lay.family != "functional_qkv" or f"{lay.module}.qkv" not in called]
+    return out
+
+
 def apply_attention_units(
     structure: Structure,
     model: nn.Module,
     units: Iterable[str] = DEFAULT_UNITS,
     heads: Mapping[str, HeadOverride] | None = None,
+    example_inputs: tuple[Any, ...] | dict[str, Any] | None = None,
 ) -> tuple[Structure, list[AttentionLayout]]:
     """Replace the row-level groups of every discovered attention's head axes by one head-level group per
     attention module, and classify the hidden and MLP groups (see the module docstring).
 
+    `example_inputs` (normalized) confirm attention read functionally (`_read_functionally`).
     Returns the new structure (no cost ops yet) and the layouts (for `apply_attention_costs`).
     """
     units = _check_units(units)
-    layouts = discover_attention(model, heads)
+    layouts = _read_functionally(structure, discover_attention(model, heads), model, example_inputs)
     if not layouts:
         return structure, layouts
     if "head_dim" in units:

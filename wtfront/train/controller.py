@@ -61,7 +61,8 @@ class ControllerConfig:
     `unit_l1`, `unit_linf`, ...) or "random"; tensors of scores are passed to `step(scores=...)`. `scope`,
     `normalize`, `max_fraction`, `round_to`, `groups`: as for the structured mask specs, with the defaults of
     `wtcore.policy` (mean-normalized scores ranked globally, at most 90% of any group removed).
-    `weight_bits`/`act_bits`: for `metric="bops"`.
+    `weight_bits`/`act_bits`: for `metric="bops"`. `lossy`: also prune groups a normalization mixes
+    (`UnitGroup.lossy`), which physical pruning then only carries out with `strict=False`.
     """
 
     target: float
@@ -76,6 +77,7 @@ class ControllerConfig:
     weight_bits: int = 32
     act_bits: int = 32
     normalize: str | None = DEFAULT_NORMALIZE
+    lossy: bool = False
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -332,7 +334,7 @@ class Controller:
             sol = solve(self.structure, params, target=target, metric=cfg.metric, importance=importance,
                         scope=cfg.scope, max_fraction=cfg.max_fraction, round_to=cfg.round_to, seed=cfg.seed + t,
                         groups=cfg.groups, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits,
-                        normalize=cfg.normalize)
+                        normalize=cfg.normalize, lossy=cfg.lossy)
         except TargetError as e:
             raise TargetError(f"controller step t={t} (target {target:.4f}): {e}") from None
         before = int((~fake.keep).sum())
