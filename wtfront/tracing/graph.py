@@ -19,7 +19,7 @@ from .constant import recording_constant_inputs
 from .nodes import UNSIGNED_WRAP, saved_dim, saved_sizes
 from .rotary import rotate_half_nodes
 from .shuffle import find_channel_shuffles, model_channel_shuffles
-from .splits import fix_split_sizes
+from .splits import channel_splits
 
 __all__ = ["DependencyGraph", "HFConv1DPruner", "chunk_sizes", "concat_index_mapping", "fused_linears",
            "normalized_dim", "release_graph"]
@@ -163,15 +163,15 @@ class DependencyGraph(tp.DependencyGraph):
                     if isinstance(node.module, tp_ops._SliceOp):
                         node.module.dim = dim
         self.shuffles = find_channel_shuffles(module2node)
-        balanced = {o for chain, _, _ in self.shuffles for o in chain[-1].outputs}
-        for node in balanced:  # ShuffleNet's chunks
+        balanced = {o for chain, _, _ in self.shuffles for o in chain[-1].outputs}  # ShuffleNet's chunks
+        self.splits = channel_splits(module2node, balanced)  # the other channel splits: not prunable
+        for node in balanced | self.splits:
             pieces = chunk_sizes(node) if node.type == tp_ops.OPTYPE.SPLIT else None
             if pieces is not None:
                 fn = node.grad_fn
                 real = getattr(fn, "_fn", fn)
                 node.grad_fn = _GradFnView(real, saved_dim(fn._saved_dim, len(saved_sizes(real))), pieces)
         self.rotary = rotate_half_nodes(module2node)
-        self.splits = fix_split_sizes(module2node, balanced)  # the other channel splits
         self._budget.phase = "building dependencies and index mappings (Torch-Pruning)"
         return module2node
 
