@@ -205,6 +205,41 @@ def test_distilbert_q_lin_k_lin_v_lin_are_heads_that_prune_to_the_same_function(
 
 
 @pytest.mark.slow
+def test_gpt_neox_interleaved_query_key_value_heads_prune_to_the_same_function() -> None:
+    from wtcore.masking import keep_from_removed
+    from wtfront import apply_masks, load_model, prune_units
+    from wtfront.integrations.transformers import config_mismatches
+
+    torch.manual_seed(0)
+    m = load_model("hf:GPTNeoXModel")
+    model, x = m.model.eval(), m.example_inputs
+    structure = trace(model, x)
+    heads = [g for g in structure.groups if g.kind == "head"]
+    assert [g.name for g in heads] == [f"layers.{i}.attention.heads" for i in range(2)]
+    assert all(g.prunable and g.size == 4 for g in heads)
+    # head h owns rows h*48 .. h*48+47 of query_key_value (its q, k and v parts) and columns h*16 .. of dense
+    qkv = next(s for s in heads[0].slices if s.param == "layers.0.attention.query_key_value.weight")
+    assert qkv.index_list() == [h for h in range(4) for _ in range(48)]
+    dense = next(s for s in heads[0].slices if s.param == "layers.0.attention.dense.weight")
+    assert dense.axis == 1 and dense.index_list() == [h for h in range(4) for _ in range(16)]
+    with torch.no_grad():
+        y_full = model(**x).last_hidden_state
+    keep = keep_from_removed(structure, {heads[0].name: [1, 2], heads[1].name: [0, 3]})
+    apply_masks(model, structure, keep)
+    with torch.no_grad():
+        y_fake = model(**x).last_hidden_state
+    assert not torch.allclose(y_fake, y_full)
+    prune_units(model, structure, x, keep)
+    with torch.no_grad():
+        y_phys = model(**x).last_hidden_state
+    torch.testing.assert_close(y_phys, y_fake, rtol=1e-5, atol=1e-5)
+    assert [model.layers[i].attention.query_key_value.out_features for i in range(2)] == [96, 96]
+    assert model.config.num_attention_heads == 2
+    assert config_mismatches(model)  # GPT-NeoX derives head_size from hidden_size / num_attention_heads
+    assert [g.size for g in trace(model, x).groups if g.kind == "head"] == [2, 2]
+
+
+@pytest.mark.slow
 def test_phi3_fused_qkv_proj_and_gate_up_proj_are_units_marked_not_prunable() -> None:
     from wtfront import load_model
 
@@ -368,8 +403,6 @@ E2E_XFAIL: dict[str, str] = {
     "read through F.linear, so Torch-Pruning couples none of its axes (issue 17, item 3)",
     "timm:eva02_tiny_patch14_224": "the attention's input columns (the residual width) of blocks.*.attn.qkv are in no "
     "group (rotary attention with a fused SwiGLU MLP; issue 17, item 3)",
-    "hf:GPTNeoXModel": "traces (the mis-mapped dense projection is a boundary), but the input axis of attention.dense "
-    "(its heads) is in no group (issue 17, item 3: heads of the fused query_key_value)",
 }
 
 

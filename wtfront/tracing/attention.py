@@ -28,13 +28,15 @@ HeadOverride = int | tuple[int, int] | None
 
 @dataclass(frozen=True)
 class Segment:
-    """`count * head_dim` consecutive positions of `param` along `axis`, from `offset`: head `i` of `role`
-    (q, k, v, or o for the output projection's input) owns positions `offset + i*head_dim ...`."""
+    """Positions of `param` along `axis`: head `i` of `role` (q, k, v, or o for the output projection's input)
+    owns the `head_dim` positions from `offset + i*stride`. `stride` 0 means `head_dim` (the heads of a role
+    are consecutive); GPT-NeoX interleaves q, k and v per head (`stride = 3 * head_dim`)."""
 
     param: str
     axis: int
     offset: int
     role: str
+    stride: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def _heads_from(name: str, rows: int, head_dim: int | None, override: HeadOverri
 
 
 #: a child module every recognized attention layout has (fused timm `qkv`, GPT-2 `c_attn`, HF `q_proj`/`query`)
-_ATTENTION_CHILDREN = frozenset({"qkv", "c_attn", "q_proj", "query", "q_lin", "qkv_proj"})
+_ATTENTION_CHILDREN = frozenset({"qkv", "c_attn", "q_proj", "query", "q_lin", "qkv_proj", "query_key_value"})
 
 
 def _may_be_attention(m: nn.Module) -> bool:
@@ -193,6 +195,9 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
     fused = _fused_qkv_proj(name, m, canon, override)
     if fused is not None:
         return fused
+    interleaved = _interleaved_qkv(name, m, canon, override)
+    if interleaved is not None:
+        return interleaved
     c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
     if is_hf_conv1d(c_attn) and (isinstance(c_proj, nn.Linear) or is_hf_conv1d(c_proj)):
         if getattr(m, "is_cross_attention", False):
@@ -259,6 +264,29 @@ def _fused_qkv_proj(name: str, m: nn.Module, canon: Mapping[int, str], override:
     blocked = (f"attention {name!r} splits its fused qkv_proj at config.num_attention_heads * head_dim, a count "
                "every layer shares: pruning one layer's heads would misplace the split, so its heads stay whole")
     return AttentionLayout(name, "hf_fused", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),), blocked)
+
+
+def _interleaved_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
+                     ) -> AttentionLayout | None:
+    """GPT-NeoX's fused `query_key_value`, viewed as `[..., heads, 3 * head_size]`: head `h` owns rows
+    `h*3*hd ..`, its q, k and v parts in that order, and output-projection (`dense`) columns `h*hd ..`. The
+    forward infers the head count from the rows (`view(..., -1, 3 * head_size)`) and the attention scale and
+    rotary embedding depend on `head_size` only, so removing whole heads keeps the function."""
+    qkv, dense = getattr(m, "query_key_value", None), getattr(m, "dense", None)
+    hd = _int_attr(m, "head_size", "head_dim")
+    if not (isinstance(qkv, nn.Linear) and isinstance(dense, nn.Linear)) or hd is None:
+        return None
+    a = dense.in_features
+    if qkv.out_features != 3 * a:
+        return None
+    nh, nkv, hd = _heads_from(name, a, hd, override, None)
+    if nkv != nh:
+        return None
+    segs = [Segment(p, 0, off, r, 3 * hd) for off, r in ((0, "q"), (hd, "k"), (2 * hd, "v"))
+            for p in (_pname(canon, qkv.weight), _pname(canon, qkv.bias)) if p is not None]
+    p = _pname(canon, dense.weight)
+    segs += [Segment(p, 1, 0, "o")] if p is not None else []
+    return AttentionLayout(name, "neox", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),))
 
 
 def discover_attention(model: nn.Module, heads: Mapping[str, HeadOverride] | None = None) -> list[AttentionLayout]:

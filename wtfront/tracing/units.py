@@ -86,7 +86,7 @@ def _head_group(lay: AttentionLayout, kind: str, structure: Structure, units: Co
         idx = by_key.setdefault((s.param, s.axis), np.full(length, -1, dtype=np.int64))
         count = lay.num_kv_heads if s.role in ("k", "v") else lay.num_heads
         for h in range(count):
-            a = s.offset + h * lay.head_dim
+            a = s.offset + h * (s.stride or lay.head_dim)
             if kind == "head_dim":
                 idx[a: a + lay.head_dim] = np.arange(lay.head_dim)
             else:
