@@ -170,6 +170,9 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
         p = _pname(canon, t)
         return [Segment(p, axis, offset, role)] if p is not None else []
 
+    separate_bias = _qkv_separate_bias(name, m, canon, override)
+    if separate_bias is not None:
+        return separate_bias
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
     if isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and _int_attr(m, "head_dim") is not None:
         nh, nkv, hd = _heads_from(name, qkv.out_features // 3, _int_attr(m, "head_dim"), override, None)
@@ -264,6 +267,38 @@ def _fused_qkv_proj(name: str, m: nn.Module, canon: Mapping[int, str], override:
     blocked = (f"attention {name!r} splits its fused qkv_proj at config.num_attention_heads * head_dim, a count "
                "every layer shares: pruning one layer's heads would misplace the split, so its heads stay whole")
     return AttentionLayout(name, "hf_fused", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),), blocked)
+
+
+#: why heads of a `_qkv_separate_bias` layout stay whole
+_SEPARATE_BIAS_REASON = (
+    "attention {name!r} adds its q/v biases (q_bias, v_bias and a k_bias buffer, concatenated) in F.linear and "
+    "reshapes its heads' output back to the input width (reshape(B, N, C), as timm's EVA does): removing heads "
+    "would break its forward, so its heads are units of the IR but not prunable"
+)
+
+
+def _qkv_separate_bias(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
+                       ) -> AttentionLayout | None:
+    """A fused `qkv` Linear without bias, its q and v biases separate parameters `q_bias`/`v_bias` (timm EVA's
+    `EvaAttention`; the k bias is a zero buffer), and `proj`: q, k and v rows in that order, `head_dim` rows
+    per head. The forward reshapes the heads' output to the input width, so the heads are not prunable."""
+    qkv, proj, hd = getattr(m, "qkv", None), getattr(m, "proj", None), _int_attr(m, "head_dim")
+    q_bias, v_bias = getattr(m, "q_bias", None), getattr(m, "v_bias", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)) or hd is None or qkv.bias is not None:
+        return None
+    a = proj.in_features
+    if not (isinstance(q_bias, nn.Parameter) and isinstance(v_bias, nn.Parameter)) or qkv.out_features != 3 * a:
+        return None
+    if q_bias.shape != (a,) or v_bias.shape != (a,):
+        return None
+    nh, nkv, hd = _heads_from(name, a, hd, override, None)
+    if nkv != nh:
+        return None
+    segs = [Segment(p, 0, off, r) for off, r in ((0, "q"), (a, "k"), (2 * a, "v")) if (p := _pname(canon, qkv.weight))]
+    segs += [Segment(p, 0, 0, r) for t, r in ((q_bias, "q"), (v_bias, "v")) if (p := _pname(canon, t))]
+    segs += [Segment(p, 1, 0, "o")] if (p := _pname(canon, proj.weight)) else []
+    return AttentionLayout(name, "separate_bias", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
+                           _SEPARATE_BIAS_REASON.format(name=name))
 
 
 def _interleaved_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride

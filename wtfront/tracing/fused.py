@@ -4,8 +4,9 @@
 and `qkv_proj`); they root no Torch-Pruning group, so their rows would be in no group at all. Attention
 discovery covers fused q/k/v projections it understands; every other fused layer gets one group over its
 output axis here, not prunable, with the reason — so no weight axis is left out silently and no mask cuts it.
-A fused gate/up projection (`chunk(2)` into gate and up, then `down_proj`) gets one unit per MLP feature: row
-`i` of the gate part, row `i` of the up part and column `i` of the down projection.
+A fused gate/up projection (`chunk(2)` into gate and up, then a down projection: Phi-3's `gate_up_proj`, timm's
+`GluMlp`) gets one unit per MLP feature: row `i` of the gate part, row `i` of the up part and column `i` of the
+down projection.
 """
 
 from __future__ import annotations
@@ -32,6 +33,19 @@ def _param(structure: Structure, module: str, leaf: str) -> str | None:
     return None
 
 
+def _glu_down(parent: nn.Module | None, fused: nn.Linear) -> str | None:
+    """The down projection of a gated MLP whose fused layer `fused` holds the gate and up rows (Phi-3's
+    `gate_up_proj`/`down_proj`, timm's `GluMlp` `fc1`/`fc2`): the parent's only other Linear, reading half of
+    `fused`'s rows. Found from the shapes, so a unit is row `i` of each half and column `i` of the down
+    projection (and entry `i` of a `norm` over the features in between)."""
+    if parent is None or fused.out_features % 2:
+        return None
+    others = [(n, c) for n, c in parent.named_children() if isinstance(c, nn.Linear) and c is not fused]
+    if len(others) != 1 or others[0][1].in_features != fused.out_features // 2:
+        return None
+    return others[0][0]
+
+
 def add_fused_groups(structure: Structure, model: nn.Module, fused: Sequence[nn.Module]) -> Structure:
     """`structure` plus a not-prunable group over the output axis of every fused layer no group covers."""
     names = {id(m): n for n, m in model.named_modules()}
@@ -46,15 +60,17 @@ def add_fused_groups(structure: Structure, model: nn.Module, fused: Sequence[nn.
             continue
         b = _param(structure, name, "bias")
         rows = m.out_features
-        parent_name, _, leaf = name.rpartition(".")
-        down = getattr(parents.get(parent_name), "down_proj", None)
-        if "gate_up" in leaf and rows % 2 == 0 and isinstance(down, nn.Linear) and down.in_features == rows // 2:
+        parent_name = name.rpartition(".")[0]
+        down = _glu_down(parents.get(parent_name), m)
+        if down is not None:
             size, parts = rows // 2, "gate and up"
             idx = runs_from_list([*range(size), *range(size)])
             slices = [Slice(w, 0, idx)] + ([Slice(b, 0, idx)] if b else [])
-            d = _param(structure, f"{parent_name}.down_proj" if parent_name else "down_proj", "weight")
-            if d is not None and (d, 1) not in covered:
-                slices.append(Slice(d, 1, runs_from_list(list(range(size)))))
+            prefix = f"{parent_name}." if parent_name else ""
+            for child, leaf, axis in ((down, "weight", 1), *(("norm", t, 0) for t in ("weight", "bias"))):
+                d = _param(structure, f"{prefix}{child}", leaf)
+                if d is not None and (d, axis) not in covered and structure.param_map[d].shape[axis] == size:
+                    slices.append(Slice(d, axis, runs_from_list(list(range(size)))))
             kind = "mlp_feature"
         else:
             size, parts, kind = rows, "parts", "feature"

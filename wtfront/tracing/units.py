@@ -119,6 +119,36 @@ def _refuse_rotary(model: nn.Module, layouts: Sequence[AttentionLayout]) -> None
     )
 
 
+def _unread_reason(module: str) -> str:
+    return (f"Torch-Pruning does not see attention {module!r} read its qkv input columns (the weight is read "
+            "outside the qkv module, e.g. by F.linear), so it would not cut them with this width; wt keeps it whole")
+
+
+def _attach_unread_inputs(structure: Structure, layouts: Sequence[AttentionLayout]) -> Structure:
+    """An attention whose input columns (`AttentionLayout.inputs`) Torch-Pruning coupled to nothing (its qkv
+    weight read functionally, as EVA's F.linear with separate biases) reads the stream its output projection
+    writes to: its input axis joins the group of the output projection's rows, which becomes not prunable
+    (Torch-Pruning, which prunes that group physically, would leave those columns behind)."""
+    covered = {(s.param, s.axis) for g in structure.groups for s in g.slices}
+    where = {(s.param, s.axis): i for i, g in enumerate(structure.groups) for s in g.slices}
+    groups = list(structure.groups)
+    for lay in layouts:
+        out = next((s.param for s in lay.segments if s.role == "o" and s.axis == 1), None)
+        i = where.get((out, 0)) if out is not None else None
+        for key in lay.inputs:
+            if key in covered or i is None or key[0] not in structure.param_map:
+                continue
+            width = structure.param_map[key[0]].shape[key[1]]
+            if width != groups[i].size:
+                continue
+            g = groups[i]
+            why = _unread_reason(lay.module)
+            slices = (*g.slices, Slice(key[0], key[1], runs_from_list(list(range(width)))))
+            groups[i] = replace(g, slices=slices, prunable=False, reason="; ".join(r for r in (g.reason, why) if r))
+            covered.add(key)
+    return replace(structure, groups=tuple(groups))
+
+
 def apply_attention_units(
     structure: Structure,
     model: nn.Module,
@@ -136,6 +166,7 @@ def apply_attention_units(
         return structure, layouts
     if "head_dim" in units:
         _refuse_rotary(model, layouts)
+    structure = _attach_unread_inputs(structure, layouts)
     head_keys = {(s.param, s.axis) for lay in layouts for s in lay.segments}
     input_keys = {k for lay in layouts for k in lay.inputs}
     new_groups: list[UnitGroup] = []
