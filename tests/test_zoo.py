@@ -415,8 +415,6 @@ E2E_XFAIL: dict[str, str] = {
     "through the shuffle permutation, which Torch-Pruning does not model, so it is in no group",
     "torchvision:swin_t": "traces (the diverging walks are contained), but the window attention's qkv weight has "
     "both axes in no group: its walk is untrusted and no other walk reaches it (issue 17, item 2)",
-    "torchvision:maxvit_t": "MaxViT's fused to_qkv attention is not discovered: the merge projection's input columns "
-    "(its heads) are in no group (issue 17, item 3)",
     "timm:ghostnet_100": "physical pruning: Torch-Pruning and the IR disagree about the shape of ghost1.primary_conv "
     "(GhostNet concatenates the primary and cheap convs and slices the result to out_chs)",
     "timm:edgenext_xx_small": "traces (the mis-mapped split convs are boundaries), but stages.*.downsample.1 keeps its "

@@ -155,7 +155,7 @@ def _heads_from(name: str, rows: int, head_dim: int | None, override: HeadOverri
 
 
 #: a child module every recognized attention layout has (fused timm `qkv`, GPT-2 `c_attn`, HF `q_proj`/`query`)
-_ATTENTION_CHILDREN = frozenset({"qkv", "c_attn", "q_proj", "query", "q_lin", "qkv_proj", "query_key_value"})
+_ATTENTION_CHILDREN = frozenset({"qkv", "c_attn", "q_proj", "query", "q_lin", "qkv_proj", "query_key_value", "to_qkv"})
 
 
 def _may_be_attention(m: nn.Module) -> bool:
@@ -212,7 +212,7 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
         return AttentionLayout(name, "gpt2", nh, nkv, hd, tuple(segs), ((_pname(canon, c_attn.weight), 0),))
     parts = hf_parts(m)
     if parts is None:
-        return None
+        return _chunked_qkv(name, m, canon, override)
     q, k, v = parts
     hd = _int_attr(m, "head_dim", "attention_head_size")
     cfg = getattr(m, "config", None)
@@ -299,6 +299,38 @@ def _qkv_separate_bias(name: str, m: nn.Module, canon: Mapping[int, str], overri
     segs += [Segment(p, 1, 0, "o")] if (p := _pname(canon, proj.weight)) else []
     return AttentionLayout(name, "separate_bias", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
                            _SEPARATE_BIAS_REASON.format(name=name))
+
+
+#: why heads of a `_chunked_qkv` layout stay whole
+_CHUNKED_REASON = (
+    "attention {name!r} reshapes its heads' output back to the input width (reshape(B, G, P, D), as torchvision's "
+    "MaxViT does) and scales by the input width: removing heads would break its forward, so its heads (and its "
+    "per-head relative-position bias columns, left static) are units of the IR but not prunable"
+)
+
+
+def _chunked_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
+                 ) -> AttentionLayout | None:
+    """An attention module with exactly two Linear children, a fused q/k/v projection (`3 * A` rows, chunked
+    into q, k and v in that order) and an output projection reading `A` columns, and its head size recorded
+    (`head_dim`): torchvision MaxViT's `RelativePositionalMultiHeadAttention` (`to_qkv`, `merge`). Found from
+    the shapes; its forward ties the heads to the input width, so they are not prunable."""
+    hd = _int_attr(m, "head_dim")
+    linears = [c for c in m.children() if isinstance(c, nn.Linear)]
+    if hd is None or len(linears) != 2:
+        return None
+    qkv, out = linears
+    a = out.in_features
+    if qkv.out_features != 3 * a:
+        return None
+    nh, nkv, hd = _heads_from(name, a, hd, override, None)
+    if nkv != nh:
+        return None
+    segs = [Segment(p, 0, off, r) for off, r in ((0, "q"), (a, "k"), (2 * a, "v")) for t in (qkv.weight, qkv.bias)
+            if (p := _pname(canon, t))]
+    segs += [Segment(p, 1, 0, "o")] if (p := _pname(canon, out.weight)) else []
+    return AttentionLayout(name, "chunked_qkv", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
+                           _CHUNKED_REASON.format(name=name))
 
 
 def _interleaved_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
