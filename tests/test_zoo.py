@@ -240,16 +240,18 @@ def test_gpt_neox_interleaved_query_key_value_heads_prune_to_the_same_function()
 
 
 @pytest.mark.slow
-def test_phi3_fused_qkv_proj_and_gate_up_proj_are_units_marked_not_prunable() -> None:
-    from wtfront import load_model
+def test_phi3_fused_qkv_proj_heads_stay_whole_and_gate_up_proj_features_prune_from_the_ir() -> None:
+    from wtcore.masking import keep_from_removed
+    from wtfront import apply_masks, load_model, prune_units
 
+    torch.manual_seed(0)
     m = load_model("hf:Phi3Model")
     structure = trace(m.model, m.example_inputs)
     by = structure.group_map
     for i in range(2):
         attn, mlp = by[f"layers.{i}.self_attn.kv_heads"], by[f"layers.{i}.mlp.gate_up_proj.out"]
         assert not attn.prunable and "qkv_proj" in attn.reason and attn.size == 2
-        assert not mlp.prunable and "gate and up" in mlp.reason and mlp.size == 128
+        assert mlp.prunable and mlp.kind == "mlp_feature" and mlp.size == 128
         # a unit is row i of the gate part and row i of the up part, and column i of down_proj
         gate_up = next(s for s in mlp.slices if s.param.endswith("gate_up_proj.weight"))
         assert gate_up.index_list() == [*range(128), *range(128)]
@@ -260,6 +262,22 @@ def test_phi3_fused_qkv_proj_and_gate_up_proj_are_units_marked_not_prunable() ->
             assert {(p.name, 0), (p.name, 1)} <= axes, p.name
     prog = wtcore.compile(structure, ["group_lasso", "unit_active"])
     assert prog(dict(m.model.named_parameters()))["unit_active"].shape == (structure.num_units,)
+    # removing features cuts row i of the gate half, row i of the up half and column i of down_proj
+    model, x = m.model.eval(), m.example_inputs
+    with torch.no_grad():
+        y_full = model(**x).last_hidden_state
+    keep = keep_from_removed(structure, {"layers.0.mlp.gate_up_proj.out": [0, 5, 127],
+                                         "layers.1.mlp.gate_up_proj.out": list(range(0, 128, 2))})
+    apply_masks(model, structure, keep)
+    with torch.no_grad():
+        y_fake = model(**x).last_hidden_state
+    assert not torch.allclose(y_fake, y_full)
+    prune_units(model, structure, x, keep)
+    with torch.no_grad():
+        y_phys = model(**x).last_hidden_state
+    torch.testing.assert_close(y_phys, y_fake, rtol=1e-5, atol=1e-5)
+    assert [tuple(model.layers[i].mlp.gate_up_proj.weight.shape) for i in range(2)] == [(250, 64), (128, 64)]
+    assert [model.layers[i].mlp.down_proj.in_features for i in range(2)] == [125, 64]
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -394,7 +412,7 @@ def end_to_end(ref: str) -> None:
             if op.name == op.module and op.kind in ("conv", "linear") and not op.module.startswith(mha or ("\0",)):
                 if op.module not in uncalled:
                     assert op.macs == by_module[op.module], f"{op.name}: {op.macs} MACs, fvcore {by_module[op.module]}"
-        _check_functional_macs(model, structure, fv, uncalled)
+        _check_functional_macs(model, structure, fv, uncalled - {n for n in uncalled if n.startswith(mha or ("\0",))})
 
     keep = wtcore.compile(structure, [wtcore.Spec("ln_structured", amount=0.3, scope="global")])(
         {k: v.detach() for k, v in model.named_parameters()})["ln_structured"]
