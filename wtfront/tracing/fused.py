@@ -6,7 +6,8 @@ discovery covers fused q/k/v projections it understands; every other fused layer
 output axis here, not prunable, with the reason — so no weight axis is left out silently and no mask cuts it.
 A fused gate/up projection (`chunk(2)` into gate and up, then a down projection: Phi-3's `gate_up_proj`, timm's
 `GluMlp`) gets one unit per MLP feature: row `i` of the gate part, row `i` of the up part and column `i` of the
-down projection.
+down projection; with an activation beside it (a gated MLP) that group is prunable, and physical pruning cuts
+it from the IR (`is_gate_up_group`), since Torch-Pruning ignores fused layers.
 """
 
 from __future__ import annotations
