@@ -240,6 +240,44 @@ def test_gpt_neox_interleaved_query_key_value_heads_prune_to_the_same_function()
 
 
 @pytest.mark.slow
+def test_eva02_heads_stay_whole_and_fused_swiglu_features_prune_to_the_same_function() -> None:
+    import timm
+
+    from wtcore.masking import keep_from_removed
+    from wtfront import apply_masks, prune_units
+
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2, num_classes=0).eval()
+    x = torch.randn(1, 3, 28, 28)
+    structure = trace(model, x)
+    by = structure.group_map
+    for i in range(2):
+        heads, mlp = by[f"blocks.{i}.attn.heads"], by[f"blocks.{i}.mlp.fc1.out"]
+        assert not heads.prunable and "reshapes its heads' output" in heads.reason and heads.size == 3
+        assert {s.param for s in heads.slices} >= {f"blocks.{i}.attn.q_bias", f"blocks.{i}.attn.v_bias"}
+        assert mlp.prunable and mlp.kind == "mlp_feature" and mlp.size == 512
+        fc1 = next(s for s in mlp.slices if s.param == f"blocks.{i}.mlp.fc1.weight")
+        assert fc1.index_list() == [*range(512), *range(512)]
+    hidden = by["patch_embed.proj.out"]  # the qkv weight is read by F.linear: its input columns join by wt
+    assert hidden.kind == "hidden" and ("blocks.1.attn.qkv.weight", 1) in {(s.param, s.axis) for s in hidden.slices}
+    assert "F.linear" in hidden.reason and not hidden.prunable
+    with torch.no_grad():
+        y_full = model(x)
+    removed = {"blocks.0.mlp.fc1.out": [0, 7, 511], "blocks.1.mlp.fc1.out": [*range(0, 512, 2)]}
+    keep = keep_from_removed(structure, removed)
+    apply_masks(model, structure, keep)
+    with torch.no_grad():
+        y_fake = model(x)
+    assert not torch.allclose(y_fake, y_full)
+    prune_units(model, structure, x, keep)
+    with torch.no_grad():
+        y_phys = model(x)
+    torch.testing.assert_close(y_phys, y_fake, rtol=1e-5, atol=1e-5)
+    assert [tuple(model.blocks[i].mlp.fc1.weight.shape) for i in range(2)] == [(1018, 192), (512, 192)]
+    assert [model.blocks[i].mlp.fc2.in_features for i in range(2)] == [509, 256]
+
+
+@pytest.mark.slow
 def test_phi3_fused_qkv_proj_heads_stay_whole_and_gate_up_proj_features_prune_from_the_ir() -> None:
     from wtcore.masking import keep_from_removed
     from wtfront import apply_masks, load_model, prune_units
