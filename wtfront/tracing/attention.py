@@ -201,6 +201,9 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
     interleaved = _interleaved_qkv(name, m, canon, override)
     if interleaved is not None:
         return interleaved
+    head_first = _head_first_qkv(name, m, canon, override)
+    if head_first is not None:
+        return head_first
     c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
     if is_hf_conv1d(c_attn) and (isinstance(c_proj, nn.Linear) or is_hf_conv1d(c_proj)):
         if getattr(m, "is_cross_attention", False):
@@ -267,6 +270,43 @@ def _fused_qkv_proj(name: str, m: nn.Module, canon: Mapping[int, str], override:
     blocked = (f"attention {name!r} splits its fused qkv_proj at config.num_attention_heads * head_dim, a count "
                "every layer shares: pruning one layer's heads would misplace the split, so its heads stay whole")
     return AttentionLayout(name, "hf_fused", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),), blocked)
+
+
+#: why heads of a `_head_first_qkv` layout stay whole
+_HEAD_FIRST_REASON = (
+    "attention {name!r} views its qkv output with its recorded num_heads and adds a per-head relative-position "
+    "bias (rel_pos) that wt does not cut: its heads are units of the IR but not prunable"
+)
+
+
+def _is_projection(m: object) -> bool:
+    """A Linear, or a 1x1 ungrouped Conv2d (a Linear over channels)."""
+    if isinstance(m, nn.Linear):
+        return True
+    return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
+
+
+def _head_first_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
+                    ) -> AttentionLayout | None:
+    """timm MaxxViT/CoAtNet's `Attention2d`/`AttentionCl`: a fused `qkv` (Linear or 1x1 Conv2d) and `proj`,
+    `dim_head` per head, and `head_first`: True views the rows as `[heads, 3 * dim_head]` (q, k and v
+    interleaved per head, `stride = 3 * dim_head`), False as `[3, heads, dim_head]` (q, k, v blocks)."""
+    qkv, proj, hd = getattr(m, "qkv", None), getattr(m, "proj", None), _int_attr(m, "dim_head")
+    head_first = getattr(m, "head_first", None)
+    if not (_is_projection(qkv) and _is_projection(proj)) or hd is None or not isinstance(head_first, bool):
+        return None
+    rows, a = qkv.weight.shape[0], proj.weight.shape[1]
+    if rows != 3 * a:
+        return None
+    nh, nkv, hd = _heads_from(name, a, hd, override, None)
+    if nkv != nh:
+        return None
+    step, part = (3 * hd, hd) if head_first else (hd, a)
+    segs = [Segment(p, 0, off * part, r, step) for off, r in enumerate("qkv") for t in (qkv.weight, qkv.bias)
+            if (p := _pname(canon, t))]
+    segs += [Segment(p, 1, 0, "o")] if (p := _pname(canon, proj.weight)) else []
+    return AttentionLayout(name, "head_first", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
+                           _HEAD_FIRST_REASON.format(name=name))
 
 
 #: why heads of a `_qkv_separate_bias` layout stay whole
