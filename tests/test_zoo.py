@@ -357,8 +357,6 @@ E2E: dict[str, tuple[tuple[int, ...] | None, dict]] = {
     "timm:mixer_s16_224": ((1, 3, 32, 32), {"img_size": 32}),
     "timm:edgenext_xx_small": ((1, 3, 64, 64), {}),
     "timm:fastvit_t8": ((1, 3, 64, 64), {}),
-    "timm:maxxvit_rmlp_nano_rw_256": "the relative-position MLP's first layer (attn.rel_pos.mlp.fc1) reads a constant "
-    "table of 2-D coordinates: its input axis (2 coordinates, no unit) is in no group",
     "timm:pvt_v2_b0": ((1, 3, 64, 64), {}),
     "timm:mobilevit_xxs": ((1, 3, 64, 64), {}),
     "timm:beit_base_patch16_224": ((1, 3, 32, 32), {"img_size": 32, "depth": 2}),
@@ -479,6 +477,8 @@ E2E_XFAIL: dict[str, str] = {
     "(GhostNet concatenates the primary and cheap convs and slices the result to out_chs)",
     "timm:edgenext_xx_small": "traces (the mis-mapped split convs are boundaries), but stages.*.downsample.1 keeps its "
     "output axis in no group: the walk that reaches it mis-maps the split convs (issue 17, item 1)",
+    "timm:maxxvit_rmlp_nano_rw_256": "the relative-position MLP's first layer (attn.rel_pos.mlp.fc1) reads a constant "
+    "table of 2-D coordinates: its input axis (2 coordinates, no unit) is in no group",
     "timm:pvt_v2_b0": "physical pruning: Torch-Pruning and the IR disagree about the shape of attn.q (spatial "
     "reduction attention; issue 17, item 4)",
     "timm:beit_base_patch16_224": "traces (the relative-position tables are boundaries), but blocks.*.attn.qkv is "
