@@ -240,20 +240,27 @@ def test_gpt_neox_interleaved_query_key_value_heads_prune_to_the_same_function()
 
 
 @pytest.mark.slow
-def test_eva02_heads_stay_whole_and_fused_swiglu_features_prune_to_the_same_function() -> None:
+def test_eva02_heads_and_fused_swiglu_features_prune_to_the_same_function(tmp_path) -> None:
     import timm
 
     from wtcore.masking import keep_from_removed
-    from wtfront import apply_masks, prune_units
+    from wtfront import apply_masks, load_pruned, prune_units, save_pruned
 
-    torch.manual_seed(0)
-    model = timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2, num_classes=0).eval()
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2, num_classes=0).eval()
+
+    model = build()
+    with torch.no_grad():  # non-zero q/v biases, so a head's bias entries matter
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_()
     x = torch.randn(1, 3, 28, 28)
     structure = trace(model, x)
     by = structure.group_map
     for i in range(2):
         heads, mlp = by[f"blocks.{i}.attn.heads"], by[f"blocks.{i}.mlp.fc1.out"]
-        assert not heads.prunable and "reshapes its heads' output" in heads.reason and heads.size == 3
+        assert heads.prunable and heads.size == 3
         assert {s.param for s in heads.slices} >= {f"blocks.{i}.attn.q_bias", f"blocks.{i}.attn.v_bias"}
         assert mlp.prunable and mlp.kind == "mlp_feature" and mlp.size == 512
         fc1 = next(s for s in mlp.slices if s.param == f"blocks.{i}.mlp.fc1.weight")
@@ -263,7 +270,8 @@ def test_eva02_heads_stay_whole_and_fused_swiglu_features_prune_to_the_same_func
     assert "F.linear" in hidden.reason and not hidden.prunable
     with torch.no_grad():
         y_full = model(x)
-    removed = {"blocks.0.mlp.fc1.out": [0, 7, 511], "blocks.1.mlp.fc1.out": [*range(0, 512, 2)]}
+    removed = {"blocks.0.attn.heads": [1], "blocks.1.attn.heads": [0, 2],
+               "blocks.0.mlp.fc1.out": [0, 7, 511], "blocks.1.mlp.fc1.out": [*range(0, 512, 2)]}
     keep = keep_from_removed(structure, removed)
     apply_masks(model, structure, keep)
     with torch.no_grad():
@@ -273,8 +281,14 @@ def test_eva02_heads_stay_whole_and_fused_swiglu_features_prune_to_the_same_func
     with torch.no_grad():
         y_phys = model(x)
     torch.testing.assert_close(y_phys, y_fake, rtol=1e-5, atol=1e-5)
+    assert [model.blocks[i].attn.num_heads for i in range(2)] == [2, 1]
+    assert [tuple(model.blocks[i].attn.qkv.weight.shape) for i in range(2)] == [(384, 192), (192, 192)]
     assert [tuple(model.blocks[i].mlp.fc1.weight.shape) for i in range(2)] == [(1018, 192), (512, 192)]
     assert [model.blocks[i].mlp.fc2.in_features for i in range(2)] == [509, 256]
+    save_pruned(model, tmp_path / "eva.pt")
+    fresh = load_pruned(build(), tmp_path / "eva.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y_phys)
 
 
 @pytest.mark.slow

@@ -80,6 +80,7 @@ BUILTIN_HOOKS: tuple[tuple[type | str, MetadataHook], ...] = (
     ("torchvision.models.efficientnet.FusedMBConv", _last_conv_out_channels),
     ("timm.layers.attention.Attention", timm.sync_attention),
     ("timm.models.vision_transformer.Attention", timm.sync_attention),
+    ("timm.models.eva.EvaAttention", timm.sync_eva_attention),
     (nn.MultiheadAttention, torch_mha.sync_mha),
     (nn.Module, transformers.sync_attention),  # any module with q/k/v projections or GPT-2's c_attn
     ("transformers.modeling_utils.PreTrainedModel", transformers.sync_config),

@@ -309,19 +309,13 @@ def _head_first_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override:
                            _HEAD_FIRST_REASON.format(name=name))
 
 
-#: why heads of a `_qkv_separate_bias` layout stay whole
-_SEPARATE_BIAS_REASON = (
-    "attention {name!r} adds its q/v biases (q_bias, v_bias and a k_bias buffer, concatenated) in F.linear and "
-    "reshapes its heads' output back to the input width (reshape(B, N, C), as timm's EVA does): removing heads "
-    "would break its forward, so its heads are units of the IR but not prunable"
-)
-
-
 def _qkv_separate_bias(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
                        ) -> AttentionLayout | None:
     """A fused `qkv` Linear without bias, its q and v biases separate parameters `q_bias`/`v_bias` (timm EVA's
     `EvaAttention`; the k bias is a zero buffer), and `proj`: q, k and v rows in that order, `head_dim` rows
-    per head. The forward reshapes the heads' output to the input width, so the heads are not prunable."""
+    per head. Its forward reshapes the heads' output to the input width: after pruning, the metadata hook
+    (`wtfront.integrations.timm.sync_eva_attention`) installs one that does not. A norm over all heads or a
+    gate is not modelled: those heads stay whole."""
     qkv, proj, hd = getattr(m, "qkv", None), getattr(m, "proj", None), _int_attr(m, "head_dim")
     q_bias, v_bias = getattr(m, "q_bias", None), getattr(m, "v_bias", None)
     if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)) or hd is None or qkv.bias is not None:
@@ -337,8 +331,11 @@ def _qkv_separate_bias(name: str, m: nn.Module, canon: Mapping[int, str], overri
     segs = [Segment(p, 0, off, r) for off, r in ((0, "q"), (a, "k"), (2 * a, "v")) if (p := _pname(canon, qkv.weight))]
     segs += [Segment(p, 0, 0, r) for t, r in ((q_bias, "q"), (v_bias, "v")) if (p := _pname(canon, t))]
     segs += [Segment(p, 1, 0, "o")] if (p := _pname(canon, proj.weight)) else []
+    blocked = ""
+    if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity) or getattr(m, "gate", None) is not None:
+        blocked = f"attention {name!r} normalizes or gates over all heads (scale_norm, gated): not modelled"
     return AttentionLayout(name, "separate_bias", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
-                           _SEPARATE_BIAS_REASON.format(name=name))
+                           blocked)
 
 
 #: why heads of a `_chunked_qkv` layout stay whole
