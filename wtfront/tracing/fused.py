@@ -37,8 +37,9 @@ def _param(structure: Structure, module: str, leaf: str) -> str | None:
 def _has_activation(parent: nn.Module) -> bool:
     """Whether `parent` has an activation child (torch's or Hugging Face's activation modules): the gate of a
     gated MLP, which a fused k/v projection beside an output projection does not have."""
-    return any(type(c).__module__ in ("torch.nn.modules.activation", "transformers.activations")
-               for c in parent.children())
+    return any(
+        type(c).__module__ in ("torch.nn.modules.activation", "transformers.activations") for c in parent.children()
+    )
 
 
 def is_gate_up_group(g: UnitGroup, structure: Structure) -> bool:
@@ -66,8 +67,9 @@ def _glu_down(parent: nn.Module | None, fused: nn.Linear) -> str | None:
     return others[0][0]
 
 
-def add_fused_groups(structure: Structure, model: nn.Module, fused: Sequence[nn.Module],
-                     units: Collection[str] = ("mlp_feature",)) -> Structure:
+def add_fused_groups(
+    structure: Structure, model: nn.Module, fused: Sequence[nn.Module], units: Collection[str] = ("mlp_feature",)
+) -> Structure:
     """`structure` plus a group over the output axis of every fused layer no group covers: not prunable, with
     the reason, except a gated MLP's features (with an activation beside them, `mlp_feature` selected), which
     physical pruning cuts from the IR."""
@@ -100,15 +102,17 @@ def add_fused_groups(structure: Structure, model: nn.Module, fused: Sequence[nn.
             if not _has_activation(parent):
                 reason = FUSED_REASON.format(name=name, parts=parts)
             elif "mlp_feature" not in units:
-                reason = ("unit kind 'mlp_feature' is not selected; pass units=(..., 'mlp_feature') to trace() to "
-                          "prune it")
+                reason = (
+                    "unit kind 'mlp_feature' is not selected; pass units=(..., 'mlp_feature') to trace() to prune it"
+                )
         else:
             size, parts, kind = rows, "parts", "feature"
             idx = runs_from_list(list(range(rows)))
             slices = [Slice(w, 0, idx)] + ([Slice(b, 0, idx)] if b else [])
             reason = FUSED_REASON.format(name=name, parts=parts)
-        groups.append(UnitGroup(f"{name}.out", kind, size, tuple(slices), prunable=not reason, root=name,
-                                reason=reason))
+        groups.append(
+            UnitGroup(f"{name}.out", kind, size, tuple(slices), prunable=not reason, root=name, reason=reason)
+        )
         covered |= {(s.param, s.axis) for s in slices}
     if len(groups) == len(structure.groups):
         return structure
