@@ -205,9 +205,9 @@ def test_gpt2_mlp_features_prune_physically() -> None:
 
 def test_fused_projections_root_no_group() -> None:
     """Phi-3 fuses q/k/v and gate/up into one Linear each, split along the features: TP would couple every part
-    to the first part's consumers, so they root no TP group; their output axes are wt's units, not prunable
-    (heads split at a model-wide count, gate/up features cut by nobody yet); the hidden width is a correct
-    group (kind `hidden`, prunable with units=(..., "hidden"))."""
+    to the first part's consumers, so they root no TP group; their output axes are wt's units: heads not
+    prunable (split at a model-wide count), gate/up features prunable (cut from the IR); the hidden width is a
+    correct group (kind `hidden`, prunable with units=(..., "hidden"))."""
     cfg = transformers.Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                   num_attention_heads=8, num_key_value_heads=2, pad_token_id=0)
     model = transformers.Phi3ForCausalLM(cfg).eval()
@@ -215,7 +215,8 @@ def test_fused_projections_root_no_group() -> None:
     assert [g.name for g in s.groups] == [
         "model.embed_tokens.out", "model.layers.0.self_attn.kv_heads", "model.layers.1.self_attn.kv_heads",
         "lm_head.out", "model.layers.0.mlp.gate_up_proj.out", "model.layers.1.mlp.gate_up_proj.out"]
-    assert not any(g.prunable for g in s.groups) and s.groups[0].kind == "hidden"
+    assert [g.name for g in s.groups if g.prunable] == [f"model.layers.{i}.mlp.gate_up_proj.out" for i in range(2)]
+    assert s.groups[0].kind == "hidden"
     hidden = trace(model, {"input_ids": torch.randint(0, 128, (1, SEQ))}, units=("kv_head", "mlp_feature", "hidden"))
     assert hidden.groups[0].prunable
     axes = {(sl.param, sl.axis) for sl in s.groups[0].slices}

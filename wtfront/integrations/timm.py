@@ -8,7 +8,8 @@ forward passing `scale=self.scale`; it keeps the fused kernel, so costs still se
 
 BEiT's `Attention` reads `qkv.weight` through `F.linear` and reshapes the heads' output to the input width; once
 heads are removed, `sync_beit_attention` installs `beit_attention_forward` the same way (the same forward,
-reshaping to `num_heads * head_dim`) and resizes the always-zero `k_bias` buffer.
+reshaping to `num_heads * head_dim`) and resizes the always-zero `k_bias` buffer; EVA's attention, which reshapes
+the same way, gets `eva_attention_forward` from `sync_eva_attention`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["beit_attention_forward", "scaled_attention_forward", "sync_attention", "sync_beit_attention"]
+__all__ = ["beit_attention_forward", "eva_attention_forward", "scaled_attention_forward", "sync_attention",
+           "sync_beit_attention", "sync_eva_attention"]
 
 
 def scaled_attention_forward(self: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -93,3 +95,43 @@ def sync_beit_attention(m: nn.Module) -> None:
         if isinstance(k_bias, torch.Tensor):  # always zero and not saved: `load_pruned` leaves it uninitialized
             m.register_buffer("k_bias", k_bias.new_zeros(m.num_heads * hd), persistent=False)
         m.forward = types.MethodType(beit_attention_forward, m)
+
+
+def eva_attention_forward(self: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None,
+                          attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """timm `EvaAttention.forward` (fused qkv, no gate) reshaping the heads' output to `num_heads * head_dim`
+    instead of the input width, so it runs with fewer heads; the scale is the module's own."""
+    from timm.layers import apply_rot_embed_cat
+
+    b, n, _ = x.shape
+    if self.q_bias is None:
+        qkv = self.qkv(x)
+    else:
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = self.qkv(x) + bias if self.qkv_bias_separate else F.linear(x, self.qkv.weight, bias)
+    q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    if rope is not None:
+        npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                       dropout_p=self.attn_drop.p if self.training else 0.0)
+    x = x.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+    return self.proj_drop(self.proj(self.norm(x)))
+
+
+def sync_eva_attention(m: nn.Module) -> None:
+    """EVA attention with fewer heads: `num_heads` from the `qkv` rows, the zero `k_bias` buffer at the new
+    width, and (its own forward reshapes to the input width) `eva_attention_forward` as an instance forward."""
+    qkv, proj, hd = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "head_dim", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)) or not isinstance(hd, int) or hd <= 0:
+        return
+    m.num_heads = qkv.out_features // (3 * hd)
+    a = m.num_heads * hd
+    k_bias = getattr(m, "k_bias", None)
+    if isinstance(k_bias, torch.Tensor) and not isinstance(k_bias, nn.Parameter):
+        if k_bias.shape != (a,) or bool(k_bias.any()):  # EVA has no k bias (a zero buffer, not saved): resized
+            m.k_bias = torch.zeros(a, dtype=k_bias.dtype, device=k_bias.device)  # or left uninitialized
+    if a != proj.out_features and getattr(m, "gate", None) is None:
+        m.forward = types.MethodType(eva_attention_forward, m)

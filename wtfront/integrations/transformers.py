@@ -97,7 +97,7 @@ def sync_config(model: nn.Module) -> None:
 
 
 def _update_config(model: nn.Module, cfg: Any) -> None:
-    layouts = [lay for lay in discover_attention(model) if lay.family in ("hf", "gpt2")]
+    layouts = [lay for lay in discover_attention(model) if lay.family in ("hf", "gpt2", "neox")]
     heads = _uniform([lay.num_heads for lay in layouts])
     kv = _uniform([lay.num_kv_heads for lay in layouts])
     hd = _uniform([lay.head_dim for lay in layouts])

@@ -82,6 +82,7 @@ BUILTIN_HOOKS: tuple[tuple[type | str, MetadataHook], ...] = (
     ("timm.models.vision_transformer.Attention", timm.sync_attention),
     ("timm.models.beit.Attention", timm.sync_beit_attention),
     ("torchvision.models.swin_transformer.ShiftedWindowAttention", torchvision.sync_window_attention),
+    ("timm.models.eva.EvaAttention", timm.sync_eva_attention),
     (nn.MultiheadAttention, torch_mha.sync_mha),
     (nn.Module, transformers.sync_attention),  # any module with q/k/v projections or GPT-2's c_attn
     ("transformers.modeling_utils.PreTrainedModel", transformers.sync_config),

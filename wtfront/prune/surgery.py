@@ -1,5 +1,6 @@
 """Physical pruning cut from the IR itself, for the groups Torch-Pruning cannot prune: attention heads (and
-head dimensions) and layers of Hugging Face's `Conv1D`. Every slice keeps the entries of kept units."""
+head dimensions), layers of Hugging Face's `Conv1D` and fused gate/up layers. Every slice keeps the entries of
+kept units."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from wtcore.errors import WtError
 from wtcore.ir import Structure
 
 from ..modules import is_hf_conv1d, owner
+from ..tracing.fused import is_gate_up_group
 from ..tracing.units import HEAD_KINDS
 
 __all__ = ["ir_surgery_groups", "remove_units"]
@@ -19,7 +21,8 @@ __all__ = ["ir_surgery_groups", "remove_units"]
 
 def ir_surgery_groups(model: nn.Module, structure: Structure, names: Iterable[str]) -> set[str]:
     """Groups among `names` that physical pruning cuts from the IR instead of through Torch-Pruning: head
-    groups, and groups with a `Conv1D` parameter (Torch-Pruning cannot prune those layers)."""
+    groups, groups with a `Conv1D` parameter (Torch-Pruning cannot prune those layers) and a gated MLP's
+    features over a fused gate/up layer (Torch-Pruning ignores fused layers)."""
     conv_params: set[str] = set()
     for n, m in model.named_modules():
         if is_hf_conv1d(m):
@@ -28,7 +31,7 @@ def ir_surgery_groups(model: nn.Module, structure: Structure, names: Iterable[st
     out = set()
     for gname in names:
         g = structure.group_map[gname]
-        if g.kind in HEAD_KINDS or any(s.param in conv_params for s in g.slices):
+        if g.kind in HEAD_KINDS or any(s.param in conv_params for s in g.slices) or is_gate_up_group(g, structure):
             out.add(gname)
     return out
 

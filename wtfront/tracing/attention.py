@@ -29,16 +29,18 @@ HeadOverride = int | tuple[int, int] | None
 
 @dataclass(frozen=True)
 class Segment:
-    """`count * head_dim` consecutive positions of `param` along `axis`, from `offset`: head `i` of `role`
-    (q, k, v, or o for the output projection's input) owns positions `offset + i*head_dim ...`. A per-head
-    table (role "b", e.g. a relative-position bias with one column per head) sets `width` (positions per
-    head) instead of the head size."""
+    """Positions of `param` along `axis`: head `i` of `role` (q, k, v, or o for the output projection's input)
+    owns the `head_dim` positions from `offset + i*stride`. `stride` 0 means `head_dim` (the heads of a role
+    are consecutive); GPT-NeoX interleaves q, k and v per head (`stride = 3 * head_dim`). A per-head table
+    (role "b", e.g. a relative-position bias with one column per head) sets `width` (positions per head)
+    instead of the head size."""
 
     param: str
     axis: int
     offset: int
     role: str
-    width: int = 0  # positions per head; 0: head_dim
+    width: int = 0  # positions per head of a per-head table; 0: head_dim
+    stride: int = 0  # distance between heads; 0: head_dim
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,8 @@ def _heads_from(name: str, rows: int, head_dim: int | None, override: HeadOverri
 
 
 #: a child module every recognized attention layout has (fused timm `qkv`, GPT-2 `c_attn`, HF `q_proj`/`query`)
-_ATTENTION_CHILDREN = frozenset({"qkv", "c_attn", "q_proj", "query", "q_lin", "qkv_proj", "kv"})
+_ATTENTION_CHILDREN = frozenset({"qkv", "c_attn", "q_proj", "query", "q_lin", "qkv_proj", "query_key_value", "to_qkv",
+                                  "kv"})
 
 
 def _may_be_attention(m: nn.Module) -> bool:
@@ -172,6 +175,9 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
         p = _pname(canon, t)
         return [Segment(p, axis, offset, role)] if p is not None else []
 
+    separate_bias = _qkv_separate_bias(name, m, canon, override)
+    if separate_bias is not None:
+        return separate_bias
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
     if isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and _int_attr(m, "head_dim") is not None:
         nh, nkv, hd = _heads_from(name, qkv.out_features // 3, _int_attr(m, "head_dim"), override, None)
@@ -197,6 +203,12 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
     fused = _fused_qkv_proj(name, m, canon, override) or _q_and_fused_kv(name, m, canon, override)
     if fused is not None:
         return fused
+    interleaved = _interleaved_qkv(name, m, canon, override)
+    if interleaved is not None:
+        return interleaved
+    head_first = _head_first_qkv(name, m, canon, override)
+    if head_first is not None:
+        return head_first
     functional = _functional_qkv(name, m, canon, override)
     if functional is not None:
         return functional
@@ -211,7 +223,7 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
         return AttentionLayout(name, "gpt2", nh, nkv, hd, tuple(segs), ((_pname(canon, c_attn.weight), 0),))
     parts = hf_parts(m)
     if parts is None:
-        return None
+        return _chunked_qkv(name, m, canon, override)
     q, k, v = parts
     hd = _int_attr(m, "head_dim", "attention_head_size")
     cfg = getattr(m, "config", None)
@@ -345,6 +357,127 @@ def _functional_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override:
     blocked = "" if known else _FUNCTIONAL_REASON.format(name=name)
     return AttentionLayout(name, "functional_qkv", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
                            blocked)
+
+
+#: why heads of a `_head_first_qkv` layout stay whole
+_HEAD_FIRST_REASON = (
+    "attention {name!r} views its qkv output with its recorded num_heads and adds a per-head relative-position "
+    "bias (rel_pos) that wt does not cut: its heads are units of the IR but not prunable"
+)
+
+
+def _is_projection(m: object) -> bool:
+    """A Linear, or a 1x1 ungrouped Conv2d (a Linear over channels)."""
+    if isinstance(m, nn.Linear):
+        return True
+    return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
+
+
+def _head_first_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
+                    ) -> AttentionLayout | None:
+    """timm MaxxViT/CoAtNet's `Attention2d`/`AttentionCl`: a fused `qkv` (Linear or 1x1 Conv2d) and `proj`,
+    `dim_head` per head, and `head_first`: True views the rows as `[heads, 3 * dim_head]` (q, k and v
+    interleaved per head, `stride = 3 * dim_head`), False as `[3, heads, dim_head]` (q, k, v blocks)."""
+    qkv, proj, hd = getattr(m, "qkv", None), getattr(m, "proj", None), _int_attr(m, "dim_head")
+    head_first = getattr(m, "head_first", None)
+    if not (_is_projection(qkv) and _is_projection(proj)) or hd is None or not isinstance(head_first, bool):
+        return None
+    rows, a = qkv.weight.shape[0], proj.weight.shape[1]
+    if rows != 3 * a:
+        return None
+    nh, nkv, hd = _heads_from(name, a, hd, override, None)
+    if nkv != nh:
+        return None
+    step, part = (3 * hd, hd) if head_first else (hd, a)
+    segs = [Segment(p, 0, off * part, r, step) for off, r in enumerate("qkv") for t in (qkv.weight, qkv.bias)
+            if (p := _pname(canon, t))]
+    segs += [Segment(p, 1, 0, "o")] if (p := _pname(canon, proj.weight)) else []
+    return AttentionLayout(name, "head_first", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
+                           _HEAD_FIRST_REASON.format(name=name))
+
+
+def _qkv_separate_bias(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
+                       ) -> AttentionLayout | None:
+    """A fused `qkv` Linear without bias, its q and v biases separate parameters `q_bias`/`v_bias` (timm EVA's
+    `EvaAttention`; the k bias is a zero buffer), and `proj`: q, k and v rows in that order, `head_dim` rows
+    per head. Its forward reshapes the heads' output to the input width: after pruning, the metadata hook
+    (`wtfront.integrations.timm.sync_eva_attention`) installs one that does not. A norm over all heads or a
+    gate is not modelled: those heads stay whole."""
+    qkv, proj, hd = getattr(m, "qkv", None), getattr(m, "proj", None), _int_attr(m, "head_dim")
+    q_bias, v_bias = getattr(m, "q_bias", None), getattr(m, "v_bias", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)) or hd is None or qkv.bias is not None:
+        return None
+    a = proj.in_features
+    if not (isinstance(q_bias, nn.Parameter) and isinstance(v_bias, nn.Parameter)) or qkv.out_features != 3 * a:
+        return None
+    if q_bias.shape != (a,) or v_bias.shape != (a,):
+        return None
+    nh, nkv, hd = _heads_from(name, a, hd, override, None)
+    if nkv != nh:
+        return None
+    segs = [Segment(p, 0, off, r) for off, r in ((0, "q"), (a, "k"), (2 * a, "v")) if (p := _pname(canon, qkv.weight))]
+    segs += [Segment(p, 0, 0, r) for t, r in ((q_bias, "q"), (v_bias, "v")) if (p := _pname(canon, t))]
+    segs += [Segment(p, 1, 0, "o")] if (p := _pname(canon, proj.weight)) else []
+    blocked = ""
+    if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity) or getattr(m, "gate", None) is not None:
+        blocked = f"attention {name!r} normalizes or gates over all heads (scale_norm, gated): not modelled"
+    return AttentionLayout(name, "separate_bias", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
+                           blocked)
+
+
+#: why heads of a `_chunked_qkv` layout stay whole
+_CHUNKED_REASON = (
+    "attention {name!r} reshapes its heads' output back to the input width (reshape(B, G, P, D), as torchvision's "
+    "MaxViT does) and scales by the input width: removing heads would break its forward, so its heads (and its "
+    "per-head relative-position bias columns, left static) are units of the IR but not prunable"
+)
+
+
+def _chunked_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
+                 ) -> AttentionLayout | None:
+    """An attention module with exactly two Linear children, a fused q/k/v projection (`3 * A` rows, chunked
+    into q, k and v in that order) and an output projection reading `A` columns, and its head size recorded
+    (`head_dim`): torchvision MaxViT's `RelativePositionalMultiHeadAttention` (`to_qkv`, `merge`). Found from
+    the shapes; its forward ties the heads to the input width, so they are not prunable."""
+    hd = _int_attr(m, "head_dim")
+    linears = [c for c in m.children() if isinstance(c, nn.Linear)]
+    if hd is None or len(linears) != 2:
+        return None
+    qkv, out = linears
+    a = out.in_features
+    if qkv.out_features != 3 * a:
+        return None
+    nh, nkv, hd = _heads_from(name, a, hd, override, None)
+    if nkv != nh:
+        return None
+    segs = [Segment(p, 0, off, r) for off, r in ((0, "q"), (a, "k"), (2 * a, "v")) for t in (qkv.weight, qkv.bias)
+            if (p := _pname(canon, t))]
+    segs += [Segment(p, 1, 0, "o")] if (p := _pname(canon, out.weight)) else []
+    return AttentionLayout(name, "chunked_qkv", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
+                           _CHUNKED_REASON.format(name=name))
+
+
+def _interleaved_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override: HeadOverride
+                     ) -> AttentionLayout | None:
+    """GPT-NeoX's fused `query_key_value`, viewed as `[..., heads, 3 * head_size]`: head `h` owns rows
+    `h*3*hd ..`, its q, k and v parts in that order, and output-projection (`dense`) columns `h*hd ..`. The
+    forward infers the head count from the rows (`view(..., -1, 3 * head_size)`) and the attention scale and
+    rotary embedding depend on `head_size` only, so removing whole heads keeps the function."""
+    qkv, dense = getattr(m, "query_key_value", None), getattr(m, "dense", None)
+    hd = _int_attr(m, "head_size", "head_dim")
+    if not (isinstance(qkv, nn.Linear) and isinstance(dense, nn.Linear)) or hd is None:
+        return None
+    a = dense.in_features
+    if qkv.out_features != 3 * a:
+        return None
+    nh, nkv, hd = _heads_from(name, a, hd, override, None)
+    if nkv != nh:
+        return None
+    segs = [Segment(p, 0, off, r, 3 * hd) for off, r in ((0, "q"), (hd, "k"), (2 * hd, "v"))
+            for p in (_pname(canon, qkv.weight), _pname(canon, qkv.bias)) if p is not None]
+    p = _pname(canon, dense.weight)
+    segs += [Segment(p, 1, 0, "o")] if p is not None else []
+    return AttentionLayout(name, "neox", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),))
 
 
 def discover_attention(model: nn.Module, heads: Mapping[str, HeadOverride] | None = None) -> list[AttentionLayout]:

@@ -140,7 +140,7 @@ def trace(
             units = tuple(DEFAULT_UNITS if units is None else units)
             structure, layouts = apply_attention_units(structure, model, units, heads, inputs)
             structure = attach_attention_widths(structure, model, layouts, inputs)
-            structure = merge_tied_groups(add_fused_groups(structure, model, fused))  # a tied axis: one group
+            structure = merge_tied_groups(add_fused_groups(structure, model, fused, units))  # a tied axis: one group
             structure = mark_lossy(structure, model)
             release_graph(dg)
         if costs:  # one more forward pass (fvcore's jit trace), outside TP's hooks: cost ops and baseline MACs

@@ -93,7 +93,7 @@ def _head_group(lay: AttentionLayout, kind: str, structure: Structure, units: Co
                     idx[s.offset + h * s.width: s.offset + (h + 1) * s.width] = lay.unit_of_head(kind, s.role, h)
             continue
         for h in range(count):
-            a = s.offset + h * lay.head_dim
+            a = s.offset + h * (s.stride or lay.head_dim)
             if kind == "head_dim":
                 idx[a: a + lay.head_dim] = np.arange(lay.head_dim)
             else:

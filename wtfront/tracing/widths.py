@@ -1,4 +1,4 @@
-"""The residual width of attention modules whose fused qkv weight is read functionally (Swin, BEiT).
+"""The residual width of attention modules whose fused qkv weight is read functionally (Swin, BEiT, EVA-02).
 
 Torch-Pruning follows modules, not `F.linear(x, self.qkv.weight)`: the qkv weight's input columns (the width
 the attention reads) and, where the output projection is also read functionally, its output rows are in no
@@ -141,15 +141,23 @@ def _producer_slice(
     return None
 
 
+def _unread(model: nn.Module, lay: AttentionLayout, covered: set[tuple[str, int]]) -> bool:
+    """A `qkv`/`proj` attention whose qkv input columns Torch-Pruning coupled to nothing."""
+    m = model.get_submodule(lay.module)
+    linear = all(isinstance(getattr(m, a, None), nn.Linear) for a in ("qkv", "proj"))
+    return linear and bool(lay.inputs) and lay.inputs[0] not in covered
+
+
 def attach_attention_widths(
     structure: Structure, model: nn.Module, layouts: Sequence[AttentionLayout], inputs: tuple[Any, ...] | dict[str, Any]
 ) -> Structure:
-    """Put the input columns of every `functional_qkv` attention's qkv weight (and its proj's output rows, if
-    in no group) in the group of the width they read, made not prunable; see the module docstring."""
-    lays = [lay for lay in layouts if lay.family == "functional_qkv"]
+    """Put the input columns of every attention's qkv weight that Torch-Pruning coupled to nothing (read
+    functionally: `functional_qkv`, or EVA's `F.linear` with separate biases) and its proj's output rows, if in
+    no group, in the group of the width they read, made not prunable; see the module docstring."""
+    covered = {(s.param, s.axis) for g in structure.groups for s in g.slices}
+    lays = [lay for lay in layouts if lay.family == "functional_qkv" or _unread(model, lay, covered)]
     if not lays:
         return structure
-    covered = {(s.param, s.axis) for g in structure.groups for s in g.slices}
     run = _io(model, inputs, [lay.module for lay in lays])
     where = {(sl.param, sl.axis): g.name for g in structure.groups for sl in g.slices}
     canon = canonical_names(model)
