@@ -484,8 +484,6 @@ def end_to_end(ref: str) -> None:
 
 #: models that are not clean end to end yet, with the precise reason (docs/zoo.md keeps the table)
 E2E_XFAIL: dict[str, str] = {
-    "timm:maxxvit_rmlp_nano_rw_256": "the relative-position MLP's first layer (attn.rel_pos.mlp.fc1) reads a constant "
-    "table of 2-D coordinates: its input axis (2 coordinates, no unit) is in no group",
 }
 
 
