@@ -570,25 +570,26 @@ def _fvcore_by_module(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]
 
 
 def _prune_plan(s: Structure, seed: int, skip: tuple[str, ...] = ()) -> dict[str, list[int]]:
-    """Units to remove per prunable group: about a quarter, the same positions in every conv group of the
-    grouped convolutions the group feeds (Torch-Pruning keeps `groups` and needs an even cut)."""
+    """Units to remove per prunable group: about a quarter of its ties (`wtcore.realizable.unit_ties`: the same
+    positions in every conv group of a grouped convolution, which Torch-Pruning needs), leaving `min_kept`."""
     import random
 
+    from wtcore.realizable import min_kept, unit_ties
+
     rng = random.Random(seed)
+    ties, floor = unit_ties(s).tolist(), min_kept(s)
     plan = {}
     for g in s.groups:
         if not g.prunable or any(k in g.name for k in skip):
             continue
-        lcm = 1
-        for sl in g.slices:
-            lcm = lcm * sl.groups // math.gcd(lcm, sl.groups)
-        if g.size % lcm:
-            continue
-        per = g.size // lcm
-        k = max(1, per // 4)
-        if per - k < 1:
-            continue
-        plan[g.name] = sorted(j + c * per for j in rng.sample(range(per), k) for c in range(lcm))
+        off = s.offsets[g.name]
+        members: dict[int, list[int]] = {}
+        for u in range(g.size):
+            members.setdefault(ties[off + u], []).append(u)
+        roots = sorted(members)
+        chosen = sorted(u for r in rng.sample(roots, max(1, len(roots) // 4)) for u in members[r])
+        if g.size - len(chosen) >= floor.get(g.name, 1):
+            plan[g.name] = chosen
     return plan
 
 
