@@ -335,7 +335,8 @@ def _functional_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override:
 #: why heads of a `_head_first_qkv` layout stay whole
 _HEAD_FIRST_REASON = (
     "attention {name!r} views its qkv output with its recorded num_heads and adds a per-head relative-position "
-    "bias (rel_pos) that wt does not cut: its heads are units of the IR but not prunable"
+    "bias whose module (rel_pos) records the head count too: its heads (with the bias table's columns) are units "
+    "of the IR but not prunable"
 )
 
 
@@ -365,6 +366,10 @@ def _head_first_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override:
     segs = [Segment(p, 0, off * part, r, stride=step) for off, r in enumerate("qkv") for t in (qkv.weight, qkv.bias)
             if (p := _pname(canon, t))]
     segs += [Segment(p, 1, 0, "o")] if (p := _pname(canon, proj.weight)) else []
+    rel_pos = getattr(m, "rel_pos", None)
+    if isinstance(rel_pos, nn.Module):  # a bias table with one column per head (RelPosBias)
+        segs += [Segment(p, 1, 0, "b", width=1) for t in rel_pos.parameters(recurse=False)
+                 if t.dim() == 2 and t.shape[1] == nh and (p := _pname(canon, t))]
     return AttentionLayout(name, "head_first", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
                            _HEAD_FIRST_REASON.format(name=name))
 
