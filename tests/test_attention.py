@@ -772,3 +772,36 @@ def test_discovery_reads_counts_from_weights_not_configs() -> None:
     assert (lays["model.layers.0.self_attn"].num_heads, lays["model.layers.0.self_attn"].num_kv_heads) == (8, 2)
     assert (lays["model.layers.1.self_attn"].num_heads, lays["model.layers.1.self_attn"].num_kv_heads) == (4, 1)
     assert lays["model.layers.1.self_attn"].n_rep == 4 and lays["model.layers.1.self_attn"].head_dim == 4
+
+
+@pytest.mark.parametrize("head_first", [True, False])
+def test_maxxvit_attention2d_heads_follow_its_own_view(head_first: bool) -> None:
+    """timm's `Attention2d` (CoAtNet/MaxxViT) views its qkv rows as `[heads, 3 * dim_head]` (head_first) or
+    `[3, heads, dim_head]`: each head's rows are read off that view of `arange(rows)`, and its relative-position
+    table column joins it; the heads stay whole (its forward reads the recorded head count)."""
+    from functools import partial
+
+    from timm.layers.pos_embed_rel import RelPosBias
+    from timm.models.maxxvit import Attention2d
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 32, 1)
+            self.attn = Attention2d(32, dim_head=8, head_first=head_first,
+                                    rel_pos_cls=partial(RelPosBias, window_size=(4, 4)))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(self.conv(x))
+
+    model = Block().eval()
+    structure = trace(model, torch.randn(1, 3, 4, 4))
+    g = structure.group_map["attn.heads"]
+    assert g.size == 4 and not g.prunable and "records the head count" in g.reason
+    by = {(s.param, s.axis): s.index_list() for s in g.slices}
+    rows = torch.arange(96)
+    view = rows.view(4, 24) if head_first else rows.view(3, 4, 8).transpose(0, 1).reshape(4, 24)
+    for h in range(4):
+        assert sorted(i for i, u in enumerate(by[("attn.qkv.weight", 0)]) if u == h) == sorted(view[h].tolist())
+        assert [i for i, u in enumerate(by[("attn.proj.weight", 1)]) if u == h] == list(range(8 * h, 8 * h + 8))
+    assert by[("attn.rel_pos.relative_position_bias_table", 1)] == [0, 1, 2, 3]

@@ -255,6 +255,28 @@ def test_sparsity_and_nm_match_reference(case, tolerance, nm):
     close(out["nm_sparsity/per_param_tail_elements"], [r[3] for r in rows])
 
 
+def test_summary_does_not_count_zeros_of_groups_that_are_not_prunable() -> None:
+    """A zero-initialized classifier (its logits feed the output: not prunable) is not pruning."""
+    from toys import Net, X
+
+    from wtfront import trace
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        net.fc.weight[:2].zero_()
+        net.fc.bias[:2].zero_()
+        net.b2.weight[:1].zero_()
+        net.b2.bias[:1].zero_()
+        net.fuse.weight[:, 12].zero_()  # b2's channel 0 after gc's 12 in the concat
+    s = trace(net, X)
+    assert not s.group_map["fc.out"].prunable and s.group_map["b2.out"].prunable
+    out = wtcore.compile(s, ["group_pruning_summary", "unit_active"])(dict(net.named_parameters()))
+    assert int((~out["unit_active"]).sum()) == 3  # both zeros are inactive units
+    per = dict(zip([g.name for g in s.groups], out["group_pruning_summary/per_group_pruned_units"].tolist()))
+    assert per["fc.out"] == 0 and per["b2.out"] == 1 and out["group_pruning_summary/pruned_units"].item() == 1
+
+
 @settings(max_examples=60, deadline=None)
 @given(cases(), st.sampled_from([0.0, 0.5]), st.data())
 def test_summary_and_histogram_match_reference(case, tolerance, data):
@@ -275,7 +297,7 @@ def test_summary_and_histogram_match_reference(case, tolerance, data):
         if chosen and g.name not in chosen:
             continue
         off = s.offsets[g.name]
-        pruned = [u for u in range(g.size) if not active[off + u]]
+        pruned = [u for u in range(g.size) if g.prunable and not active[off + u]]  # zeros elsewhere: not pruning
         per_units.append(len(pruned) + g.baseline_size - g.size)
         # physically removed units (baseline_size > size) held, per slice, their entries' elements in the
         # original shapes (the physical-pruning test below checks this against a real pruned model)
@@ -548,25 +570,26 @@ def _fvcore_by_module(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]
 
 
 def _prune_plan(s: Structure, seed: int, skip: tuple[str, ...] = ()) -> dict[str, list[int]]:
-    """Units to remove per prunable group: about a quarter, the same positions in every conv group of the
-    grouped convolutions the group feeds (Torch-Pruning keeps `groups` and needs an even cut)."""
+    """Units to remove per prunable group: about a quarter of its ties (`wtcore.realizable.unit_ties`: the same
+    positions in every conv group of a grouped convolution, which Torch-Pruning needs), leaving `min_kept`."""
     import random
 
+    from wtcore.realizable import min_kept, unit_ties
+
     rng = random.Random(seed)
+    ties, floor = unit_ties(s).tolist(), min_kept(s)
     plan = {}
     for g in s.groups:
         if not g.prunable or any(k in g.name for k in skip):
             continue
-        lcm = 1
-        for sl in g.slices:
-            lcm = lcm * sl.groups // math.gcd(lcm, sl.groups)
-        if g.size % lcm:
-            continue
-        per = g.size // lcm
-        k = max(1, per // 4)
-        if per - k < 1:
-            continue
-        plan[g.name] = sorted(j + c * per for j in rng.sample(range(per), k) for c in range(lcm))
+        off = s.offsets[g.name]
+        members: dict[int, list[int]] = {}
+        for u in range(g.size):
+            members.setdefault(ties[off + u], []).append(u)
+        roots = sorted(members)
+        chosen = sorted(u for r in rng.sample(roots, max(1, len(roots) // 4)) for u in members[r])
+        if g.size - len(chosen) >= floor.get(g.name, 1):
+            plan[g.name] = chosen
     return plan
 
 

@@ -70,6 +70,26 @@ def test_default_policy_keeps_every_group_usable_where_raw_ranking_empties_one()
     torch.testing.assert_close(wtcore.compile(s, [spec])(params)["importance"], sol.keep)
 
 
+def test_structured_mask_warns_when_applied_like_the_solver() -> None:
+    """A structured mask is a program output; applying it gives the solver's `NarrowGroupWarning`."""
+    from wtfront import apply_masks
+
+    torch.manual_seed(0)
+    model = TwoScales().eval()
+    s = trace(model, torch.randn(2, 4))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    raw = wtcore.Spec("ln_structured", amount=0.5, scope="global", normalize=None, max_fraction=1.0)
+    keep = wtcore.compile(s, [raw])(params)[raw.key]
+    assert "b.out" in [g for g, _, _ in narrow_groups(s, keep.numpy())]  # raw L2 empties the small-scale layer
+    with pytest.warns(NarrowGroupWarning, match="b.out"):
+        apply_masks(TwoScales(), s, keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NarrowGroupWarning)
+        apply_masks(TwoScales(), s, keep, warn=False)
+        default = wtcore.Spec("ln_structured", amount=0.5, scope="global")  # normalized, capped: no warning
+        apply_masks(TwoScales(), s, wtcore.compile(s, [default])(params)[default.key])
+
+
 def _prune_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> wtcore.Structure:
     code = main(["prune", *argv, "--target-macs", "0.5", "--out", str(tmp_path)])
     err = capsys.readouterr().err

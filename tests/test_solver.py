@@ -186,6 +186,31 @@ def test_toy_model_brute_force(scope, metric):
     torch.testing.assert_close(pruned(x), y, rtol=1e-5, atol=1e-6)
 
 
+def test_zero_unit_tied_to_live_ones_stays_and_the_costs_know():
+    """A unit zeroed alone (e.g. by training) in a grouped conv's tie: physical pruning keeps it, so the cost
+    specs count it, and the solver removes it with its tie; both prune physically to what they predict."""
+    from wtfront import apply_masks, effective_params, prune_units, prune_zero_units, trace
+
+    model, x = _toy()
+    s0 = trace(model, x)
+    with torch.no_grad():  # unit 0 of gc's output; 3, 6 and 9 (the same position in the other conv groups) live
+        model.gc.weight[0].zero_()
+        model.gc.bias[0].zero_()
+        model.fuse.weight[:, 0].zero_()
+    params = {k: v.detach() for k, v in effective_params(model, s0).items()}
+    assert not bool(wtcore.compile(s0, ["unit_active"])(params)["unit_active"][s0.offsets["gc.out"]])
+    assert metric_ratio(s0, params, "macs") == 1.0  # nothing physical pruning would remove
+    zero = copy.deepcopy(model)
+    assert prune_zero_units(zero, s0, x).group_map["gc.out"].size == 12
+    sol = solve(s0, params, target=0.7, metric="macs", max_fraction=0.8)
+    pruned = copy.deepcopy(model)
+    apply_masks(pruned, s0, sol.keep)
+    y = pruned(x)
+    new = prune_units(pruned, s0, x, sol.keep)
+    torch.testing.assert_close(pruned(x), y, rtol=1e-5, atol=1e-6)
+    assert sum(o.macs for o in new.ops) / sum(o.baseline_macs for o in new.ops) == pytest.approx(sol.ratio, abs=1e-12)
+
+
 def test_normalized_widths_keep_their_units_unless_lossy():
     """A group a LayerNorm normalizes is left alone (its zeroed units would still count in the statistics),
     unless `lossy=True`; a groups= that selects only it is refused with the way out."""

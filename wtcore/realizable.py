@@ -23,9 +23,21 @@ import torch
 
 from .errors import SpecError
 from .ir import Structure
+from .lang import Var
 from .primitives import segment_sum_sorted
+from .spec import Context
 
-__all__ = ["Ties", "eligible_groups", "group_caps", "min_kept", "tie_mean", "ties_of", "unit_ties", "whole_ties"]
+__all__ = [
+    "TieProgram",
+    "Ties",
+    "eligible_groups",
+    "group_caps",
+    "min_kept",
+    "tie_mean",
+    "ties_of",
+    "unit_ties",
+    "whole_ties",
+]
 
 
 def unit_ties(structure: Structure) -> torch.Tensor:
@@ -132,6 +144,36 @@ def tie_mean(score: torch.Tensor, ties: Ties) -> torch.Tensor:
     total = segment_sum_sorted(s.index_select(0, ties.order), ties.ends)
     mean = (total / ties.sizes.to(torch.float64)).index_select(0, ties.seg)
     return torch.where(ties.tied, mean, s)
+
+
+class TieProgram:
+    """`ties_of` as the constants of one program, and `tie_mean` / `whole_ties` as its operations (for specs)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.b = ctx.b
+        ties = ties_of(ctx.structure)
+        self.any = ties.any
+        if not self.any:
+            return
+        b = self.b
+        self.order = b.const(ties.order, "units by tie")
+        self.ends = b.const(ties.ends, "tie ends")
+        self.sizes = b.const(ties.sizes, "tie sizes")
+        self.seg = b.const(ties.seg, "tie of unit")
+        self.tied = b.const(ties.tied, "tied units")
+
+    def shared_score(self, score: Var) -> Var:
+        """`tie_mean`: each tied unit scored by its tie's mean (float64), free units by their own score."""
+        b = self.b
+        total = b.segment_sum_sorted(b.take(b.to_float64(score), self.order), self.ends)
+        mean = b.take(b.div(total, b.to_float64(self.sizes)), self.seg)
+        return b.where(self.tied, mean, b.to_float64(score))
+
+    def whole(self, pruned: Var) -> Var:
+        """`whole_ties`: a bool unit vector True only where the unit's whole tie is."""
+        b = self.b
+        hits = b.segment_sum_sorted(b.to_long(b.take(pruned, self.order)), self.ends)
+        return b.take(b.eq(hits, self.sizes), self.seg)
 
 
 def whole_ties(removed: np.ndarray, ties: Ties) -> np.ndarray:

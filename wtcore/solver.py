@@ -189,8 +189,9 @@ def effective_keys(structure: Structure, scores: np.ndarray, dead: np.ndarray, h
         avail = sizes - np.bincount(gid, weights=dead, minlength=len(sizes)).astype(np.int64)
         eff = _round_keys(key, cand, gid, avail, round_to)
     if ties.any:  # a tie goes when its last member would: the mask specs remove only whole ties
-        eff = _tie_max(np.where(dead & elig_g[gid], -np.inf, eff), ties)
-        eff[~cand] = np.inf
+        tie_key = _tie_max(np.where(dead & elig_g[gid], -np.inf, eff), ties)
+        # already-zero members go with their tie's live members (physical pruning removes the tie then)
+        eff = np.where(cand | (dead & elig_g[gid] & (tie_key > -np.inf)), tie_key, np.inf)
     return eff, elig_g[gid], key
 
 
@@ -219,7 +220,7 @@ def _round_keys(key: np.ndarray, cand: np.ndarray, gid: np.ndarray, avail: np.nd
 
 def removable(structure: Structure, dead: np.ndarray) -> np.ndarray:
     """The `dead` units that physical pruning removes, as the cost specs count them (`removable_f64`): those of
-    prunable groups, except the first unit of a group whose units are all dead."""
+    prunable groups, except the first unit of a group whose units are all dead, in whole ties."""
     sizes = np.array([g.size for g in structure.groups], dtype=np.int64)
     gid = np.repeat(np.arange(len(sizes)), sizes)
     prun = np.array([g.prunable for g in structure.groups], dtype=bool)
@@ -228,7 +229,7 @@ def removable(structure: Structure, dead: np.ndarray) -> np.ndarray:
     all_gone = np.bincount(gid, weights=out, minlength=len(sizes)) == sizes
     firsts = starts[all_gone & (sizes > 0)]
     out[firsts] = False
-    return out
+    return whole_ties(out, ties_of(structure))
 
 
 # ============================================================================================ cost of every prefix

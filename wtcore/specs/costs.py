@@ -26,6 +26,7 @@ from ..errors import SpecError, StructureError
 from ..ir import CostAxis, Run, Structure, runs_length, runs_to_array
 from ..lang import Var
 from ..nonzero import total_count
+from ..realizable import TieProgram
 from ..spec import Context, define_spec
 
 __all__ = ["WEIGHT_KINDS", "op_indices", "param_axes", "weight_params"]
@@ -175,8 +176,9 @@ def inactive_f64(ctx: Context, tolerance: float) -> Var:
 
 def removable_f64(ctx: Context, tolerance: float) -> Var:
     """1.0 for every inactive unit that physical pruning (`prune_zero_units`) removes, else 0.0: inactive units
-    of prunable groups, except the first unit of a group whose units are all inactive (a layer keeps one).
-    Zero units of groups that are not prunable (a zero-initialized classifier) stay and still cost."""
+    of prunable groups, except the first unit of a group whose units are all inactive (a layer keeps one), in
+    whole grouped-conv ties (`wtcore.realizable`: a zero unit tied to a live one stays). Zero units of groups
+    that are not prunable (a zero-initialized classifier) stay and still cost."""
     b, st = ctx.b, ctx.structure
     inactive = b.logical_and(b.logical_not(active_units(ctx, tolerance)), ctx.prunable_units())
     sizes = torch.tensor([g.size for g in st.groups], dtype=torch.long)
@@ -184,7 +186,9 @@ def removable_f64(ctx: Context, tolerance: float) -> Var:
     first = torch.zeros(st.num_units, dtype=torch.bool)
     first[torch.cumsum(sizes, 0)[sizes > 0] - sizes[sizes > 0]] = True
     kept = b.logical_and(b.const(first, "first_unit_of_group"), b.take(all_gone, ctx.unit_group_ids()))
-    return b.to_float64(b.logical_and(inactive, b.logical_not(kept)))
+    out = b.logical_and(inactive, b.logical_not(kept))
+    ties = TieProgram(ctx)
+    return b.to_float64(ties.whole(out) if ties.any else out)
 
 
 def axis_active(ctx: Context, axes: Sequence[AxisDesc], labels: Sequence[str], tolerance: float) -> Var:

@@ -30,7 +30,7 @@ from ..ir import Slice, Structure
 from ..lang import Var
 from ..masking import as_unit_vector, slice_lookup, validate_amount
 from ..policy import DEFAULT_NORMALIZE, check_normalize, default_max_fraction
-from ..realizable import eligible_groups, group_caps, ties_of, unit_ties
+from ..realizable import TieProgram, eligible_groups, group_caps, unit_ties
 from ..spec import Context, define_spec
 
 __all__ = ["SCOPES", "isomorphism_key"]
@@ -152,7 +152,7 @@ def _structured_keep(
                 where = {"local": f"group {st.groups[info.domain.index(d)].name!r}", "global": "all eligible groups",
                          "isomorphic": f"isomorphic class of {st.groups[info.domain.index(d)].name!r}"}[scope]
                 raise SpecError(f"{spec}: amount={amount} should be smaller than the number of units in {where} ({n})")
-    ties = _Ties(ctx)
+    ties = TieProgram(ctx)
     if ties.any:
         score = ties.shared_score(score)
     gid = b.const(info.gid, "unit_group_ids")
@@ -204,38 +204,6 @@ def _structured_keep(
     if ties.any:
         pruned = ties.whole(pruned)
     return b.logical_not(pruned)
-
-
-class _Ties:
-    """`wtcore.realizable.ties_of` as program constants, and the tie rules as program operations."""
-
-    def __init__(self, ctx: Context) -> None:
-        self.b = ctx.b
-        ties = ties_of(ctx.structure)
-        self.any = ties.any
-        if not self.any:
-            return
-        b = self.b
-        self.order = b.const(ties.order, "units by tie")
-        self.ends = b.const(ties.ends, "tie ends")
-        self.sizes = b.const(ties.sizes, "tie sizes")
-        self.seg = b.const(ties.seg, "tie of unit")
-        self.tied = b.const(ties.tied, "tied units")
-
-    def shared_score(self, score: Var) -> Var:
-        """`wtcore.realizable.tie_mean`: each tied unit scored by its tie's mean (float64), free units by their
-        own score."""
-        b = self.b
-        total = b.segment_sum_sorted(b.take(b.to_float64(score), self.order), self.ends)
-        mean = b.take(b.div(total, b.to_float64(self.sizes)), self.seg)
-        return b.where(self.tied, mean, b.to_float64(score))
-
-    def whole(self, pruned: Var) -> Var:
-        """`wtcore.realizable.whole_ties`: units pruned only where their whole tie is (a tie cut by a count
-        stays)."""
-        b = self.b
-        hits = b.segment_sum_sorted(b.to_long(b.take(pruned, self.order)), self.ends)
-        return b.take(b.eq(hits, self.sizes), self.seg)
 
 
 def _param_outputs(ctx: Context, keep: Var) -> dict[str, Var]:

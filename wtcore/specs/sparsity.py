@@ -175,10 +175,12 @@ def group_pruning_summary(ctx: Context, tolerance: float = 0.0, groups: tuple[st
                           ) -> dict[str, Var]:
     """Pruned units and group-attributed pruned parameters, in total and per group, float64.
 
-    A unit is pruned when it is inactive (every coupled element |w| <= tolerance) or physically removed
-    (the group's `baseline_size` - `size`). A group's pruned parameters are the coupled elements of its
-    inactive units (`params_per_unit`, after compile filters) plus those its removed units held in the
-    original shapes (`Param.baseline_shape`); an element coupled to pruned units of two groups counts in both.
+    A unit is pruned when it is inactive (every coupled element |w| <= tolerance) in a prunable group or
+    physically removed (the group's `baseline_size` - `size`); zeros of a group that is not prunable (a
+    zero-initialized classifier) are not pruning, as physical pruning never removes them. A group's pruned
+    parameters are the coupled elements of its pruned inactive units (`params_per_unit`, after compile
+    filters) plus those its removed units held in the original shapes (`Param.baseline_shape`); an element
+    coupled to pruned units of two groups counts in both.
     Outputs: `pruned_units`, `pruned_params`, `units` (baseline units),
     `per_group_pruned_units`, `per_group_pruned_params` (selected groups in structure order).
     """
@@ -191,7 +193,7 @@ def group_pruning_summary(ctx: Context, tolerance: float = 0.0, groups: tuple[st
         zeros = ctx.name_items(b.const(torch.zeros(len(idx), dtype=torch.float64), "zeros"), names)
         return {"pruned_units": b.sum(zeros), "pruned_params": b.sum(zeros), "units": b.sum(zeros),
                 "per_group_pruned_units": zeros, "per_group_pruned_params": zeros}
-    inactive = inactive_f64(ctx, tolerance)
+    inactive = b.mul(inactive_f64(ctx, tolerance), b.to_float64(ctx.prunable_units()))
     ends = ctx.group_ends()
     units = b.segment_sum_sorted(inactive, ends)
     params = b.segment_sum_sorted(b.mul(inactive, b.to_float64(ctx.params_per_unit())), ends)

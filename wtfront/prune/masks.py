@@ -24,6 +24,7 @@ from wtcore.checks import require_finite
 from wtcore.errors import WtError
 from wtcore.ir import Structure
 from wtcore.masking import as_unit_vector, keep_from_removed, param_masks, removed_by_group
+from wtcore.policy import warn_narrow
 from wtcore.sharded import placed_like
 
 from ..modules import effective_params
@@ -138,15 +139,22 @@ class FakePruning:
 
 
 def apply_masks(
-    model: nn.Module, structure: Structure, keep: Any = None, masks: Mapping[str, torch.Tensor] | None = None
+    model: nn.Module, structure: Structure, keep: Any = None, masks: Mapping[str, torch.Tensor] | None = None,
+    *, warn: bool = True,
 ) -> FakePruning:
     """Fake-prune `model` in place: `keep` is a `[num_units]` bool keep-mask (e.g. the output of an
     `ln_structured` program) or `{group: unit indices to remove}`; `masks` are element keep-masks by
     parameter name (e.g. the outputs of an `l1_unstructured` or `nm` program, keys `"spec/param"` accepted).
-    Returns the `FakePruning` handle that re-applies them."""
+    Returns the `FakePruning` handle that re-applies them. A structured mask is a program output, computed
+    where nothing may warn, so its `NarrowGroupWarning` (`wtcore.policy`, as `solve_keep` gives) comes here,
+    when the unit mask is applied: one warning naming the groups left below 10% of their width
+    (`warn=False` silences it)."""
     if keep is None and masks is None:
         raise WtError("apply_masks needs keep= (a unit mask) and/or masks= (element masks)")
-    return FakePruning(model, structure).update(keep, masks)
+    fake = FakePruning(model, structure).update(keep, masks)
+    if warn:
+        warn_narrow(structure, fake.keep.numpy())
+    return fake
 
 
 def view_zero_units(model: nn.Module, structure: Structure, tolerance: float = 0.0) -> dict[str, list[int]]:

@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 
 from wtcore.ir import Structure
-from wtcore.masking import param_masks, pruned_shapes, removed_by_group
+from wtcore.masking import keep_from_removed, param_masks, pruned_shapes, removed_by_group
+from wtcore.realizable import ties_of, whole_ties
 
 from ..modules import reparametrized_params
 from ..tracing.budget import Budget, BudgetExceeded
@@ -253,9 +254,10 @@ def prune_zero_units(
     **kwargs: Any,
 ) -> Structure:
     """Physically remove every unit whose coupled elements are all zero (|w| <= tolerance) in prunable groups
-    (every group with `force=True`); a group whose units are all zero keeps its first. Groups that are not
-    prunable — a zero-initialized classifier's logits — are never touched by default. Other keyword
-    arguments as in `prune_units`."""
+    (every group with `force=True`); a group whose units are all zero keeps its first, and a zero unit that a
+    grouped convolution ties to a nonzero one stays (`wtcore.realizable.whole_ties`; Torch-Pruning removes the
+    same in-group positions from every conv group). Groups that are not prunable — a zero-initialized
+    classifier's logits — are never touched by default. Other keyword arguments as in `prune_units`."""
     remove: dict[str, list[int]] = {}
     for gname, us in view_zero_units(model, structure, tolerance).items():
         g = structure.group_map[gname]
@@ -265,5 +267,6 @@ def prune_zero_units(
             us = us[1:]
         if us:
             remove[gname] = us
-    return prune_units(model, structure, example_inputs, remove, force=force, **kwargs)
+    removed = whole_ties(~keep_from_removed(structure, remove).numpy(), ties_of(structure))
+    return prune_units(model, structure, example_inputs, torch.from_numpy(~removed), force=force, **kwargs)
 

@@ -12,7 +12,7 @@ heads there are. `wtfront.tracing.units` makes them the IR's units.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -39,8 +39,8 @@ class Segment:
     axis: int
     offset: int
     role: str
-    width: int = 0  # positions per head of a per-head table; 0: head_dim
-    stride: int = 0  # distance between heads; 0: head_dim
+    width: int = field(default=0, kw_only=True)  # positions per head of a per-head table; 0: head_dim
+    stride: int = field(default=0, kw_only=True)  # distance between heads; 0: head_dim
 
 
 @dataclass(frozen=True)
@@ -362,7 +362,8 @@ def _functional_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override:
 #: why heads of a `_head_first_qkv` layout stay whole
 _HEAD_FIRST_REASON = (
     "attention {name!r} views its qkv output with its recorded num_heads and adds a per-head relative-position "
-    "bias (rel_pos) that wt does not cut: its heads are units of the IR but not prunable"
+    "bias whose module (rel_pos) records the head count too: its heads (with the bias table's columns) are units "
+    "of the IR but not prunable"
 )
 
 
@@ -389,9 +390,13 @@ def _head_first_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override:
     if nkv != nh:
         return None
     step, part = (3 * hd, hd) if head_first else (hd, a)
-    segs = [Segment(p, 0, off * part, r, step) for off, r in enumerate("qkv") for t in (qkv.weight, qkv.bias)
+    segs = [Segment(p, 0, off * part, r, stride=step) for off, r in enumerate("qkv") for t in (qkv.weight, qkv.bias)
             if (p := _pname(canon, t))]
     segs += [Segment(p, 1, 0, "o")] if (p := _pname(canon, proj.weight)) else []
+    rel_pos = getattr(m, "rel_pos", None)
+    if isinstance(rel_pos, nn.Module):  # a bias table with one column per head (RelPosBias)
+        segs += [Segment(p, 1, 0, "b", width=1) for t in rel_pos.parameters(recurse=False)
+                 if t.dim() == 2 and t.shape[1] == nh and (p := _pname(canon, t))]
     return AttentionLayout(name, "head_first", nh, nkv, hd, tuple(segs), ((_pname(canon, qkv.weight), 1),),
                            _HEAD_FIRST_REASON.format(name=name))
 
@@ -473,7 +478,7 @@ def _interleaved_qkv(name: str, m: nn.Module, canon: Mapping[int, str], override
     nh, nkv, hd = _heads_from(name, a, hd, override, None)
     if nkv != nh:
         return None
-    segs = [Segment(p, 0, off, r, 3 * hd) for off, r in ((0, "q"), (hd, "k"), (2 * hd, "v"))
+    segs = [Segment(p, 0, off, r, stride=3 * hd) for off, r in ((0, "q"), (hd, "k"), (2 * hd, "v"))
             for p in (_pname(canon, qkv.weight), _pname(canon, qkv.bias)) if p is not None]
     p = _pname(canon, dense.weight)
     segs += [Segment(p, 1, 0, "o")] if p is not None else []

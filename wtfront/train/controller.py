@@ -265,7 +265,7 @@ class Controller:
             return self
         st.structure = structure.fingerprint
         keep = keep_from_removed(structure, st.removed) if st.removed else None
-        self.fake = FakePruning(model, structure) if keep is None else apply_masks(model, structure, keep)
+        self.fake = FakePruning(model, structure) if keep is None else apply_masks(model, structure, keep, warn=False)
         return self
 
     def follow(self, *trackers: Any) -> Controller:
