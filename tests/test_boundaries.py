@@ -163,7 +163,11 @@ def test_hf_vision_encoders_build_and_run() -> None:
 def test_inspect_prints_the_coverage_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", "hf:SwinModel", "--rows", "2"]) == 0
     out = capsys.readouterr().out
-    assert "Coverage: " in out and "relative_position_bias_table': Torch-Pruning mis-maps it" in out
+    assert "Coverage: " in out and "0 in no group (0 params)" in out  # its bias tables are in its head groups
+    assert main(["inspect", "hf:SwinModel", "--rows", "2", "--ignore", "embeddings.norm"]) == 0
+    out = capsys.readouterr().out
+    assert "outside every group: 'embeddings.patch_embeddings.projection.weight'" in out
+    assert "Torch-Pruning couples none of its axes" in out
 
 
 def test_coverage_counts_by_hand() -> None:

@@ -389,6 +389,8 @@ E2E: dict[str, tuple[tuple[int, ...] | None, dict]] = {
     "hf:GPTNeoXModel": (None, {}),
     "hf:OPTModel": (None, {}),
     "hf:ViTModel": (None, {}),
+    "hf:SwinModel": (None, {}),
+    "hf:ConvNextModel": (None, {}),
 }
 
 

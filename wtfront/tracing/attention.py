@@ -243,9 +243,15 @@ def _layout(model: nn.Module, name: str, m: nn.Module, canon: Mapping[int, str],
              and not any(n.startswith(f"{x}.") for x in ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key",
                                                          "value", "out_proj", "dense", "q_lin", "k_lin", "v_lin",
                                                          "out_lin"))]
+    tables = {n: t for n, t in m.named_parameters() if n in extra and t.dim() == 2 and t.shape[1] == nh}
+    segs += [Segment(p, 1, 0, "b", width=1) for t in tables.values() if (p := _pname(canon, t))]
+    extra = [n for n in extra if n not in tables]
     if extra:  # e.g. Qwen3's per-head-dim q_norm/k_norm are fine for heads, anything else is unknown
         if not all(n.split(".")[0] in ("q_norm", "k_norm") for n in extra):
             blocked = f"attention {name!r} has parameters {extra[:3]} that wt does not map to heads"
+    if tables and not blocked:  # HF Swin's relative-position bias: its module records the head count
+        blocked = (f"attention {name!r} adds a per-head bias table ({sorted(tables)[0]}) whose module records the "
+                   "head count: its heads, with the table's columns, are units of the IR but not prunable")
     return AttentionLayout(name, "hf", nh, nkv, hd, tuple(segs), ((_pname(canon, q.weight), 1),), blocked)
 
 
