@@ -31,7 +31,8 @@ from .units import HEAD_KINDS
 __all__ = ["attach_attention_widths"]
 
 _REASON = (
-    "attention {name!r} reads its qkv weight outside the qkv module, which Torch-Pruning's walk does not "
+    "attention {name!r} reads its qkv weight outside the qkv module (F.linear on qkv.weight, or a function given "
+    "the weights), which Torch-Pruning's walk does not "
     "follow: its input columns (and output rows) share this width but would not be cut with it, so the "
     "width is not prunable"
 )
@@ -172,7 +173,8 @@ def attach_attention_widths(
         free_outs = [k for k in outs if k not in covered]
         reason = _REASON.format(name=lay.module)
         x, y, n_in = run.io.get(lay.module, (None, None, 0))
-        if n_in > 1:  # e.g. a relative-position bias shared by all blocks: its heads cannot be cut per module
+        if n_in > 1 and lay.family == "functional_qkv":  # e.g. a relative-position bias shared by all blocks: its
+            # heads cannot be cut per module (EVA's second tensor is its rotary embedding, per head dim: no matter)
             heads_blocked[lay.module] = _SHARED_REASON.format(name=lay.module)
         residual = isinstance(y, torch.Tensor) and x is not None and y.shape == x.shape and m.proj.out_features == width
         direct = run.produced.get(id(x.grad_fn), ()) if x is not None and x.grad_fn is not None else ()
