@@ -87,26 +87,28 @@ def test_functional_qkv_widths_stay_unprunable_with_hidden_units(build) -> None:
     assert [g.name for g in s.groups if g.prunable]  # the MLP features stay prunable
 
 
-class _CalledQkv(nn.Module):
-    """A fused-qkv attention without a recorded head size that calls its qkv module (so Torch-Pruning sees it)."""
+class _Functional(nn.Module):
+    """A fused-qkv attention without a recorded head size that reads its qkv and proj weights functionally, or
+    (`called=True`) calls its modules, so Torch-Pruning sees them."""
 
-    def __init__(self, dim: int = 16, num_heads: int = 2) -> None:
+    def __init__(self, dim: int = 16, num_heads: int = 2, called: bool = False) -> None:
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.called = num_heads, called
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
-        return self.proj(y.transpose(1, 2).reshape(b, n, -1))
+        b, n, c = x.shape
+        qkv = self.qkv(x) if self.called else F.linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = (torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(y) if self.called else F.linear(y, self.proj.weight, self.proj.bias)
 
 
 def test_called_qkv_is_left_to_torch_pruning() -> None:
     """The functional layout is kept only where the trace shows the qkv weight is not read through its module."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), _CalledQkv(), nn.Linear(16, 4)).eval()
+    model = nn.Sequential(nn.Linear(8, 16), _Functional(called=True), nn.Linear(16, 4)).eval()
     s = trace(model, torch.randn(1, 5, 8), costs=False)
     assert "1.heads" not in s.group_map
     assert not any("reads its qkv weight outside" in g.reason for g in s.groups)
@@ -202,21 +204,6 @@ def test_called_modules_tells_a_weight_read_functionally() -> None:
     }
 
 
-class _Functional(nn.Module):
-    """Reads qkv and proj weights functionally; `residual` adds its input back (same width in and out)."""
-
-    def __init__(self, dim: int = 16, num_heads: int = 2) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).reshape(b, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        y = (torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
-        return F.linear(y, self.proj.weight, self.proj.bias)
 
 
 def test_width_behind_parameter_free_ops_is_not_prunable() -> None:

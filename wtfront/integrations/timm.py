@@ -56,16 +56,21 @@ def sync_attention(m: nn.Module) -> None:
             m.fused_attn = False
 
 
+def _qkv_with_separate_biases(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The fused q/k/v projection of BEiT's and EVA's attention: `qkv.weight` with the q and v biases kept apart
+    and a zero k bias (a buffer)."""
+    if self.q_bias is None:
+        return self.qkv(x)
+    bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+    return self.qkv(x) + bias if self.qkv_bias_separate else F.linear(x, self.qkv.weight, bias)
+
+
 def beit_attention_forward(self: nn.Module, x: torch.Tensor,
                            shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
     """timm BEiT `Attention.forward` with the heads' output reshaped to `num_heads * head_dim` columns instead of
     the input width, so it runs with fewer heads than the model width."""
     b, n, _ = x.shape
-    if self.q_bias is None:
-        qkv = self.qkv(x)
-    else:
-        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        qkv = self.qkv(x) + qkv_bias if self.qkv_bias_separate else F.linear(x, self.qkv.weight, qkv_bias)
+    qkv = _qkv_with_separate_biases(self, x)
     q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     rel = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
     if shared_rel_pos_bias is not None:
@@ -104,11 +109,7 @@ def eva_attention_forward(self: nn.Module, x: torch.Tensor, rope: torch.Tensor |
     from timm.layers import apply_rot_embed_cat
 
     b, n, _ = x.shape
-    if self.q_bias is None:
-        qkv = self.qkv(x)
-    else:
-        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        qkv = self.qkv(x) + bias if self.qkv_bias_separate else F.linear(x, self.qkv.weight, bias)
+    qkv = _qkv_with_separate_biases(self, x)
     q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:

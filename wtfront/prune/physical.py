@@ -41,7 +41,7 @@ from wtcore.realizable import ties_of, whole_ties
 from ..modules import reparametrized_params
 from ..tracing.budget import Budget, BudgetExceeded
 from ..tracing.entry import trace
-from ..tracing.inputs import iter_tensors, normalize_inputs
+from ..tracing.inputs import call_model, iter_tensors, normalize_inputs
 from .checks import (
     PruneError,
     check_fresh,
@@ -79,7 +79,7 @@ def _outputs(model: nn.Module, inputs: Any, params: Mapping[str, torch.Tensor] |
             else:
                 out = torch.func.functional_call(model, dict(params), inputs)
         else:
-            out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+            out = call_model(model, inputs)
     return [t.detach() for t in iter_tensors(out) if t.is_floating_point()]
 
 

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from wtcore.errors import TraceError
 
-__all__ = ["called_modules", "check_devices", "forward_outputs", "iter_tensors", "normalize_inputs", "split_inputs"]
+__all__ = ["call_model", "called_modules", "check_devices", "forward_outputs", "iter_tensors", "normalize_inputs",
+           "run_with_hooks", "split_inputs"]
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[Any, ...] | dict[str, Any]:
@@ -28,7 +29,7 @@ def forward_outputs(model: nn.Module, inputs: tuple[Any, ...] | dict[str, Any]) 
     hiding the real error (and swallowing a budget interrupt). Returns the output tensors that autograd
     connects to the model: TP's own flattening fails on `None` entries (e.g. `(logits, None)`), and a
     tensor without grad_fn would become a spurious output node."""
-    out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    out = call_model(model, inputs)
     leaves = [t for t in iter_tensors(out) if t.grad_fn is not None]
     if not leaves:
         raise TraceError(
@@ -56,13 +57,24 @@ def called_modules(model: nn.Module, inputs: tuple[Any, ...] | dict[str, Any], n
     called: set[str] = set()
     handles = [m.register_forward_pre_hook(lambda *_, n=n: called.add(n))
                for n, m in model.named_modules() if n in names]
+    run_with_hooks(model, inputs, handles, grad=False)
+    return called
+
+
+def call_model(model: nn.Module, inputs: tuple[Any, ...] | dict[str, Any]) -> Any:
+    """`model(**inputs)` for a mapping, else `model(*inputs)` (inputs as `normalize_inputs` returns them)."""
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+def run_with_hooks(model: nn.Module, inputs: tuple[Any, ...] | dict[str, Any], handles: list[Any], *,
+                   grad: bool) -> Any:
+    """One forward pass with autograd on or off; the hook `handles` are removed afterwards, whatever happens."""
     try:
-        with torch.no_grad():
-            model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+        with torch.set_grad_enabled(grad):
+            return call_model(model, inputs)
     finally:
         for h in handles:
             h.remove()
-    return called
 
 
 def check_devices(model: nn.Module, inputs: Any) -> None:

@@ -25,7 +25,7 @@ from wtcore.ir import Slice, Structure, UnitGroup, runs_from_list
 
 from ..modules import canonical_names
 from .attention import AttentionLayout
-from .inputs import iter_tensors
+from .inputs import iter_tensors, run_with_hooks
 from .units import HEAD_KINDS
 
 __all__ = ["attach_attention_widths"]
@@ -83,12 +83,7 @@ def _io(model: nn.Module, inputs: tuple[Any, ...] | dict[str, Any], names: Seque
     leaves = [(n, m) for n, m in model.named_modules() if n and not m._modules and m._parameters]
     handles = [m.register_forward_hook(on_out(n)) for n, m in leaves]
     handles += [m.register_forward_hook(on_attn(n), with_kwargs=True) for n, m in model.named_modules() if n in wanted]
-    try:
-        with torch.enable_grad():
-            model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, inputs, handles, grad=True)
     return run
 
 
